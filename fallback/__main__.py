@@ -1,0 +1,5 @@
+import sys
+
+from fallback.cli import main
+
+sys.exit(main())

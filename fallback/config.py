@@ -1,0 +1,707 @@
+"""Daemon configuration: an IBM aspera.conf-style ``<CONF version="2">`` XML file.
+
+Element names follow Aspera's wherever Aspera has the setting, so operators can reuse what they
+know. Loading never stops at the first mistake: every problem found is collected with its
+``FILE:LINE`` so a broken file is fixed in one edit instead of one daemon restart per typo.
+XML is parsed through defusedxml because the file may be edited by people other than the one
+running the daemon: entity declarations (expansion bombs, file/URL inclusion) are refused and
+reported as an ordinary problem rather than a traceback or a hang.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TextIO, TypeAlias
+from xml.etree.ElementTree import ParseError
+from xml.parsers.expat import ErrorString
+
+from defusedxml import DefusedXmlException, EntitiesForbidden
+from defusedxml.ElementTree import DefusedXMLParser
+
+__all__ = ["Config", "ConfigError", "FlowConfig", "Problem", "UserConfig", "embedded_defaults",
+           "load_config", "validate_main"]
+
+_MAX_BYTES = 8 * 1024 * 1024  # a config file this large is a mistake, not a configuration
+_HASH_PREFIXES = ("$argon2id$", "$scrypt$")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a config file, pinned to a line so editors can jump to it."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Raised by :func:`load_config` with *every* problem found, in file order."""
+
+    problems: tuple[Problem, ...]
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keeps the exception picklable (e.g. across multiprocessing) despite the custom __init__.
+        return (ConfigError, (self.problems,))
+
+
+@dataclass(frozen=True, slots=True)
+class FlowConfig:
+    """Bandwidth policy for one direction; rates in Kbps as Aspera counts them, 0 = unlimited."""
+
+    target_rate_kbps: int
+    min_rate_kbps: int
+    policy: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserConfig:
+    """A login; the hash is kept verbatim so the auth module decides how to verify it."""
+
+    name: str
+    password_hash: str
+    docroot: Path
+    read_allowed: bool
+    write_allowed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Effective settings after defaults are applied; ``sources`` says where each one came from."""
+
+    path: Path | None
+    state_dir: Path
+    http_port: int
+    https_port: int
+    enable_http: bool
+    enable_https: bool
+    cert_file: Path | None
+    key_file: Path | None
+    bind_address: str
+    session_activity_timeout: int
+    restartable_transfers: bool
+    streams_max: int
+    bind_ip_address: str | None
+    bind_udp_port: int
+    flow_in: FlowConfig
+    flow_out: FlowConfig
+    content_protection_required: bool
+    content_protection_strong_pass_required: bool
+    allowed_cipher: str
+    block_size: int
+    partial_file_suffix: str
+    overwrite: str
+    fsync: bool
+    default_docroot: Path | None
+    users: tuple[UserConfig, ...]
+    sources: Mapping[str, str] = field(compare=False)
+
+    @property
+    def shared_port(self) -> bool:
+        """True when one TCP port serves both HTTP and HTTPS (TLS is sniffed per connection)."""
+        return self.enable_http and self.enable_https and self.http_port == self.https_port
+
+    def user(self, name: str) -> UserConfig | None:
+        """The user called ``name`` (case-sensitive), or None."""
+        return next((u for u in self.users if u.name == name), None)
+
+
+# --------------------------------------------------------------------------- XML with lines
+
+
+@dataclass(slots=True)
+class _Node:
+    tag: str
+    attrib: dict[str, str]
+    line: int
+    children: list[_Node] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+
+class _LineTreeBuilder:
+    """Parser target that records each start tag's line: the stock TreeBuilder drops positions,
+    and every problem must name a line."""
+
+    def __init__(self) -> None:
+        self.expat: Any = None
+        self.root: _Node | None = None
+        self._stack: list[_Node] = []
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        node = _Node(tag, dict(attrib), int(self.expat.CurrentLineNumber))
+        if self._stack:
+            self._stack[-1].children.append(node)
+        elif self.root is None:
+            self.root = node
+        self._stack.append(node)
+
+    def end(self, tag: str) -> None:
+        self._stack.pop()
+
+    def data(self, text: str) -> None:
+        if self._stack:
+            self._stack[-1].text.append(text)
+
+    def close(self) -> _Node | None:
+        return self.root
+
+
+def _parse_xml(data: bytes, file: str) -> _Node | Problem:
+    builder = _LineTreeBuilder()
+    parser = DefusedXMLParser(target=builder, forbid_entities=True, forbid_external=True)
+    builder.expat = parser.parser
+    try:
+        parser.feed(data)
+        parser.close()
+    except ParseError as exc:
+        line, column = exc.position
+        return Problem(file, line, f"malformed XML: {ErrorString(exc.code)} (column {column + 1})")
+    except DefusedXmlException as exc:
+        line = int(builder.expat.CurrentLineNumber)
+        if isinstance(exc, EntitiesForbidden):
+            what = f"entity declaration <!ENTITY {exc.name}>"
+        else:
+            what = "external reference"
+        why = "entities are not allowed (they enable expansion bombs and file/URL inclusion)"
+        return Problem(file, line, f"{what} refused: {why}")
+    assert builder.root is not None  # expat reports "no element found" otherwise
+    return builder.root
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+class _Bad(Exception):
+    """A value is wrong; the message is already user-facing."""
+
+
+_Parse: TypeAlias = Callable[[str, str, Path], Any]  # (element name, stripped text, config dir)
+
+
+def _q(text: str) -> str:
+    return '"' + (text if len(text) <= 60 else text[:57] + "...") + '"'
+
+
+def _int_range(lo: int, hi: int | None) -> _Parse:
+    def parse(name: str, text: str, base: Path) -> int:
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise _Bad(f"{name}: {_q(text)} is not an integer")
+        n = int(text)
+        if hi is None and n < lo:
+            raise _Bad(f"{name}: {n} is out of range (must be {lo} or more)")
+        if hi is not None and not lo <= n <= hi:
+            raise _Bad(f"{name}: {n} is out of range {lo}-{hi}")
+        return n
+
+    return parse
+
+
+_port = _int_range(1, 65535)
+_BOOLS = {"true": True, "yes": True, "1": True, "on": True,
+          "false": False, "no": False, "0": False, "off": False}
+
+
+def _bool(name: str, text: str, base: Path) -> bool:
+    try:
+        return _BOOLS[text.lower()]
+    except KeyError:
+        raise _Bad(f"{name}: {_q(text)} is not a boolean (use true/false, yes/no, 1/0)") from None
+
+
+def _choice(*allowed: str) -> _Parse:
+    def parse(name: str, text: str, base: Path) -> str:
+        if text.lower() not in allowed:
+            raise _Bad(f"{name}: {_q(text)} is not one of {', '.join(allowed)}")
+        return text.lower()
+
+    return parse
+
+
+_RATE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(?:([kmgt])(?:bps|b/s|b)?)?", re.IGNORECASE)
+_SI = {"k": 3, "m": 6, "g": 9, "t": 12}
+
+
+def _rate(name: str, text: str, base: Path) -> int:
+    """Plain integers are Kbps (Aspera's unit); K/M/G/T-suffixed values are bits/s (SI)."""
+    m = _RATE_RE.fullmatch(text)
+    if m is None or (m[2] is None and "." in m[1]):
+        raise _Bad(f"{name}: {_q(text)} is not a rate "
+                   "(use Kbps, or bits/s with a K/M/G suffix, e.g. 100M)")
+    if m[2] is None:
+        return int(m[1])
+    bits = Decimal(m[1]).scaleb(_SI[m[2].lower()])
+    kbps = int((bits / 1000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    # A tiny non-zero limit must not round down to 0, which would mean "unlimited".
+    return 1 if kbps == 0 and bits > 0 else kbps
+
+
+_SIZE_RE = re.compile(r"([0-9]+)\s*(?:([km])(?:i?b)?|b)?", re.IGNORECASE)
+
+
+def _block_size(name: str, text: str, base: Path) -> int:
+    m = _SIZE_RE.fullmatch(text)
+    if m is None:
+        raise _Bad(f"{name}: {_q(text)} is not a size (use bytes, or a K or M suffix, e.g. 4M)")
+    n = int(m[1]) * {"k": 1024, "m": 1024 * 1024}.get((m[2] or "").lower(), 1)
+    if not 64 * 1024 <= n <= 64 * 1024 * 1024:
+        raise _Bad(f"{name}: {text} is out of range 64K-64M")
+    if n % 4096:
+        # Blocks map onto page-aligned reads/writes and journal entries.
+        raise _Bad(f"{name}: {text} is not a multiple of 4096")
+    return n
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _host(name: str, text: str, base: Path) -> str:
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if len(host) <= 253 and all(_LABEL.fullmatch(x) for x in labels) and not labels[-1].isdigit():
+        return host
+    raise _Bad(f"{name}: {_q(text)} is not an IP address or hostname")
+
+
+def _path(name: str, text: str, base: Path) -> Path:
+    """Relative paths are relative to the config file, not to wherever the daemon was started."""
+    return Path(os.path.normpath(base / text))
+
+
+def _fs_path(kind: str) -> _Parse:
+    """``kind`` is "dir" (must exist), "file" (must exist, readable) or "new-dir" (may not
+    exist yet: the daemon creates it)."""
+
+    def parse(name: str, text: str, base: Path) -> Path:
+        path = _path(name, text, base)
+        if not path.exists():
+            if kind == "new-dir":
+                return path
+            raise _Bad(f"{name}: {path} does not exist")
+        if kind == "file" and not path.is_file():
+            raise _Bad(f"{name}: {path} is not a regular file")
+        if kind == "file" and not os.access(path, os.R_OK):
+            raise _Bad(f"{name}: {path} is not readable")
+        if kind != "file" and not path.is_dir():
+            raise _Bad(f"{name}: {path} is not a directory")
+        return path
+
+    return parse
+
+
+_state_dir, _existing_dir, _readable_file = _fs_path("new-dir"), _fs_path("dir"), _fs_path("file")
+
+
+def _suffix(name: str, text: str, base: Path) -> str:
+    if "/" in text or "\\" in text:
+        raise _Bad(f"{name}: {_q(text)} must not contain a path separator")
+    return text
+
+
+def _user_name(name: str, text: str, base: Path) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+        raise _Bad(f"{name}: {_q(text)} is not a valid user name (1-64 of A-Z a-z 0-9 . _ -)")
+    return text
+
+
+def _password_hash(name: str, text: str, base: Path) -> str:
+    if not text.startswith(_HASH_PREFIXES):
+        # The value is deliberately not echoed: it may be a plaintext password pasted by mistake.
+        raise _Bad(f'{name}: must start with "$argon2id$" or "$scrypt$"')
+    return text
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True, slots=True)
+class _Leaf:
+    parse: _Parse
+    default: Any = None
+    empty_is_unset: bool = False  # `<cert_file/>` means "not set"; `<http_port/>` is a mistake
+
+
+@dataclass(frozen=True, slots=True)
+class _Repeated:
+    schema: _Schema
+
+
+_Schema: TypeAlias = "dict[str, _Leaf | _Repeated | _Schema]"
+
+_FLOW: _Schema = {
+    "target_rate": _Leaf(_rate, 0),
+    "min_rate": _Leaf(_rate, 0),
+    "policy": _Leaf(_choice("fixed", "high", "fair", "low"), "fair"),
+}
+_USER: _Schema = {
+    "name": _Leaf(_user_name),
+    "password_hash": _Leaf(_password_hash),
+    "docroot": _Leaf(_existing_dir, None, True),
+    "read_allowed": _Leaf(_bool, True),
+    "write_allowed": _Leaf(_bool, True),
+}
+_SCHEMA: _Schema = {
+    "server": {"state_dir": _Leaf(_state_dir, None, True)},
+    "http_server": {
+        "http_port": _Leaf(_port, 8080),
+        "https_port": _Leaf(_port, 8443),
+        "enable_http": _Leaf(_bool, False),
+        "enable_https": _Leaf(_bool, True),
+        "cert_file": _Leaf(_readable_file, None, True),
+        "key_file": _Leaf(_readable_file, None, True),
+        "bind_address": _Leaf(_host, "0.0.0.0"),
+        "session_activity_timeout": _Leaf(_int_range(0, None), 0),
+        "restartable_transfers": _Leaf(_bool, True),
+        "streams_max": _Leaf(_int_range(1, 256), 16),
+    },
+    "transfer": {
+        "protocol_options": {
+            "bind_ip_address": _Leaf(_host, None, True),
+            "bind_udp_port": _Leaf(_port, 33001),
+        },
+        "in": {"bandwidth": {"flow": _FLOW}},
+        "out": {"bandwidth": {"flow": _FLOW}},
+        "encryption": {
+            "content_protection_required": _Leaf(_bool, False),
+            "content_protection_strong_pass_required": _Leaf(_bool, False),
+            "allowed_cipher": _Leaf(_choice("any", "aes-128-gcm", "aes-256-gcm"), "aes-256-gcm"),
+        },
+    },
+    "file_system": {
+        "block_size": _Leaf(_block_size, 4 * 1024 * 1024),
+        "partial_file_suffix": _Leaf(_suffix, ".fallback-partial"),
+        "overwrite": _Leaf(_choice("allow", "deny"), "allow"),
+        "fsync": _Leaf(_bool, True),
+        "docroot": _Leaf(_existing_dir, None, True),
+    },
+    "users": {"user": _Repeated(_USER)},
+}
+
+
+def _index(schema: _Schema, where: tuple[str, ...], defaults: dict[str, Any],
+           homes: dict[str, list[str]]) -> None:
+    """Flatten the schema into per-key defaults and tag -> parent paths (for "belongs in")."""
+    for tag, spec in schema.items():
+        homes.setdefault(tag, []).append("/".join(where) or "CONF")
+        if isinstance(spec, _Leaf):
+            defaults[".".join((*where, tag))] = spec.default
+        elif isinstance(spec, _Repeated):
+            _index(spec.schema, (*where, tag), {}, homes)
+        else:
+            _index(spec, (*where, tag), defaults, homes)
+
+
+_DEFAULTS: dict[str, Any] = {}
+_HOMES: dict[str, list[str]] = {}
+_index(_SCHEMA, (), _DEFAULTS, _HOMES)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(slots=True)
+class _Found:
+    """Values read from one element subtree (the whole file, or one <user>)."""
+
+    line: int
+    vals: dict[str, Any] = field(default_factory=dict)
+    lines: dict[str, int] = field(default_factory=dict)
+    bad: set[str] = field(default_factory=set)
+    items: list[_Found] = field(default_factory=list)
+
+
+class _Loader:
+    def __init__(self, file: str, base: Path) -> None:
+        self.file = file
+        self.base = base
+        self.problems: list[Problem] = []
+
+    def problem(self, line: int, message: str) -> None:
+        self.problems.append(Problem(self.file, line, message))
+
+    def load(self, root: _Node) -> _Found:
+        found = _Found(root.line)
+        if root.tag != "CONF":
+            self.problem(root.line, f'root element is <{root.tag}>, expected <CONF version="2">')
+            return found
+        version = root.attrib.get("version")
+        if version is None:
+            self.problem(root.line, '<CONF> has no version attribute; expected version="2"')
+        elif version.strip() != "2":
+            self.problem(root.line, f'<CONF> version is {_q(version)}, expected "2"')
+        self._walk(root, _SCHEMA, "", found, allowed_attrs=("version",))
+        self._cross_check(found)
+        return found
+
+    def _check_node(self, node: _Node, allowed_attrs: tuple[str, ...] = ()) -> None:
+        for attr, value in node.attrib.items():
+            if attr not in allowed_attrs:
+                self.problem(node.line, f"unexpected attribute {attr}={_q(value)} on <{node.tag}>")
+
+    def _walk(self, node: _Node, schema: _Schema, prefix: str, found: _Found,
+              allowed_attrs: tuple[str, ...] = ()) -> None:
+        self._check_node(node, allowed_attrs)
+        text = "".join(node.text).strip()
+        if text:
+            self.problem(node.line, f"<{node.tag}> contains text {_q(text)}; "
+                         "it may only contain elements")
+        seen: dict[str, int] = {}
+        for child in node.children:
+            spec = schema.get(child.tag)
+            if spec is None:
+                self._unknown(child, node.tag, schema)
+            elif isinstance(spec, _Repeated):
+                item = _Found(child.line)
+                self._walk(child, spec.schema, "", item)
+                found.items.append(item)
+            elif child.tag in seen:
+                self.problem(child.line, f"<{child.tag}> is repeated in <{node.tag}> "
+                             f"(first at line {seen[child.tag]})")
+            else:
+                seen[child.tag] = child.line
+                key = prefix + child.tag
+                found.lines[key] = child.line
+                if isinstance(spec, _Leaf):
+                    self._leaf(child, spec, key, found)
+                else:
+                    self._walk(child, spec, key + ".", found)
+
+    def _unknown(self, node: _Node, parent: str, schema: _Schema) -> None:
+        message = f"unknown element <{node.tag}> in <{parent}>"
+        homes = _HOMES.get(node.tag)
+        close = difflib.get_close_matches(node.tag, list(schema), n=1)
+        if homes:  # right name, wrong place: saying where it goes beats a fuzzy guess
+            message += f"; <{node.tag}> belongs in " + " or ".join(f"<{h}>" for h in homes)
+        elif close:
+            message += f"; did you mean <{close[0]}>?"
+        self.problem(node.line, message)
+
+    def _leaf(self, node: _Node, spec: _Leaf, key: str, found: _Found) -> None:
+        self._check_node(node)
+        if node.children:
+            self.problem(node.line, f"<{node.tag}> must contain a value, "
+                         f"not elements (found <{node.children[0].tag}>)")
+            found.bad.add(key)
+            return
+        text = "".join(node.text).strip()
+        if not text:
+            if spec.empty_is_unset:
+                found.vals[key] = None
+            else:
+                self.problem(node.line, f"{node.tag}: value is empty")
+                found.bad.add(key)
+            return
+        try:
+            found.vals[key] = spec.parse(node.tag, text, self.base)
+        except _Bad as exc:
+            self.problem(node.line, str(exc))
+            found.bad.add(key)
+
+    def _cross_check(self, found: _Found) -> None:
+        """Rules spanning several elements; skipped where a part is already reported as bad."""
+        vals, lines, bad = found.vals, found.lines, found.bad
+
+        def get(key: str) -> Any:
+            return vals.get(key, _DEFAULTS[key])
+
+        cert, key = "http_server.cert_file", "http_server.key_file"
+        for have, lack in ((cert, key), (key, cert)):
+            if get(have) is not None and get(lack) is None and lack not in bad:
+                self.problem(lines[have], f"{have.split('.')[1]} is set but "
+                             f"{lack.split('.')[1]} is not: give both, or neither to use a "
+                             "generated self-signed certificate")
+        flags = ("http_server.enable_http", "http_server.enable_https")
+        if not any(get(f) for f in flags) and not bad.intersection(flags):
+            self.problem(lines.get("http_server", 1), "neither enable_http nor enable_https is "
+                         "true: the daemon would serve nothing")
+        for way in ("in", "out"):
+            flow = f"transfer.{way}.bandwidth.flow."
+            target, floor = get(flow + "target_rate"), get(flow + "min_rate")
+            if target and floor > target and flow + "target_rate" not in bad:
+                self.problem(lines[flow + "min_rate"], f"min_rate: {floor} Kbps exceeds "
+                             f"target_rate {target} Kbps in <{way}>")
+        no_docroot = get("file_system.docroot") is None and "file_system.docroot" not in bad
+        first: dict[str, int] = {}
+        for user in found.items:
+            name = user.vals.get("name")
+            if name is None and "name" not in user.bad:
+                self.problem(user.line, "<user> has no <name>")
+            elif name is not None and name in first:
+                self.problem(user.lines["name"], f"duplicate user name {_q(name)} "
+                             f"(first defined at line {first[name]})")
+            elif name is not None:
+                first[name] = user.lines["name"]
+            who = "<user>" if name is None else f"user {_q(name)}"
+            if "password_hash" not in user.vals and "password_hash" not in user.bad:
+                self.problem(user.line, f"{who} has no <password_hash>")
+            if user.vals.get("docroot") is None and "docroot" not in user.bad and no_docroot:
+                self.problem(user.line, f"{who} has no <docroot> and <file_system>/<docroot> "
+                             "is not set")
+
+
+def _config(path: Path | None, base: Path, vals: Mapping[str, Any], sources: dict[str, str],
+            users: tuple[UserConfig, ...]) -> Config:
+    def get(key: str) -> Any:
+        return vals[key] if key in vals else _DEFAULTS[key]
+
+    def flow(way: str) -> FlowConfig:
+        prefix = f"transfer.{way}.bandwidth.flow."
+        return FlowConfig(get(prefix + "target_rate"), get(prefix + "min_rate"),
+                          get(prefix + "policy"))
+
+    return Config(
+        path=path,
+        state_dir=get("server.state_dir") or base / "fallback-state",
+        http_port=get("http_server.http_port"),
+        https_port=get("http_server.https_port"),
+        enable_http=get("http_server.enable_http"),
+        enable_https=get("http_server.enable_https"),
+        cert_file=get("http_server.cert_file"),
+        key_file=get("http_server.key_file"),
+        bind_address=get("http_server.bind_address"),
+        session_activity_timeout=get("http_server.session_activity_timeout"),
+        restartable_transfers=get("http_server.restartable_transfers"),
+        streams_max=get("http_server.streams_max"),
+        bind_ip_address=get("transfer.protocol_options.bind_ip_address"),
+        bind_udp_port=get("transfer.protocol_options.bind_udp_port"),
+        flow_in=flow("in"),
+        flow_out=flow("out"),
+        content_protection_required=get("transfer.encryption.content_protection_required"),
+        content_protection_strong_pass_required=get(
+            "transfer.encryption.content_protection_strong_pass_required"),
+        allowed_cipher=get("transfer.encryption.allowed_cipher"),
+        block_size=get("file_system.block_size"),
+        partial_file_suffix=get("file_system.partial_file_suffix"),
+        overwrite=get("file_system.overwrite"),
+        fsync=get("file_system.fsync"),
+        default_docroot=get("file_system.docroot"),
+        users=users,
+        sources=MappingProxyType(sources),
+    )
+
+
+_USER_DEFAULTS = {k: v.default for k, v in _USER.items() if isinstance(v, _Leaf)}
+_USER_KEYS = tuple(_USER_DEFAULTS)
+_FLOW_ATTRS = {"target_rate": "target_rate_kbps", "min_rate": "min_rate_kbps", "policy": "policy"}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate ``path``; raise :class:`ConfigError` listing every problem."""
+    file = str(path)
+    absolute = Path(os.path.abspath(path))
+    try:
+        with open(absolute, "rb") as fh:
+            data = fh.read(_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([Problem(file, 0, f"cannot read: {exc.strerror or exc}")]) from None
+    if len(data) > _MAX_BYTES:
+        raise ConfigError([Problem(file, 0, f"cannot read: larger than {_MAX_BYTES} bytes")])
+    root = _parse_xml(data, file)
+    if isinstance(root, Problem):
+        raise ConfigError([root])
+    loader = _Loader(file, absolute.parent)
+    found = loader.load(root)
+    if loader.problems:
+        raise ConfigError(sorted(loader.problems, key=lambda p: p.line))
+
+    def where(found_in: _Found, key: str) -> str:
+        return f"{file}:{found_in.lines[key]}" if key in found_in.vals else "default"
+
+    sources = {key: where(found, key) for key in _DEFAULTS}
+    default_docroot = found.vals.get("file_system.docroot")
+    users = []
+    for item in found.items:
+        vals = {k: item.vals.get(k, default) for k, default in _USER_DEFAULTS.items()}
+        if vals["docroot"] is None:
+            vals["docroot"] = default_docroot
+        users.append(UserConfig(**vals))
+        for k in _USER_KEYS:
+            sources[f"users.user[{vals['name']}].{k}"] = where(item, k)
+        if item.vals.get("docroot") is None:
+            sources[f"users.user[{vals['name']}].docroot"] = sources["file_system.docroot"]
+    return _config(absolute, absolute.parent, found.vals, sources, tuple(users))
+
+
+def embedded_defaults(base_dir: Path, password_hash: str | None = None) -> Config:
+    """Settings for ``fallback serve`` without a config file: loopback only, so an unconfigured
+    daemon is never reachable from the network; one ``demo`` user if a hash is given."""
+    base = Path(os.path.abspath(base_dir))
+    data = base / "fallback-data"
+    vals = {
+        "server.state_dir": data,
+        "http_server.bind_address": "127.0.0.1",
+        "http_server.enable_http": True,
+        "http_server.enable_https": True,
+        "file_system.docroot": data / "docroot",
+    }
+    sources = dict.fromkeys(_DEFAULTS, "default")
+    users: tuple[UserConfig, ...] = ()
+    if password_hash:
+        users = (UserConfig("demo", password_hash, data / "docroot", True, True),)
+        sources.update((f"users.user[demo].{k}", "default") for k in _USER_KEYS)
+    return _config(None, base, vals, sources, users)
+
+
+# --------------------------------------------------------------------------- `config validate`
+
+
+def _effective(config: Config) -> dict[str, object]:
+    """Every key of ``config.sources`` mapped to its effective value. Schema keys name the
+    Config attribute by their last part, except the flows and the default docroot."""
+    values: dict[str, object] = {}
+    for key in _DEFAULTS:
+        parts = key.split(".")
+        if parts[1] in ("in", "out"):
+            flow = config.flow_in if parts[1] == "in" else config.flow_out
+            values[key] = getattr(flow, _FLOW_ATTRS[parts[-1]])
+        elif key == "file_system.docroot":
+            values[key] = config.default_docroot
+        else:
+            values[key] = getattr(config, parts[-1])
+    for user in config.users:
+        for name in _USER_KEYS:
+            values[f"users.user[{user.name}].{name}"] = getattr(user, name)
+        values[f"users.user[{user.name}].password_hash"] = "<set>"  # never print hashes
+    return values
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "<unset>" if value is None else str(value)
+
+
+def validate_main(path: str, out: TextIO, err: TextIO) -> int:
+    """``fallback config validate FILE``: print effective settings and return 0, or print every
+    problem as ``FILE:LINE: message`` and return 2."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=err)
+        return 2
+    values = _effective(config)
+    for key, source in config.sources.items():
+        print(f"{key} = {_show(values[key])}   ({source})", file=out)
+    if config.shared_port:
+        print(f"note: HTTP and HTTPS share port {config.http_port} "
+              "(TLS is recognised per connection)", file=out)
+    return 0

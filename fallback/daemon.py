@@ -1,0 +1,140 @@
+"""``fallback serve``: one process serving the storage root over HTTP and HTTPS.
+
+Signals: SIGTERM/SIGINT stop accepting, let streams end at a block boundary,
+checkpoint every receiver's journal and exit 0; SIGHUP reloads the config
+(users, limits, policies) while running transfers go on. Ports and
+certificates are read at start only; a reload that changes them says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from fallback.config import Config, ConfigError, load_config
+from fallback.listener import SniffingSite
+from fallback.server import DaemonState, make_app
+from fallback.tls import ensure_self_signed, server_ssl_context
+
+log = logging.getLogger("fallback.daemon")
+REAP_INTERVAL = 5.0
+IDLE_LIMIT = 3600.0  # sessions with no timeout configured are still dropped after an hour idle
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp logs a traceback for a client that disconnects mid-body; one line is enough.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+
+
+def tls_files(config: Config) -> tuple[Path, Path, str]:
+    from fallback.tls import fingerprint
+
+    if config.cert_file and config.key_file:
+        return config.cert_file, config.key_file, fingerprint(config.cert_file)
+    cert = config.state_dir / "cert.pem"
+    key = config.state_dir / "key.pem"
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    fp = ensure_self_signed(cert, key)
+    return cert, key, fp
+
+
+async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
+    state = DaemonState(config)
+    app = make_app(state)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=3.0)
+    await runner.setup()
+    ssl_ctx = None
+    if config.enable_https:
+        cert, key, fp = tls_files(config)
+        ssl_ctx = server_ssl_context(cert, key)
+        print(f"certificate {cert} fingerprint SHA256 {fp}", file=out)
+    host = config.bind_address
+    sites: list[web.BaseSite] = []
+    if config.shared_port:
+        sites.append(SniffingSite(runner, host, config.http_port, ssl_ctx))
+    else:
+        if config.enable_http:
+            sites.append(web.TCPSite(runner, host, config.http_port, reuse_address=True))
+        if config.enable_https:
+            sites.append(web.TCPSite(runner, host, config.https_port, ssl_context=ssl_ctx,
+                                     reuse_address=True))
+    try:
+        for site in sites:
+            await site.start()
+    except OSError as exc:
+        print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        await runner.cleanup()
+        return 1
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    if config.enable_http:
+        print(f"serving http://{shown}:{config.http_port}/", file=out)
+    if config.enable_https:
+        print(f"serving https://{shown}:{config.https_port}/", file=out)
+    if config.shared_port:
+        print(f"http and https share port {config.http_port}", file=out)
+    print(f"docroot {', '.join(f'{u.name}={u.docroot}' for u in config.users) or '(no users)'}",
+          file=out)
+    print("ready", file=out, flush=True)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(state))
+    reaper = loop.create_task(_reap(state))
+    await stop.wait()
+    log.info("stopping: checkpointing %d sessions", len(state.table.sessions))
+    state.stopping.set()
+    reaper.cancel()
+    await runner.cleanup()
+    await state.table.close_all("daemon stopped")
+    state.executor.shutdown(wait=True)
+    log.info("stopped")
+    return 0
+
+
+def _reload(state: DaemonState) -> None:
+    old = state.config
+    if old.path is None:
+        log.info("SIGHUP: no config file to reload")
+        return
+    try:
+        new = load_config(old.path)
+    except ConfigError as exc:
+        for p in exc.problems:
+            log.error("reload refused: %s", p)
+        return
+    state.config = new
+    if (new.http_port, new.https_port, new.enable_http, new.enable_https, new.bind_address) != (
+        old.http_port, old.https_port, old.enable_http, old.enable_https, old.bind_address
+    ):
+        log.warning("reload: listening ports and addresses change only on restart")
+    log.info("reloaded %s: %d users", new.path, len(new.users))
+
+
+async def _reap(state: DaemonState) -> None:
+    while True:
+        await asyncio.sleep(REAP_INTERVAL)
+        timeout = state.config.session_activity_timeout or IDLE_LIMIT
+        await state.table.reap(timeout)
+
+
+def serve(config: Config, verbose: bool = False) -> int:
+    setup_logging(verbose)
+    try:
+        import uvloop
+
+        return uvloop.run(run_daemon(config))
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(run_daemon(config))

@@ -1,0 +1,452 @@
+"""The transfer engine: plan, stream, commit, in both directions over HTTP(S).
+
+The client is the planner in both directions: it sees the source and the
+receiver's state (its own for downloads, the daemon's for uploads), applies
+the overwrite policy and the resume check (``transport.blocks.plan``), then
+moves exactly the blocks still missing over N parallel streams, and loops
+until the receiver has everything (a stream that dies only costs its blocks
+in flight). The UDP path (#4) will plug in here as another way to drain the
+same ``BlockFeed`` / fill the same ``BlockSink``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fallback.errors import TransferError, UsageError
+from fallback.remote import Remote, Url, is_url, parse_url
+from fallback.result import Progress, ProgressCallback, TransferResult
+from transport.blocks import envelope as env
+from transport.blocks.digest import digest_path, file_digest
+from transport.blocks.layout import DEFAULT_BLOCK_SIZE
+from transport.blocks.manifest import FileEntry
+from transport.blocks.plan import (
+    OVERWRITE_MODES,
+    RESUME_MODES,
+    TargetState,
+    overwrite_action,
+    resumable,
+    resume_ok,
+    resume_samples,
+)
+from transport.blocks.receiver import FileReceiver, inspect_partial
+from transport.blocks.session import BlockFeed, BlockSink
+from transport.blocks.source import FileSource
+from transport.blocks.transform import BlockTransform
+from transport.blocks.tree import target_for, walk_source
+from transport.errors import BadPassphrase, ConnectionLost, TransportError
+from transport.http.client import download_stream, upload_stream
+
+MAX_ROUNDS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    transport: str = "auto"
+    streams: int = 4
+    resume: str = "sparse"
+    overwrite: str = "diff"
+    cacert: str | None = None
+    fingerprint: str | None = None
+    insecure: bool = False
+    user: str | None = None
+    password: str | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+    encrypt: bool = False
+    decrypt: bool = False
+    passphrase: str | None = None
+    fsync: bool = True
+
+    def check(self) -> None:
+        if self.transport not in ("auto", "udp", "http", "https"):
+            raise UsageError(f"--transport must be auto, udp, http or https, not {self.transport!r}")
+        if not 1 <= self.streams <= 64:
+            raise UsageError("--streams must be between 1 and 64")
+        if self.resume not in RESUME_MODES:
+            raise UsageError(f"--resume must be one of {', '.join(RESUME_MODES)}")
+        if self.overwrite not in OVERWRITE_MODES:
+            raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}")
+        if (self.encrypt or self.decrypt) and not self.passphrase:
+            raise UsageError("encryption needs a passphrase: set FALLBACK_FILEPASS")
+
+
+async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                         options: Options | None = None,
+                         progress: ProgressCallback | None = None) -> TransferResult:
+    """Copy ``src`` to ``dst``; one of them is a daemon URL. Raises ``TransferError``."""
+    opts = options or Options()
+    opts.check()
+    s, d = os.fspath(src), os.fspath(dst)
+    if is_url(s) and is_url(d):
+        raise UsageError("both ends are URLs: one end must be a local path")
+    if not is_url(s) and not is_url(d):
+        raise UsageError("neither end is a URL: one end must be http(s)://[user@]host[:port]/path")
+    if opts.encrypt and is_url(s):
+        raise UsageError("--encrypt applies to uploads; use --decrypt to download")
+    url = parse_url(d if is_url(d) else s)
+    result = TransferResult(direction="upload" if is_url(d) else "download")
+    t0 = time.monotonic()
+    executor = ThreadPoolExecutor(max(4, opts.streams + 2), "fb-client")
+    remote: Remote | None = None
+    try:
+        remote = await Remote.connect(
+            url, transport=opts.transport, user=opts.user, password=opts.password,
+            cacert=opts.cacert, fingerprint=opts.fingerprint, insecure=opts.insecure,
+            streams=opts.streams)
+        result.transports.append(remote.scheme)
+        if result.direction == "upload":
+            await _upload(remote, Path(s), url, opts, executor, result, progress)
+        else:
+            await _download(remote, url, Path(d), d.endswith(("/", os.sep)), opts, executor,
+                            result, progress)
+        result.ok = True
+    except TransportError as exc:
+        result.error = exc.message
+        raise TransferError(exc.message, status=exc.status, result=result) from None
+    except (OSError, UsageError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        result.error = f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}".lstrip(": ")
+        raise TransferError(result.error, result=result) from None
+    finally:
+        result.seconds = time.monotonic() - t0
+        if remote is not None:
+            await remote.close(result.error)
+        executor.shutdown(wait=False)
+    return result
+
+
+# -- upload ------------------------------------------------------------------------------------------
+async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: ThreadPoolExecutor,
+                  result: TransferResult, progress_cb: ProgressCallback | None) -> None:
+    loop = asyncio.get_running_loop()
+    tree = await loop.run_in_executor(executor, walk_source, src, opts.block_size)
+    name = src.resolve().name
+    entries = list(tree.entries)
+    if opts.encrypt:
+        entries = [_encrypted_placeholder(e) for e in entries]
+    files = [i for i, e in enumerate(entries) if not e.is_dir]
+    result.files = len(files)
+    result.bytes = sum(entries[i].size for i in files)
+    opened = await remote.open({
+        "direction": "upload", "path": url.path, "into_dir": url.into_dir,
+        "name": name + (env.SUFFIX if opts.encrypt and not entries[0].is_dir else ""),
+        "entries": [e.to_json() for e in entries], "overwrite": opts.overwrite,
+        "encrypt": opts.encrypt,
+    })
+    states = [TargetState.from_json(s) for s in opened["states"]]
+    streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
+    progress = Progress(result.bytes, remote.scheme, progress_cb)
+    sources: dict[int, FileSource] = {}
+    actions: dict[int, dict[str, Any]] = {}
+    plain_roots: dict[int, str] = {}
+    try:
+        for i in files:
+            entry, state = entries[i], states[i]
+            shown = _shown(name, entry.path)
+            path = tree.paths[i]
+            transform: BlockTransform | None = None
+            if opts.encrypt:
+                assert opts.passphrase is not None
+                entry, transform = await loop.run_in_executor(
+                    executor, _encrypted_entry, entry, state, opts.passphrase)
+                entries[i] = entry
+            action = overwrite_action(entry, state, opts.overwrite)
+            if action == "compare":
+                local = await loop.run_in_executor(executor, digest_path, path, entry.block_size)
+                action = "skip" if local == state.root else "transfer"
+                if action == "skip":
+                    result.checksums[shown] = local
+            if action == "skip":
+                result.skipped_files[shown] = "exists" if opts.overwrite != "diff" else "unchanged"
+                progress.skip(entry.size)
+                actions[i] = {"file": i, "action": "skip"}
+                continue
+            src_file = await loop.run_in_executor(
+                executor, lambda p=path, e=entry, t=transform: FileSource(p, e, encode=t))
+            sources[i] = src_file
+            resume = False
+            if resumable(entry, state) and opts.resume != "none":
+                samples = resume_samples(state.have, opts.resume)
+                fresh = {b: (await loop.run_in_executor(executor, src_file.read_block, b))[1]
+                         for b in samples}
+                resume = resume_ok(opts.resume, entry, state, fresh)
+            actions[i] = {"file": i, "action": "resume" if resume else "fresh",
+                          "entry": entry.to_json()}
+        planned = await remote.call("POST", remote.session_url("/plan"),
+                                    {"files": list(actions.values())})
+        feed = BlockFeed(sources, executor)
+        missing = {int(k): _expand(v) for k, v in planned["missing"].items()}
+        for i, blocks in missing.items():
+            have = set(range(sources[i].layout.count)) - set(blocks)
+            progress.skip(sum(_plain_len(entries[i], b) for b in have))
+            feed.add((i, b) for b in blocks)
+        digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
+        feed.on_progress = lambda f, n: progress.carry(_plain_share(entries[f], n),
+                                                       _shown(name, entries[f].path))
+        _record_digests(feed, digests)
+        rounds = 0
+        while True:
+            await _run_streams(lambda: upload_stream(
+                remote.http, remote.session_url("/blocks"), feed,
+                headers=remote.stream_headers, ssl=remote.ssl), streams, feed)
+            roots = {i: file_digest(entries[i].block_size, entries[i].size,
+                                    (digests[i].get(b, b"") for b in range(sources[i].layout.count)))
+                     for i in sources}
+            for s in sources.values():
+                s.check_unchanged()
+            committed = await remote.call("POST", remote.session_url("/commit"), {
+                "files": [{"file": i, "root": roots[i]} for i in sources if i not in plain_roots]})
+            again = []
+            for k, r in committed["results"].items():
+                i = int(k)
+                if "error" in r:
+                    raise TransportError(r["error"], status=int(r.get("status", 500)))
+                if r.get("ok"):
+                    plain_roots[i] = r["root"]
+                    result.checksums[_shown(name, entries[i].path)] = r["root"]
+                else:
+                    again.extend((i, b) for b in r["missing"])
+            if not again:
+                break
+            rounds += 1
+            if rounds >= MAX_ROUNDS:
+                raise ConnectionLost(f"{len(again)} blocks still missing after {rounds} rounds")
+            feed.add(again)
+        result.sent_bytes = progress.carried
+        result.skipped_bytes = progress.skipped
+        progress.finish()
+    finally:
+        for s in sources.values():
+            s.close()
+
+
+def _encrypted_placeholder(entry: FileEntry) -> FileEntry:
+    """Open-time entry: the daemon reports its partial's header, so a resume can reuse the salt."""
+    if entry.is_dir:
+        return entry
+    return FileEntry(entry.path + env.SUFFIX if entry.path else "", "file", size=entry.size,
+                     mtime_ns=entry.mtime_ns, mode=entry.mode, block_size=entry.block_size,
+                     transform="envelope-v1", overhead=env.OVERHEAD)
+
+
+def _encrypted_entry(entry: FileEntry, state: TargetState,
+                     passphrase: str) -> tuple[FileEntry, BlockTransform]:
+    """The envelope for one file: the partial's header when it is ours to resume, else a new one."""
+    j = state.journal
+    if j and j[:4] == [entry.size, entry.mtime_ns, entry.block_size, "envelope-v1"] and j[4]:
+        try:
+            t = env.EnvelopeTransform.open(passphrase, bytes.fromhex(str(j[4])))
+            return _with_header(entry, t), t
+        except (TransportError, ValueError):
+            pass  # another passphrase or a damaged header: start this file over
+    t = env.EnvelopeTransform.for_upload(passphrase, entry.size, entry.block_size)
+    return _with_header(entry, t), t
+
+
+def _with_header(entry: FileEntry, t: BlockTransform) -> FileEntry:
+    return FileEntry(entry.path, "file", size=entry.size, mtime_ns=entry.mtime_ns, mode=entry.mode,
+                     block_size=entry.block_size, header=t.header, overhead=t.overhead,
+                     transform=t.name)
+
+
+def _record_digests(feed: BlockFeed, digests: dict[int, dict[int, bytes]]) -> None:
+    """Remember each block's digest as it is read, for the whole-file digest at commit."""
+    original = feed.read
+
+    async def read(item: tuple[int, int]) -> tuple[bytes, bytes]:
+        data, d = await original(item)
+        digests[item[0]][item[1]] = d
+        return data, d
+
+    feed.read = read  # type: ignore[method-assign]
+
+
+# -- download ----------------------------------------------------------------------------------------
+async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Options,
+                    executor: ThreadPoolExecutor, result: TransferResult,
+                    progress_cb: ProgressCallback | None) -> None:
+    loop = asyncio.get_running_loop()
+    opened = await remote.open({"direction": "download", "path": url.path})
+    entries = [FileEntry.from_json(e) for e in opened["entries"]]
+    name = str(opened.get("name") or "download")
+    files = [i for i, e in enumerate(entries) if not e.is_dir]
+    streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
+    root = dst / name if (into or dst.is_dir()) else dst
+    if entries[0].is_dir is False and root.is_dir():
+        root = root / name
+    result.files = len(files)
+    result.bytes = sum(entries[i].size for i in files)
+    progress = Progress(result.bytes, remote.scheme, progress_cb)
+    transforms: dict[int, BlockTransform] = {}
+    targets: dict[int, Path] = {}
+    for i in files:
+        e = entries[i]
+        target = target_for(root, e.path)
+        if e.transform == "envelope-v1" and opts.decrypt:
+            assert opts.passphrase is not None
+            try:
+                transforms[i] = await loop.run_in_executor(
+                    executor, env.EnvelopeTransform.open, opts.passphrase, e.header)
+            except BadPassphrase:
+                raise BadPassphrase(
+                    f"File decryption error, bad passphrase: {_shown(name, e.path)}") from None
+            target = target.with_name(target.name.removesuffix(env.SUFFIX))
+        targets[i] = target
+    for e in entries:
+        if e.is_dir:
+            path = target_for(root, e.path)
+            if path.exists() and not path.is_dir():
+                raise TransportError(f"{path}: a file of that name exists", status=409)
+            path.mkdir(parents=True, exist_ok=True)
+    receivers: dict[int, FileReceiver] = {}
+    sink = BlockSink(receivers, executor)
+    try:
+        for i in files:
+            await _plan_download_file(remote, i, entries[i], targets[i], transforms.get(i), opts,
+                                      executor, receivers, result, progress, name)
+        sink.on_progress = lambda f, n: progress.carry(_plain_share(entries[f], n),
+                                                       _shown(name, entries[f].path))
+        rounds = 0
+        while True:
+            want = [[i, a, b] for i, r in receivers.items() for a, b in _ranges(r.missing())]
+            if not want:
+                break
+            if rounds >= MAX_ROUNDS:
+                raise ConnectionLost(f"blocks still missing after {rounds} rounds")
+            rounds += 1
+            await remote.call("POST", remote.session_url("/want"), {"blocks": want})
+            await _run_streams(lambda: download_stream(
+                remote.http, remote.session_url("/blocks"), sink,
+                headers=remote.stream_headers, ssl=remote.ssl), streams, None)
+        await sink.flush()
+        for i, rec in list(receivers.items()):
+            digest = await loop.run_in_executor(executor, rec.commit, None)
+            del receivers[i]
+            result.checksums[_shown(name, entries[i].path)] = digest
+        for i in reversed(range(len(entries))):
+            if entries[i].is_dir:
+                path = target_for(root, entries[i].path)
+                os.chmod(path, entries[i].mode & 0o7777 | 0o700)
+                os.utime(path, ns=(entries[i].mtime_ns, entries[i].mtime_ns))
+        result.sent_bytes = progress.carried
+        result.skipped_bytes = progress.skipped
+        progress.finish()
+    finally:
+        await sink.close()  # checkpoints what is left, keeping partials for a resume
+
+
+async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: Path,
+                              transform: BlockTransform | None, opts: Options,
+                              executor: ThreadPoolExecutor, receivers: dict[int, FileReceiver],
+                              result: TransferResult, progress: Progress, name: str) -> None:
+    loop = asyncio.get_running_loop()
+    shown = _shown(name, entry.path)
+    decoded = transform is not None
+    partial = await loop.run_in_executor(
+        executor, lambda: inspect_partial(target, decoded=decoded))
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        st = None
+    state = TargetState(exists=st is not None, is_dir=target.is_dir(),
+                        size=st.st_size if st else 0, mtime_ns=st.st_mtime_ns if st else 0,
+                        journal=partial.identity, have=partial.have)
+    compare_entry = entry if not decoded else FileEntry(entry.path, "file", size=entry.size,
+                                                        mtime_ns=entry.mtime_ns,
+                                                        block_size=entry.block_size)
+    action = overwrite_action(compare_entry, state, opts.overwrite)
+    if action == "compare":
+        if decoded or entry.header:
+            action = "transfer"  # ciphertext and plaintext digests are not comparable
+        else:
+            local = await loop.run_in_executor(executor, digest_path, target, entry.block_size)
+            remote_d = await remote.call("POST", remote.session_url("/digests"),
+                                         {"file": i, "blocks": [], "root": True})
+            action = "skip" if local == remote_d.get("root") else "transfer"
+            if action == "skip":
+                result.checksums[shown] = local
+    if action == "skip":
+        result.skipped_files[shown] = "exists" if opts.overwrite != "diff" else "unchanged"
+        progress.skip(entry.size)
+        return
+    resume = False
+    if resumable(entry, state) and opts.resume != "none":
+        samples = resume_samples(state.have, opts.resume)
+        got = await remote.call("POST", remote.session_url("/digests"),
+                                {"file": i, "blocks": samples, "root": False}) if samples else {}
+        fresh = {int(b): bytes.fromhex(h) for b, h in got.get("digests", {}).items()}
+        resume = resume_ok(opts.resume, entry, state, fresh)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rec = await loop.run_in_executor(executor, lambda: FileReceiver(
+        target, entry, resume=resume, decode=transform, fsync=opts.fsync))
+    receivers[i] = rec
+    have = set(rec.have())
+    progress.skip(sum(_plain_len(entry, b) for b in have))
+
+
+# -- shared -------------------------------------------------------------------------------------------
+async def _run_streams(make: Any, n: int, feed: BlockFeed | None) -> None:
+    """Run ``n`` streams to completion; tolerate some dying, fail if all of them do."""
+    tasks = [asyncio.ensure_future(make()) for _ in range(n)]
+    errors: list[BaseException] = []
+    try:
+        for t in asyncio.as_completed(tasks):
+            try:
+                await t
+            except ConnectionLost as exc:
+                errors.append(exc)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    if errors and len(errors) == len(tasks):
+        raise errors[0]
+    if errors and feed is not None and feed.pending:
+        await _run_streams(make, max(1, n - len(errors)), feed)
+
+
+def _ranges(indices: list[int]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return [(a, b) for a, b in out]
+
+
+def _expand(ranges: list[list[int]]) -> list[int]:
+    return [b for a, z in ranges for b in range(int(a), int(z))]
+
+
+def _plain_len(entry: FileEntry, block: int) -> int:
+    return min(entry.block_size, entry.size - block * entry.block_size)
+
+
+def _plain_share(entry: FileEntry, wire_bytes: int) -> int:
+    """File bytes carried by a wire block (its overhead is not file data)."""
+    return max(0, wire_bytes - entry.overhead) if entry.overhead else wire_bytes
+
+
+def _shown(name: str, relpath: str) -> str:
+    return f"{name}/{relpath}" if relpath else name
+
+
+def transfer(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+             progress: ProgressCallback | None = None, **options: Any) -> TransferResult:
+    """Blocking twin of ``transfer_async``; ``options`` are ``Options`` fields."""
+    opts = Options(**options)
+    try:
+        import uvloop
+
+        return uvloop.run(transfer_async(src, dst, opts, progress))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(transfer_async(src, dst, opts, progress))

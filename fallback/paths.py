@@ -1,0 +1,56 @@
+"""Confining user paths to a docroot.
+
+Every path a client names is resolved against the user's docroot: ``..``
+components are refused outright (not normalised away, so a mistake is
+reported rather than silently re-targeted), and the real path of the deepest
+existing ancestor must stay inside the docroot, so a symlink inside the
+docroot cannot lead a read or a write outside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transport.errors import PathError
+
+
+def split_urlpath(urlpath: str) -> list[str]:
+    """Components of a (percent-decoded) URL path; refuses ``..`` and NUL."""
+    if "\x00" in urlpath:
+        raise PathError("path contains a NUL byte", status=400)
+    parts = [p for p in urlpath.split("/") if p not in ("", ".")]
+    for p in parts:
+        if p == "..":
+            raise PathError(f"path {urlpath!r} escapes the docroot ('..' is not allowed)")
+    return parts
+
+
+def confine(docroot: Path, path: Path) -> Path:
+    """Raise ``PathError`` unless ``path`` resolves (through symlinks) inside ``docroot``."""
+    root = Path(os.path.realpath(docroot))
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    real = Path(os.path.realpath(probe))
+    if real != root and root not in real.parents:
+        raise PathError(f"{_show(docroot, path)}: refused, it leads outside the docroot")
+    return path
+
+
+def resolve(docroot: Path, urlpath: str) -> Path:
+    """The absolute path for ``urlpath`` inside ``docroot``, confined."""
+    parts = split_urlpath(urlpath)
+    return confine(docroot, docroot.joinpath(*parts))
+
+
+def relpath_in(docroot: Path, path: Path) -> str:
+    """``path`` relative to ``docroot``, '/'-separated, for messages and logs."""
+    try:
+        return "/" + path.relative_to(docroot).as_posix().lstrip(".")
+    except ValueError:
+        return path.name
+
+
+def _show(docroot: Path, path: Path) -> str:
+    return relpath_in(docroot, path) or "/"

@@ -1,0 +1,219 @@
+"""Addressing a daemon: URLs, credentials, TLS choice, the control calls.
+
+``Remote`` wraps one aiohttp ``ClientSession`` to one daemon and speaks the
+control API (JSON over HTTP(S)); the block streams themselves are
+``transport.http.client``. Errors are translated here into
+``transport.errors`` so the engine above handles one family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+
+from fallback.errors import UsageError
+from fallback.tls import client_ssl
+from transport.errors import ConnectionLost, RemoteError, TransportError
+
+PREFIX = "/.fallback/v1"
+DEFAULT_PORTS = {"http": 8080, "https": 8443}
+
+
+@dataclass(frozen=True, slots=True)
+class Url:
+    """A parsed ``http(s)://[user[:password]@]host[:port]/path``."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str  # decoded, always starting with '/'
+    user: str | None
+    password: str | None
+
+    @property
+    def into_dir(self) -> bool:
+        return self.path.endswith("/")
+
+    def base(self, scheme: str | None = None, port: int | None = None) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme or self.scheme}://{host}:{port or self.port}"
+
+
+def is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://"))
+
+
+def parse_url(s: str) -> Url:
+    try:
+        u = urlsplit(s)
+        port = u.port
+    except ValueError as exc:
+        raise UsageError(f"bad URL {s!r}: {exc}") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise UsageError(f"bad URL {s!r}: expected http(s)://[user@]host[:port]/path")
+    return Url(
+        scheme=u.scheme,
+        host=u.hostname,
+        port=port or DEFAULT_PORTS[u.scheme],
+        path=unquote(u.path) or "/",
+        user=unquote(u.username) if u.username else None,
+        password=unquote(u.password) if u.password else None,
+    )
+
+
+class Remote:
+    """One daemon, reached over HTTP or HTTPS, with Basic then session-token auth."""
+
+    def __init__(self, url: Url, *, user: str, password: str, ssl: Any, scheme: str,
+                 port: int, streams: int) -> None:
+        self.url = url
+        self.user = user
+        self._password = password
+        self.ssl = ssl if scheme == "https" else None
+        self.scheme = scheme
+        self.base = url.base(scheme, port)
+        connector = aiohttp.TCPConnector(limit=streams + 4, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=None, connect=15, sock_read=120)
+        self.http = aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                          auto_decompress=False)
+        self.sid: str | None = None
+        self.token: str | None = None
+
+    @classmethod
+    async def connect(cls, url: Url, *, transport: str, user: str | None, password: str | None,
+                      cacert: str | None, fingerprint: str | None, insecure: bool,
+                      streams: int) -> Remote:
+        """Pick the scheme: ``auto`` takes HTTPS when the daemon offers it, else HTTP."""
+        name = user or url.user
+        if not name:
+            raise UsageError("no user name: put it in the URL (https://USER@host/...) or use --user")
+        pw = password if password is not None else url.password
+        if pw is None:
+            pw = os.environ.get("FALLBACK_PASSWORD")
+        if pw is None:
+            raise UsageError("no password: set FALLBACK_PASSWORD or put it in the URL")
+        if insecure:
+            warnings.warn("--insecure: the server certificate is not verified", stacklevel=2)
+        from pathlib import Path
+
+        ssl = client_ssl(Path(cacert) if cacert else None, fingerprint, insecure)
+        if transport in ("udp",):
+            raise UsageError("the UDP transport is not available yet (issue #4); use auto, http or https")
+        scheme, port = url.scheme, url.port
+        if transport in ("http", "https") and transport != url.scheme or transport == "auto":
+            info = await _info(url, ssl)
+            if transport == "auto":
+                if url.scheme == "http" and info.get("enable_https"):
+                    scheme, port = "https", int(info["https_port"])
+                    if not await _reachable(url.host, port):
+                        scheme, port = "http", url.port
+            elif transport == "https":
+                if not info.get("enable_https"):
+                    raise TransportError("the daemon does not offer HTTPS", status=400)
+                scheme, port = "https", int(info["https_port"])
+            elif transport == "http":
+                if not info.get("enable_http"):
+                    raise TransportError("the daemon does not offer plain HTTP", status=400)
+                scheme, port = "http", int(info["http_port"])
+        return cls(url, user=name, password=pw, ssl=ssl, scheme=scheme, port=port, streams=streams)
+
+    # -- control calls --------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        if self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        return {"Authorization": aiohttp.BasicAuth(self.user, self._password).encode()}
+
+    @property
+    def stream_headers(self) -> dict[str, str]:
+        return self._headers()
+
+    def session_url(self, tail: str = "") -> str:
+        return f"{self.base}{PREFIX}/session/{self.sid}{tail}"
+
+    async def call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            async with self.http.request(method, url, json=body or {}, headers=self._headers(),
+                                         ssl=self.ssl) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise RemoteError(_error_text(raw, resp.status), status=resp.status)
+                return json.loads(raw)
+        except TransportError:
+            raise
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ConnectionLost(f"TLS certificate not trusted: {exc.certificate_error}",
+                                 status=495) from None
+        except aiohttp.ServerFingerprintMismatch:
+            raise ConnectionLost("TLS certificate does not match --fingerprint", status=495) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ConnectionLost(f"cannot reach {self.base}: {_describe(exc)}") from None
+
+    async def open(self, body: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = await self.call("POST", f"{self.base}{PREFIX}/session", body)
+        self.sid, self.token = out["id"], out["token"]
+        return out
+
+    async def close(self, error: str | None = None) -> None:
+        if self.sid and self.token:
+            try:
+                await self.call("DELETE", self.session_url(), {"error": error})
+            except TransportError:
+                pass
+        await self.http.close()
+
+
+async def _info(url: Url, ssl: Any) -> dict[str, Any]:
+    """The daemon's public facts (ports, enabled schemes): no auth needed."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+            async with http.get(f"{url.base()}{PREFIX}/info",
+                                ssl=ssl if url.scheme == "https" else None) as resp:
+                if resp.status != 200:
+                    raise RemoteError(f"{url.base()} is not a fallback daemon (HTTP {resp.status})",
+                                      status=resp.status)
+                info: dict[str, Any] = await resp.json()
+                return info
+    except TransportError:
+        raise
+    except aiohttp.ServerFingerprintMismatch:
+        raise ConnectionLost("TLS certificate does not match --fingerprint", status=495) from None
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise ConnectionLost(f"TLS certificate not trusted: {exc.certificate_error}",
+                             status=495) from None
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        raise ConnectionLost(f"cannot reach {url.base()}: {_describe(exc)}") from None
+
+
+async def _reachable(host: str, port: int) -> bool:
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
+    except (TimeoutError, OSError):
+        return False
+    w.close()
+    return True
+
+
+def quote_path(path: str) -> str:
+    return quote(path, safe="/")
+
+
+def _error_text(body: bytes, status: int) -> str:
+    try:
+        msg = json.loads(body).get("error")
+        if isinstance(msg, str) and msg:
+            return msg
+    except (ValueError, AttributeError):
+        pass
+    return f"server answered HTTP {status}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

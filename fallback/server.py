@@ -1,0 +1,418 @@
+"""The daemon's HTTP(S) application: session control, block streams, plain files.
+
+Routes (the control API lives under one reserved prefix, ``/.fallback/v1``;
+everything else is the user's docroot as plain HTTP):
+
+* ``POST   /.fallback/v1/session``               open (Basic auth) -> id, token, states or manifest
+* ``POST   /.fallback/v1/session/{id}/plan``     upload: skip/fresh/resume per file -> missing blocks
+* ``PUT    /.fallback/v1/session/{id}/blocks``   upload stream (chunked body of frames)
+* ``POST   /.fallback/v1/session/{id}/commit``   upload: verify and publish files
+* ``POST   /.fallback/v1/session/{id}/digests``  download: source digests for the resume check
+* ``POST   /.fallback/v1/session/{id}/want``     download: queue blocks
+* ``GET    /.fallback/v1/session/{id}/blocks``   download stream
+* ``DELETE /.fallback/v1/session/{id}``          close (logs the session line)
+* ``GET|HEAD /path`` (with ``Range``), ``PUT /path``: plain clients (curl, aria2c) with Basic auth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from fallback import sessions as S
+from fallback.auth import CredentialCache, parse_basic
+from fallback.config import Config, UserConfig
+from fallback.paths import confine, relpath_in, resolve, split_urlpath
+from transport.blocks.manifest import FileEntry, check_relpath
+from transport.blocks.plan import OVERWRITE_MODES
+from transport.blocks.receiver import FileReceiver
+from transport.blocks.tree import walk_source
+from transport.errors import ConflictError, PathError, ProtocolError, TransportError
+from transport.http.framing import CONTENT_TYPE
+from transport.http.server import receive_blocks, send_blocks
+
+log = logging.getLogger("fallback.daemon")
+PREFIX = "/.fallback/v1"
+MAX_CONTROL_BODY = 64 << 20
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class DaemonState:
+    config: Config
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, "fb-io"))
+    table: S.SessionTable = field(default_factory=S.SessionTable)
+    creds: CredentialCache = field(default_factory=CredentialCache)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+STATE = web.AppKey("state", DaemonState)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    headers = {"WWW-Authenticate": 'Basic realm="fallback"'} if status == 401 else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Translate errors into JSON with their status hint, and one log line each."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except TransportError as exc:
+        log.warning("%s %s %s: %s", request.remote, request.method, request.path, exc.message)
+        return error_response(exc.status, exc.message)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except OSError as exc:
+        log.warning("%s %s %s: %s", request.remote, request.method, request.path, exc)
+        return error_response(500, f"server I/O error: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one request
+        log.error("%s %s %s: internal error %s: %s", request.remote, request.method, request.path,
+                  type(exc).__name__, exc)
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+def _state(request: web.Request) -> DaemonState:
+    return request.app[STATE]
+
+
+def _scheme(request: web.Request) -> str:
+    return "https" if request.transport and request.transport.get_extra_info("sslcontext") else "http"
+
+
+async def authenticate(request: web.Request) -> UserConfig:
+    st = _state(request)
+    creds = parse_basic(request.headers.get("Authorization", ""))
+    if creds is None:
+        raise PathError("authentication required", status=401)
+    user = st.config.user(creds[0])
+    if user is None:
+        # Spend the same work as a real check so user names can't be probed by timing.
+        await asyncio.get_running_loop().run_in_executor(
+            st.executor, st.creds.check, "", creds[1], _DUMMY_HASH
+        )
+        raise PathError("wrong user name or password", status=401)
+    ok = await asyncio.get_running_loop().run_in_executor(
+        st.executor, st.creds.check, user.name, creds[1], user.password_hash
+    )
+    if not ok:
+        raise PathError("wrong user name or password", status=401)
+    return user
+
+
+_DUMMY_HASH = "$scrypt$ln=14,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_CONTROL_BODY:
+        raise ProtocolError("control request too large", status=413)
+    try:
+        body = json.loads(await request.content.read(MAX_CONTROL_BODY + 1) or b"{}")
+    except ValueError:
+        raise ProtocolError("control request is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("control request must be a JSON object")
+    return body
+
+
+def _session(request: web.Request) -> S.Session:
+    auth = request.headers.get("Authorization", "")
+    token = auth[7:] if auth.startswith("Bearer ") else None
+    s = _state(request).table.get(request.match_info["sid"], token)
+    s.touch(_scheme(request))
+    return s
+
+
+def _run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+    return asyncio.get_running_loop().run_in_executor(_state(request).executor, fn, *args)
+
+
+# -- session control -------------------------------------------------------------------------------
+async def open_session(request: web.Request) -> web.Response:
+    st = _state(request)
+    if st.stopping.is_set():
+        raise ProtocolError("daemon is shutting down", status=503)
+    user = await authenticate(request)
+    body = await _json(request)
+    direction = body.get("direction")
+    overwrite = body.get("overwrite", "diff")
+    if overwrite not in OVERWRITE_MODES:
+        raise ProtocolError(f"unknown overwrite policy {overwrite!r}")
+    docroot = Path(user.docroot)
+    docroot.mkdir(parents=True, exist_ok=True)
+    common = dict(user=user.name, peer=str(request.remote), docroot=docroot,
+                  executor=st.executor, overwrite=overwrite, fsync=st.config.fsync,
+                  partial_suffix=st.config.partial_file_suffix)
+    if direction == "upload":
+        return await _open_upload(request, st, user, body, common)
+    if direction == "download":
+        return await _open_download(request, st, user, body, common)
+    raise ProtocolError("direction must be 'upload' or 'download'")
+
+
+async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
+                       body: dict[str, Any], common: dict[str, Any]) -> web.Response:
+    if not user.write_allowed:
+        raise PathError(f"user {user.name} may not write")
+    raw = body.get("entries")
+    if not isinstance(raw, list) or not raw:
+        raise ProtocolError("upload needs a non-empty 'entries' list")
+    entries = [FileEntry.from_json(e) for e in raw]
+    if entries[0].path != "":
+        raise ProtocolError("the first entry must be the transfer root")
+    if st.config.content_protection_required:
+        plain = [e.path or "(root)" for e in entries if not e.is_dir and e.transform == "identity"]
+        if plain:
+            raise PathError("Server requires content protection", status=403)
+    name = str(body.get("name", ""))
+    if name:
+        check_relpath(name)
+        if "/" in name:
+            raise ProtocolError("name must be a single path component")
+    dest = resolve(Path(user.docroot), str(body.get("path", "/")))
+    into = bool(body.get("into_dir")) or dest.is_dir() and not (entries[0].is_dir and not name)
+    root = dest / name if into and name else dest
+    confine(Path(user.docroot), root)
+    if root == Path(user.docroot) and not entries[0].is_dir:
+        raise PathError("cannot write a file over the docroot", status=400)
+    session = st.table.new(direction="upload", root=root, entries=entries, **common)
+    session.touch(_scheme(request))
+    want_root = session.overwrite == "diff"
+    states = []
+    for i in range(len(entries)):
+        states.append((await _run(request, lambda i=i: S.target_state(session, i, want_root=want_root))).to_json())
+    log.info("session %s opened: user=%s peer=%s upload to %s (%d entries)", session.id[:8],
+             user.name, request.remote, relpath_in(Path(user.docroot), root), len(entries))
+    return web.json_response({"id": session.id, "token": session.token, "states": states,
+                              "root": relpath_in(Path(user.docroot), root),
+                              "streams_max": st.config.streams_max})
+
+
+async def _open_download(request: web.Request, st: DaemonState, user: UserConfig,
+                         body: dict[str, Any], common: dict[str, Any]) -> web.Response:
+    if not user.read_allowed:
+        raise PathError(f"user {user.name} may not read")
+    docroot = Path(user.docroot)
+    src = resolve(docroot, str(body.get("path", "/")))
+    tree = await _run(request, lambda: walk_source(src, st.config.block_size, within=docroot))
+    session = st.table.new(direction="download", root=src, entries=tree.entries, **common)
+    session.touch(_scheme(request))
+    await _run(request, S.open_sources, session)
+    log.info("session %s opened: user=%s peer=%s download of %s (%d entries)", session.id[:8],
+             user.name, request.remote, relpath_in(docroot, src), len(tree.entries))
+    return web.json_response({
+        "id": session.id, "token": session.token, "name": src.name,
+        "entries": [e.to_json() for e in tree.entries], "skipped": tree.skipped,
+        "streams_max": st.config.streams_max,
+    })
+
+
+async def plan(request: web.Request) -> web.Response:
+    session = _session(request)
+    body = await _json(request)
+    actions: dict[int, str] = {}
+    for item in body.get("files", []):
+        i, action = int(item["file"]), item["action"]
+        if i not in session.file_indices() or action not in ("skip", "fresh", "resume"):
+            raise ProtocolError(f"bad plan item {item!r}")
+        actions[i] = action
+    missing = await S.open_receivers(_state(request).table, session, actions)
+    return web.json_response({"missing": {str(i): _ranges(m) for i, m in missing.items()}})
+
+
+async def upload_blocks(request: web.Request) -> web.Response:
+    session = _session(request)
+    if session.sink is None:
+        raise ProtocolError("plan the upload before sending blocks", status=409)
+    session.streams += 1
+    try:
+        n = await receive_blocks(request.content, session.sink)
+    finally:
+        session.streams -= 1
+        session.touch()
+    return web.json_response({"received": n})
+
+
+async def commit(request: web.Request) -> web.Response:
+    session = _session(request)
+    if session.sink is None:
+        raise ProtocolError("nothing to commit", status=409)
+    body = await _json(request)
+    await session.sink.flush()
+    results: dict[str, Any] = {}
+    for item in body.get("files", []):
+        i = int(item["file"])
+        try:
+            results[str(i)] = await _run(request, S.commit_file, session, i, item.get("root"))
+        except TransportError as exc:
+            results[str(i)] = {"error": exc.message, "status": exc.status}
+    if not session.sink.receivers:
+        await _run(request, S.finish_dirs, session)
+    return web.json_response({"results": results})
+
+
+async def digests(request: web.Request) -> web.Response:
+    session = _session(request)
+    body = await _json(request)
+    out = await _run(request, S.source_digests, session, int(body.get("file", -1)),
+                     [int(b) for b in body.get("blocks", [])], bool(body.get("root")))
+    return web.json_response(out)
+
+
+async def want(request: web.Request) -> web.Response:
+    session = _session(request)
+    if session.feed is None:
+        raise ProtocolError("not a download session", status=409)
+    body = await _json(request)
+    items = []
+    for f, start, end in body.get("blocks", []):
+        items.extend((int(f), b) for b in range(int(start), int(end)))
+    session.feed.add(items)
+    return web.json_response({"queued": len(items)})
+
+
+async def download_blocks(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    if session.feed is None:
+        raise ProtocolError("not a download session", status=409)
+    resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    session.streams += 1
+    try:
+        await send_blocks(resp.write, session.feed, stop=_state(request).stopping)
+        await resp.write_eof()
+    finally:
+        session.streams -= 1
+        session.touch()
+    return resp
+
+
+async def close_session(request: web.Request) -> web.Response:
+    session = _session(request)
+    body = await _json(request)
+    err = body.get("error")
+    await _state(request).table.close(session, str(err) if err else None)
+    return web.json_response({"closed": True})
+
+
+def _ranges(indices: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+# -- plain HTTP: GET/HEAD with Range, PUT ----------------------------------------------------------
+async def plain_get(request: web.Request) -> web.StreamResponse:
+    user = await authenticate(request)
+    if not user.read_allowed:
+        raise PathError(f"user {user.name} may not read")
+    path = resolve(Path(user.docroot), request.match_info["path"])
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise PathError(f"{relpath_in(Path(user.docroot), path)}: no such file", status=404) from None
+    if stat.S_ISDIR(st.st_mode):
+        names = sorted(os.listdir(path))
+        return web.json_response({"folder": relpath_in(Path(user.docroot), path), "entries": names})
+    return web.FileResponse(path, chunk_size=256 * 1024)
+
+
+async def plain_put(request: web.Request) -> web.Response:
+    """A whole-file upload (``curl -T``): streamed into a partial file, renamed when complete."""
+    user = await authenticate(request)
+    if not user.write_allowed:
+        raise PathError(f"user {user.name} may not write")
+    docroot = Path(user.docroot)
+    parts = split_urlpath(request.match_info["path"])
+    if not parts:
+        raise PathError("PUT needs a file name", status=400)
+    target = resolve(docroot, request.match_info["path"])
+    if parts[0] == ".fallback":
+        raise PathError("that name is reserved", status=403)
+    if target.is_dir():
+        raise ConflictError(f"{relpath_in(docroot, target)}: is a folder")
+    existed = target.exists()
+    if existed and _state(request).config.overwrite == "deny":
+        raise ConflictError(f"{relpath_in(docroot, target)}: exists and the server does not overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    await _receive_plain(request, target)
+    return web.json_response({"path": relpath_in(docroot, target)}, status=204 if existed else 201)
+
+
+async def _receive_plain(request: web.Request, target: Path) -> None:
+    st = _state(request)
+    size = request.content_length
+    entry = FileEntry("", "file", size=size if size is not None else 0,
+                      mtime_ns=time.time_ns(), mode=0o644, block_size=st.config.block_size)
+    loop = asyncio.get_running_loop()
+    # An unknown length (chunked PUT) is written sequentially; the receiver is
+    # still used so the file appears atomically and a lock guards the target.
+    rec = await loop.run_in_executor(st.executor, lambda: FileReceiver(
+        target, entry, resume=False, fsync=st.config.fsync, suffix=st.config.partial_file_suffix))
+    try:
+        fd = os.open(rec.partial, os.O_WRONLY | os.O_CLOEXEC)
+        written = 0
+        try:
+            async for chunk in request.content.iter_any():
+                await loop.run_in_executor(st.executor, os.pwrite, fd, chunk, written)
+                written += len(chunk)
+            await loop.run_in_executor(st.executor, os.fsync, fd) if st.config.fsync else None
+        finally:
+            os.close(fd)
+        if size is not None and written != size:
+            raise ProtocolError(f"body ended after {written} of {size} bytes")
+        os.utime(rec.partial)
+        os.chmod(rec.partial, 0o644)
+        os.replace(rec.partial, target)
+        rec.discard()
+    except BaseException:
+        rec.discard()
+        raise
+
+
+async def info(request: web.Request) -> web.Response:
+    """Public facts a client needs to pick a transport; no secrets, no auth."""
+    c = _state(request).config
+    return web.json_response({
+        "product": "fallback", "api": 1,
+        "enable_http": c.enable_http, "http_port": c.http_port,
+        "enable_https": c.enable_https, "https_port": c.https_port,
+        "udp_port": c.bind_udp_port, "udp": False,
+        "scheme": _scheme(request),
+    })
+
+
+def make_app(state: DaemonState) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_CONTROL_BODY)
+    app[STATE] = state
+    app.router.add_get(f"{PREFIX}/info", info)
+    app.router.add_post(f"{PREFIX}/session", open_session)
+    app.router.add_post(f"{PREFIX}/session/{{sid}}/plan", plan)
+    app.router.add_put(f"{PREFIX}/session/{{sid}}/blocks", upload_blocks)
+    app.router.add_post(f"{PREFIX}/session/{{sid}}/commit", commit)
+    app.router.add_post(f"{PREFIX}/session/{{sid}}/digests", digests)
+    app.router.add_post(f"{PREFIX}/session/{{sid}}/want", want)
+    app.router.add_get(f"{PREFIX}/session/{{sid}}/blocks", download_blocks, allow_head=False)
+    app.router.add_delete(f"{PREFIX}/session/{{sid}}", close_session)
+    app.router.add_get("/{path:.*}", plain_get)
+    app.router.add_put("/{path:.*}", plain_put)
+    return app

@@ -1,0 +1,271 @@
+"""Daemon-side sessions: one per transfer, whatever path carries its blocks.
+
+A ``Session`` owns the data-plane objects of ``transport.blocks`` (a
+``BlockSink`` for uploads, a ``BlockFeed`` for downloads) and the facts the
+log line reports. It is deliberately not tied to HTTP: the UDP path (#4) will
+attach to the same session id and feed the same sink, and a failover (#5)
+only changes which path pulls from the feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fallback.paths import confine, relpath_in
+from transport.blocks.digest import digest_path, file_digest
+from transport.blocks.manifest import FileEntry
+from transport.blocks.plan import TargetState
+from transport.blocks.receiver import FileReceiver, inspect_partial
+from transport.blocks.session import BlockFeed, BlockSink
+from transport.blocks.source import FileSource
+from transport.blocks.tree import target_for
+from transport.errors import ConflictError, PathError, ProtocolError
+
+log = logging.getLogger("fallback.daemon")
+
+IDLE_TAKEOVER = 2.0
+"""Seconds without a request or an open stream after which a session's
+write locks may be taken over by a new session for the same targets: this is
+how a client killed with -9 and re-run resumes at once instead of waiting for
+the old session to time out."""
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    token: str
+    user: str
+    peer: str
+    direction: str  # "upload" | "download"
+    docroot: Path
+    root: Path  # target root (upload) or source root (download)
+    entries: list[FileEntry]
+    executor: Executor
+    overwrite: str = "diff"
+    fsync: bool = True
+    partial_suffix: str = ".fallback-partial"
+    transports: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    streams: int = 0
+    sink: BlockSink | None = None
+    feed: BlockFeed | None = None
+    committed: int = 0
+    skipped: int = 0
+    error: str | None = None
+    closed: bool = False
+
+    def touch(self, transport: str | None = None) -> None:
+        self.last_activity = time.monotonic()
+        if transport and (not self.transports or self.transports[-1] != transport):
+            self.transports.append(transport)
+
+    @property
+    def idle(self) -> bool:
+        return self.streams == 0 and time.monotonic() - self.last_activity > IDLE_TAKEOVER
+
+    def target(self, index: int) -> Path:
+        return target_for(self.root, self.entries[index].path)
+
+    def file_indices(self) -> list[int]:
+        return [i for i, e in enumerate(self.entries) if not e.is_dir]
+
+    @property
+    def bytes_moved(self) -> int:
+        if self.sink is not None:
+            return self.sink.received_bytes
+        return self.feed.sent_bytes if self.feed is not None else 0
+
+    def summary(self) -> str:
+        result = "ok" if self.error is None else f"error: {self.error}"
+        return (
+            f"session {self.id[:8]} user={self.user} peer={self.peer} direction={self.direction} "
+            f"path={relpath_in(self.docroot, self.root)} files={len(self.file_indices())} "
+            f"committed={self.committed} skipped={self.skipped} bytes={self.bytes_moved} "
+            f"transport={','.join(self.transports) or '-'} result={result}"
+        )
+
+
+class SessionTable:
+    """Live sessions, and which session holds the write lock of each target."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        self.writers: dict[Path, Session] = {}
+
+    def new(self, **kw: object) -> Session:
+        sid = secrets.token_hex(16)
+        s = Session(id=sid, token=secrets.token_urlsafe(32), **kw)  # type: ignore[arg-type]
+        self.sessions[sid] = s
+        return s
+
+    def get(self, sid: str, token: str | None) -> Session:
+        s = self.sessions.get(sid)
+        if s is None or s.closed:
+            raise ProtocolError("unknown or expired session", status=404)
+        if token is None or not secrets.compare_digest(s.token, token):
+            raise PathError("session token refused", status=401)
+        return s
+
+    async def close(self, s: Session, error: str | None = None) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        if error and s.error is None:
+            s.error = error
+        if s.sink is not None:
+            await s.sink.close()
+        if s.feed is not None:
+            s.feed.close()
+        for path, holder in list(self.writers.items()):
+            if holder is s:
+                del self.writers[path]
+        self.sessions.pop(s.id, None)
+        log.info(s.summary())
+
+    async def reap(self, timeout: float) -> None:
+        now = time.monotonic()
+        for s in list(self.sessions.values()):
+            if s.streams == 0 and now - s.last_activity > timeout:
+                await self.close(s, "session activity timeout")
+
+    async def close_all(self, reason: str) -> None:
+        for s in list(self.sessions.values()):
+            await self.close(s, reason)
+
+
+# -- upload (the daemon receives) ---------------------------------------------------------------
+def target_state(session: Session, index: int, *, want_root: bool) -> TargetState:
+    """What the daemon holds for entry ``index``: runs in a worker thread (may read the target)."""
+    entry = session.entries[index]
+    target = session.target(index)
+    confine(session.docroot, target)
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        st = None
+    partial = inspect_partial(target, suffix=session.partial_suffix) if not entry.is_dir else None
+    exists = st is not None
+    is_dir = bool(st) and os.path.isdir(target) and not os.path.islink(target)
+    size = st.st_size if st else 0
+    root = None
+    if want_root and exists and not is_dir and not entry.is_dir and size == entry.stored_size():
+        root = digest_path(target, entry.block_size) if not entry.header else None
+    return TargetState(
+        exists=exists,
+        is_dir=is_dir,
+        size=size,
+        mtime_ns=st.st_mtime_ns if st else 0,
+        journal=partial.identity if partial else None,
+        have=partial.have if partial else {},
+        root=root,
+    )
+
+
+async def open_receivers(
+    table: SessionTable, session: Session, actions: dict[int, str]
+) -> dict[int, list[int]]:
+    """Create folders and open a receiver per file to transfer; returns missing blocks."""
+    loop = asyncio.get_running_loop()
+    receivers: dict[int, FileReceiver] = {}
+    for i, entry in enumerate(session.entries):
+        if entry.is_dir:
+            path = session.target(i)
+            confine(session.docroot, path)
+            if path.exists() and not path.is_dir():
+                raise ConflictError(f"{relpath_in(session.docroot, path)}: a file of that name exists")
+            path.mkdir(parents=True, exist_ok=True)
+    try:
+        for i, action in actions.items():
+            if action == "skip":
+                session.skipped += 1
+                continue
+            target = session.target(i)
+            confine(session.docroot, target)
+            if os.path.islink(target):
+                raise PathError(f"{relpath_in(session.docroot, target)}: refused, target is a symlink")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            holder = table.writers.get(target)
+            if holder is not None and holder is not session and not holder.closed:
+                if not holder.idle:
+                    raise ConflictError(
+                        f"{relpath_in(session.docroot, target)}: another transfer is writing this file"
+                    )
+                await table.close(holder, "taken over by a newer session for the same target")
+            receivers[i] = await loop.run_in_executor(
+                session.executor,
+                lambda t=target, e=session.entries[i], r=(action == "resume"): FileReceiver(
+                    t, e, resume=r, fsync=session.fsync, suffix=session.partial_suffix
+                ),
+            )
+            table.writers[target] = session
+    except BaseException:
+        for rec in receivers.values():
+            rec.close()
+        raise
+    session.sink = BlockSink(receivers, session.executor)
+    return {i: r.missing() for i, r in receivers.items()}
+
+
+def commit_file(session: Session, index: int, root: str | None) -> dict[str, object]:
+    """Commit one received file (worker thread): ok, or what is missing."""
+    assert session.sink is not None
+    rec = session.sink.receiver(index)
+    missing = rec.missing()
+    if missing:
+        rec.flush()
+        return {"missing": missing}
+    digest = rec.commit(root, replace=session.overwrite != "never")
+    del session.sink.receivers[index]
+    session.committed += 1
+    return {"ok": True, "root": digest}
+
+
+def finish_dirs(session: Session) -> None:
+    """Set folder modes and mtimes last, deepest first (writing files changes them)."""
+    for i in reversed(range(len(session.entries))):
+        e = session.entries[i]
+        if e.is_dir:
+            path = session.target(i)
+            try:
+                os.chmod(path, e.mode & 0o7777 | 0o700)
+                os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
+            except OSError:
+                pass
+
+
+# -- download (the daemon sends) -----------------------------------------------------------------
+def open_sources(session: Session) -> BlockFeed:
+    sources = {}
+    for i in session.file_indices():
+        sources[i] = FileSource(session.target(i), session.entries[i])
+    feed = BlockFeed(sources, session.executor)
+    session.feed = feed
+    return feed
+
+
+def source_digests(session: Session, index: int, blocks: list[int], root: bool) -> dict[str, object]:
+    """Digests of some source blocks, and optionally the whole-file digest (worker thread)."""
+    assert session.feed is not None
+    src = session.feed.sources.get(index)
+    if src is None:
+        raise ProtocolError(f"unknown file index {index}")
+    out: dict[str, object] = {}
+    count = src.layout.count
+    digests = {}
+    for b in blocks:
+        if not 0 <= b < count:
+            raise ProtocolError(f"block {b} out of range")
+        digests[b] = src.read_block(b)[1]
+    out["digests"] = {str(b): d.hex() for b, d in digests.items()}
+    if root:
+        all_d = [digests.get(b) or src.read_block(b)[1] for b in range(count)]
+        out["root"] = file_digest(src.entry.block_size, src.entry.size, all_d)
+    return out

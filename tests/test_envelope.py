@@ -1,0 +1,484 @@
+"""Encryption at rest (#6): envelope format, per-block transform and file helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tracemalloc
+import unicodedata
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import blake3
+import pytest
+
+from transport.blocks.envelope import (
+    DEFAULT_KDF,
+    HEADER_SIZE,
+    MAGIC,
+    OVERHEAD,
+    SUFFIX,
+    VERSION,
+    EnvelopeHeader,
+    EnvelopeKey,
+    EnvelopeTransform,
+    KdfParams,
+    decrypt_file,
+    encrypt_file,
+    is_envelope,
+    new_header,
+)
+from transport.blocks.transform import BlockTransform
+from transport.errors import BadPassphrase, IntegrityError, ProtocolError, SourceChanged
+
+B = 4096
+CHEAP = KdfParams(memory_kib=64, iterations=1, lanes=1)
+PW = "correct horse battery staple"
+
+
+def make(size: int, block_size: int = B, passphrase: str = PW) -> EnvelopeTransform:
+    return EnvelopeTransform.for_upload(passphrase, size, block_size, CHEAP)
+
+
+def plaintext(size: int, seed: int = 0) -> bytes:
+    return (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+
+
+def seal(t: EnvelopeTransform, data: bytes) -> bytes:
+    """The whole stored object, built in memory (tests only use small files)."""
+    parts = [t.header]
+    for i in range(t.block_count()):
+        off, length = t.layout.plain_range(i)
+        parts.append(t.encode(i, data[off : off + length]))
+    return b"".join(parts)
+
+
+def blocks(t: EnvelopeTransform, stored: bytes) -> list[bytes]:
+    out = []
+    for i in range(t.block_count()):
+        off, length = t.layout.stored_range(i)
+        out.append(stored[off : off + length])
+    return out
+
+
+def unseal(passphrase: str, stored: bytes) -> bytes:
+    t = EnvelopeTransform.open(passphrase, stored[:HEADER_SIZE])
+    return b"".join(t.decode(i, s) for i, s in enumerate(blocks(t, stored)))
+
+
+def flip(data: bytes, pos: int, bit: int = 0) -> bytes:
+    b = bytearray(data)
+    b[pos] ^= 1 << bit
+    return bytes(b)
+
+
+def reseal_header(raw: bytes, **changes: int) -> bytes:
+    """Rewrite header fields and recompute the (unkeyed) checksum: a deliberate forgery."""
+    names = ["magic", "version", "kdf", "flags", "memory", "iterations", "lanes", "salt"]
+    names += ["block_size", "plain_size"]
+    fmt = struct.Struct(">5sBBBIII16sIQ")
+    values = dict(zip(names, fmt.unpack_from(raw), strict=True))
+    values.update(changes)
+    body = fmt.pack(*(values[n] for n in names)) + raw[fmt.size : HEADER_SIZE - 16]
+    return body + blake3.blake3(body).digest(length=16)
+
+
+# --- format constants -------------------------------------------------------
+
+
+def test_constants_and_header_shape() -> None:
+    assert OVERHEAD == 28
+    assert HEADER_SIZE == 80
+    assert SUFFIX == ".fallback-env"
+    t = make(10)
+    assert isinstance(t.header, bytes) and len(t.header) == HEADER_SIZE
+    assert t.header.startswith(MAGIC) and t.header[len(MAGIC)] == VERSION
+    assert t.name == "envelope-v1" and t.overhead == OVERHEAD
+    assert is_envelope(t.header) and is_envelope(t.header[:5])
+    assert not is_envelope(b"FBEN") and not is_envelope(b"hello world")
+    proto: BlockTransform = t  # structural check for mypy; runtime smoke below
+    assert proto.decode(0, proto.encode(0, b"0123456789")) == b"0123456789"
+
+
+def test_header_encode_decode_roundtrip() -> None:
+    header, _ = new_header(PW, 123456, B, CHEAP)
+    raw = header.encode()
+    assert len(raw) == HEADER_SIZE
+    assert EnvelopeHeader.decode(raw) == header
+    assert EnvelopeHeader.decode(raw + b"trailing block bytes") == header
+    assert EnvelopeHeader.decode(memoryview(raw)) == header
+    assert header.kdf == CHEAP and len(header.salt) == 16 and len(header.key_check) == 16
+
+
+def test_fresh_salt_per_envelope() -> None:
+    a, _ = new_header(PW, 10, B, CHEAP)
+    b, _ = new_header(PW, 10, B, CHEAP)
+    assert a.salt != b.salt and a.key_check != b.key_check
+
+
+# --- roundtrip and layout -----------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, B - 1, B, B + 1, 3 * B + 7])
+def test_roundtrip_and_layout(size: int) -> None:
+    data = plaintext(size)
+    t = make(size)
+    stored = seal(t, data)
+    assert t.block_count() == -(-size // B)
+    assert len(stored) == t.stored_size() == HEADER_SIZE + size + t.block_count() * OVERHEAD
+    for i in range(t.block_count()):
+        plain_len = min(B, size - i * B)
+        assert t.layout.stored_range(i) == (
+            len(t.header) + i * (B + OVERHEAD),
+            plain_len + OVERHEAD,
+        )
+    assert unseal(PW, stored) == data
+
+
+def test_roundtrip_with_default_kdf() -> None:
+    data = plaintext(2 * B + 5, seed=7)
+    t = EnvelopeTransform.for_upload(PW, len(data), B)
+    assert t.envelope.kdf == DEFAULT_KDF
+    assert unseal(PW, seal(t, data)) == data
+    with pytest.raises(BadPassphrase):
+        EnvelopeTransform.open("not it", t.header)
+
+
+def test_decode_accepts_memoryview_and_bytearray() -> None:
+    t = make(B + 3)
+    data = plaintext(B + 3)
+    s0 = t.encode(0, memoryview(bytearray(data))[:B])
+    assert t.decode(0, memoryview(bytearray(s0))) == data[:B]
+
+
+def test_unicode_passphrase_normalised() -> None:
+    composed = "pässwörd"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    stored = seal(make(100, passphrase=composed), plaintext(100))
+    assert unseal(decomposed, stored) == plaintext(100)
+
+
+# --- determinism and nonces -------------------------------------------------------
+
+
+def test_encode_is_deterministic() -> None:
+    data = plaintext(3 * B + 7)
+    t = make(len(data))
+    first = seal(t, data)
+    assert seal(t, data) == first
+    # A resumed transfer reopens the header: it must re-encrypt identically.
+    again = EnvelopeTransform.open(PW, t.header)
+    assert seal(again, data) == first
+
+
+def test_nonce_depends_on_content_and_index() -> None:
+    t = make(3 * B)
+    a, b = plaintext(B, seed=1), plaintext(B, seed=2)
+    assert t.encode(0, a)[:12] != t.encode(0, b)[:12]
+    assert t.encode(0, a)[:12] != t.encode(1, a)[:12]
+    assert t.encode(0, a) != t.encode(1, a)
+
+
+def test_same_content_different_file_differs() -> None:
+    data = plaintext(B)
+    assert seal(make(B), data)[HEADER_SIZE:] != seal(make(B), data)[HEADER_SIZE:]
+
+
+def test_no_plaintext_run_in_stored_bytes() -> None:
+    pattern = b"ABCDEFGHIJKLMNOP" * 4 + bytes(64) + b"\xff" * 64
+    data = (pattern * (3 * B // len(pattern) + 1))[: 3 * B + 7]
+    windows = {data[i : i + 16] for i in range(len(data) - 15)}
+    stored = seal(make(len(data)), data)
+    assert not any(stored[i : i + 16] in windows for i in range(len(stored) - 15))
+
+
+# --- passphrase and header ------------------------------------------------------
+
+
+def test_wrong_passphrase_detected_by_open() -> None:
+    t = make(3 * B)
+    with pytest.raises(BadPassphrase, match="bad passphrase"):
+        EnvelopeTransform.open("Correct horse battery staple", t.header)
+    assert issubclass(BadPassphrase, IntegrityError)
+
+
+def test_key_for_other_header_rejected() -> None:
+    h1, k1 = new_header(PW, 10, B, CHEAP)
+    h2, _ = new_header(PW, 10, B, CHEAP)
+    wrong = EnvelopeKey.derive("nope", h1)
+    with pytest.raises(BadPassphrase):
+        EnvelopeTransform(h1, wrong)
+    with pytest.raises(BadPassphrase):
+        EnvelopeTransform(h2, k1)
+
+
+def test_key_repr_redacted() -> None:
+    header, key = new_header(PW, 10, B, CHEAP)
+    assert "redacted" in repr(key)
+    assert key.enc_key.hex() not in repr(key)
+    assert PW not in repr(EnvelopeTransform(header, key))
+
+
+def test_every_header_bit_flip_is_detected() -> None:
+    raw = make(3 * B + 7).header
+    for pos in range(HEADER_SIZE):
+        for bit in range(8):
+            with pytest.raises((IntegrityError, ProtocolError)):
+                EnvelopeHeader.decode(flip(raw, pos, bit))
+
+
+def test_checksum_failure_is_integrity_error() -> None:
+    raw = make(10).header
+    with pytest.raises(IntegrityError, match="checksum"):
+        EnvelopeHeader.decode(flip(raw, 45))  # inside plain_size
+    with pytest.raises(IntegrityError):
+        EnvelopeTransform.open(PW, flip(raw, 30))  # inside the salt
+
+
+def test_not_an_envelope_and_unknown_version() -> None:
+    raw = make(10).header
+    for bad in (b"", raw[:-1], b"XXXXX" + raw[5:], b"plain text file" * 10):
+        with pytest.raises(ProtocolError, match="not a fallback envelope"):
+            EnvelopeHeader.decode(bad)
+    future = raw[:5] + bytes([2]) + raw[6:]
+    with pytest.raises(ProtocolError, match="version 2"):
+        EnvelopeHeader.decode(future)
+
+
+def test_forged_header_fails_key_check() -> None:
+    """Re-checksummed edits (e.g. shrinking plain_size to truncate) need the passphrase."""
+    t = make(3 * B + 7)
+    for change in ({"plain_size": 0}, {"plain_size": 2 * B}, {"block_size": 2 * B}):
+        forged = reseal_header(t.header, **change)
+        EnvelopeHeader.decode(forged)  # well-formed ...
+        with pytest.raises(BadPassphrase):  # ... but not authentic
+            EnvelopeTransform.open(PW, forged)
+
+
+def test_hostile_kdf_params_rejected_before_kdf_runs() -> None:
+    raw = make(10).header
+    for change in ({"memory": 0xFFFFFFFF}, {"iterations": 10**6}, {"lanes": 0}, {"kdf": 9}):
+        with pytest.raises(ProtocolError):
+            EnvelopeHeader.decode(reseal_header(raw, **change))
+
+
+def test_invalid_parameters() -> None:
+    with pytest.raises(ValueError):
+        KdfParams(memory_kib=4, iterations=1, lanes=1)
+    with pytest.raises(ValueError):
+        new_header(PW, 10, 100, CHEAP)  # block size below the layout minimum
+    with pytest.raises(ValueError):
+        new_header("", 10, B, CHEAP)
+    t = make(B + 1)
+    with pytest.raises(ValueError):
+        t.encode(0, b"short")
+    with pytest.raises(ValueError):
+        t.encode(2, b"x")
+    with pytest.raises(ProtocolError):
+        t.decode(2, bytes(OVERHEAD + 1))
+
+
+# --- tampering with blocks ------------------------------------------------------
+
+
+def test_bit_flip_in_block_names_the_block() -> None:
+    data = plaintext(3 * B + 7)
+    t = make(len(data))
+    stored = blocks(t, seal(t, data))
+    for i, block in enumerate(stored):
+        positions = range(len(block)) if i == 0 else [0, 11, 12, len(block) // 2, len(block) - 1]
+        for pos in positions:
+            with pytest.raises(IntegrityError, match=f"^block {i}: authentication failed$"):
+                t.decode(i, flip(block, pos, pos % 8))
+
+
+def test_swapped_blocks_rejected() -> None:
+    data = plaintext(3 * B, seed=3)
+    t = make(len(data))
+    s = blocks(t, seal(t, data))
+    with pytest.raises(IntegrityError, match="block 0"):
+        t.decode(0, s[1])
+    with pytest.raises(IntegrityError, match="block 1"):
+        t.decode(1, s[0])
+
+
+def test_truncated_last_block_rejected() -> None:
+    data = plaintext(3 * B + 7)
+    t = make(len(data))
+    last = blocks(t, seal(t, data))[-1]
+    with pytest.raises(IntegrityError, match="block 3: stored length"):
+        t.decode(3, last[:-1])
+    with pytest.raises(IntegrityError, match="block 3"):
+        t.decode(3, last + b"\0")
+
+
+def test_aad_binds_blocks_to_header_even_with_shared_keys() -> None:
+    """Two headers with the same salt and passphrase share keys; the AAD still separates them.
+
+    A full non-last block of a 2-block file must not pass as the (last) block
+    of a 1-block file, nor at its own index of a file with another size.
+    """
+    long_header, long_key = new_header(PW, 2 * B, B, CHEAP)
+    draft = replace(long_header, plain_size=B, key_check=bytes(16))
+    short_key = EnvelopeKey.derive(PW, draft)
+    assert short_key.enc_key == long_key.enc_key  # same salt and params: same keys
+    short = EnvelopeTransform(replace(draft, key_check=short_key.check()), short_key)
+    long = EnvelopeTransform(long_header, long_key)
+    data = plaintext(2 * B)
+    s = blocks(long, seal(long, data))
+    with pytest.raises(IntegrityError, match="block 0: authentication failed"):
+        short.decode(0, s[0])
+    assert short.decode(0, short.encode(0, data[:B])) == data[:B]
+    # Same index, same length, neither block last: only the header digest differs.
+    draft = replace(long_header, plain_size=2 * B + 1, key_check=bytes(16))
+    other_key = EnvelopeKey.derive(PW, draft)
+    other = EnvelopeTransform(replace(draft, key_check=other_key.check()), other_key)
+    with pytest.raises(IntegrityError, match="block 0: authentication failed"):
+        other.decode(0, s[0])
+
+
+def test_block_from_other_file_rejected() -> None:
+    data = plaintext(2 * B, seed=4)
+    a, b = make(len(data)), make(len(data))
+    sa, sb = blocks(a, seal(a, data)), blocks(b, seal(b, data))
+    with pytest.raises(IntegrityError, match="block 1: authentication failed"):
+        a.decode(1, sb[1])
+    with pytest.raises(IntegrityError, match="block 0"):
+        b.decode(0, sa[0])
+
+
+# --- file helpers ---------------------------------------------------------------
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if "fallback-partial" in p.name)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, B, 5 * B + 123])
+def test_encrypt_decrypt_file_roundtrip(tmp_path: Path, size: int) -> None:
+    src, env, out = tmp_path / "in.bin", tmp_path / ("in.bin" + SUFFIX), tmp_path / "out.bin"
+    src.write_bytes(os.urandom(size))
+    encrypt_file(src, env, PW, block_size=B, kdf=CHEAP)
+    raw = env.read_bytes()
+    assert is_envelope(raw)
+    t = EnvelopeTransform.open(PW, raw[:HEADER_SIZE])
+    assert len(raw) == t.stored_size()
+    decrypt_file(env, out, PW)
+    assert sha256(out) == sha256(src)
+    assert leftovers(tmp_path) == []
+
+
+def test_decrypt_file_wrong_passphrase_leaves_nothing(tmp_path: Path) -> None:
+    src, env, out = tmp_path / "a", tmp_path / "a.env", tmp_path / "b"
+    src.write_bytes(plaintext(3 * B))
+    encrypt_file(src, env, PW, block_size=B, kdf=CHEAP)
+    with pytest.raises(BadPassphrase):
+        decrypt_file(env, out, "wrong")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_decrypt_file_tampered_block_leaves_nothing(tmp_path: Path) -> None:
+    src, env, out = tmp_path / "a", tmp_path / "a.env", tmp_path / "b"
+    src.write_bytes(plaintext(3 * B + 7))
+    encrypt_file(src, env, PW, block_size=B, kdf=CHEAP)
+    raw = env.read_bytes()
+    env.write_bytes(flip(raw, HEADER_SIZE + 2 * (B + OVERHEAD) + 100))
+    with pytest.raises(IntegrityError, match="^block 2: authentication failed$"):
+        decrypt_file(env, out, PW)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_decrypt_file_failure_keeps_existing_dst(tmp_path: Path) -> None:
+    src, env, out = tmp_path / "a", tmp_path / "a.env", tmp_path / "b"
+    src.write_bytes(plaintext(2 * B))
+    encrypt_file(src, env, PW, block_size=B, kdf=CHEAP)
+    env.write_bytes(flip(env.read_bytes(), env.stat().st_size - 1))
+    out.write_bytes(b"previous contents")
+    with pytest.raises(IntegrityError, match="block 1"):
+        decrypt_file(env, out, PW)
+    assert out.read_bytes() == b"previous contents" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("cut", [1, OVERHEAD, B + OVERHEAD, B + OVERHEAD + 7])
+def test_decrypt_file_truncated(tmp_path: Path, cut: int) -> None:
+    src, env, out = tmp_path / "a", tmp_path / "a.env", tmp_path / "b"
+    src.write_bytes(plaintext(3 * B + 7))
+    encrypt_file(src, env, PW, block_size=B, kdf=CHEAP)
+    raw = env.read_bytes()
+    env.write_bytes(raw[:-cut])
+    with pytest.raises(IntegrityError, match=r"^block \d: truncated"):
+        decrypt_file(env, out, PW)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_decrypt_file_trailing_data(tmp_path: Path) -> None:
+    src, env, out = tmp_path / "a", tmp_path / "a.env", tmp_path / "b"
+    src.write_bytes(plaintext(B + 1))
+    encrypt_file(src, env, PW, block_size=B, kdf=CHEAP)
+    with env.open("ab") as f:
+        f.write(b"extra")
+    with pytest.raises(IntegrityError, match="trailing"):
+        decrypt_file(env, out, PW)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_decrypt_file_not_an_envelope(tmp_path: Path) -> None:
+    src, out = tmp_path / "plain.txt", tmp_path / "out"
+    src.write_bytes(b"just some text\n" * 100)
+    with pytest.raises(ProtocolError, match="not a fallback envelope"):
+        decrypt_file(src, out, PW)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_encrypt_file_replaces_stale_partial(tmp_path: Path) -> None:
+    src, env, out = tmp_path / "a", tmp_path / "a.env", tmp_path / "b"
+    src.write_bytes(plaintext(B + 9))
+    (tmp_path / ".a.env.fallback-partial").write_bytes(b"left by a crash")
+    encrypt_file(src, env, PW, block_size=B, kdf=CHEAP)
+    decrypt_file(env, out, PW)
+    assert out.read_bytes() == src.read_bytes() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("claimed", [3 * B, B])
+def test_encrypt_file_source_changed_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, claimed: int
+) -> None:
+    """The header commits to the size seen at the start; a change aborts cleanly."""
+    src, env = tmp_path / "a", tmp_path / "a.env"
+    src.write_bytes(plaintext(2 * B))
+
+    class Stat:
+        st_size = claimed
+
+    monkeypatch.setattr(os, "fstat", lambda fd: Stat())
+    with pytest.raises(SourceChanged):
+        encrypt_file(src, env, PW, block_size=B, kdf=CHEAP)
+    assert not env.exists() and leftovers(tmp_path) == []
+
+
+def test_file_helpers_memory_bounded_by_a_block(tmp_path: Path) -> None:
+    block = 64 << 10
+    src, env, out = tmp_path / "a", tmp_path / "a.env", tmp_path / "b"
+    with src.open("wb") as f:
+        for _ in range(64):  # 4 MiB file, 64 blocks
+            f.write(os.urandom(block))
+    steps: list[Callable[[], None]] = [
+        lambda: encrypt_file(src, env, PW, block_size=block, kdf=CHEAP),
+        lambda: decrypt_file(env, out, PW),
+    ]
+    for step in steps:
+        tracemalloc.start()
+        try:
+            step()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 6 * block, peak
+    assert sha256(out) == sha256(src)

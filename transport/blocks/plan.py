@@ -1,0 +1,102 @@
+"""Deciding, per file, what a run must send: overwrite policy and resume check.
+
+Pure functions over what the receiver reports (``TargetState``) and what the
+source is, with ascp's meanings:
+
+* overwrite ``never`` | ``always`` | ``diff`` (skip when size and digest match)
+  | ``older`` (replace only a target older than the source);
+* resume ``none`` (start over) | ``attrs`` (size and mtime unchanged)
+  | ``sparse`` (attrs + a sample of block digests match) | ``full`` (attrs +
+  every journaled block digest matches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from transport.blocks.manifest import FileEntry
+from transport.errors import ProtocolError
+
+RESUME_MODES = ("none", "attrs", "sparse", "full")
+OVERWRITE_MODES = ("never", "always", "diff", "older")
+SPARSE_SAMPLES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """The receiver's view of one entry's target."""
+
+    exists: bool = False
+    is_dir: bool = False
+    size: int = 0
+    mtime_ns: int = 0
+    journal: list[Any] | None = None  # source identity recorded by the partial's journal
+    have: dict[int, bytes] = field(default_factory=dict)
+    root: str | None = None  # digest of the existing target, when asked for (diff)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exists": self.exists,
+            "is_dir": self.is_dir,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "journal": self.journal,
+            "have": {str(i): d.hex() for i, d in self.have.items()},
+            "root": self.root,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> TargetState:
+        try:
+            return cls(
+                exists=bool(d["exists"]),
+                is_dir=bool(d["is_dir"]),
+                size=int(d["size"]),
+                mtime_ns=int(d["mtime_ns"]),
+                journal=d.get("journal"),
+                have={int(i): bytes.fromhex(h) for i, h in d["have"].items()},
+                root=d.get("root"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"bad target state: {exc}") from None
+
+
+def overwrite_action(entry: FileEntry, target: TargetState, mode: str) -> str:
+    """``transfer``, ``skip`` or ``compare`` (diff: sizes equal, digests decide)."""
+    if not target.exists or target.is_dir:
+        return "transfer"
+    if mode == "always":
+        return "transfer"
+    if mode == "never":
+        return "skip"
+    if mode == "older":
+        return "transfer" if target.mtime_ns < entry.mtime_ns else "skip"
+    if mode == "diff":
+        return "compare" if target.size == entry.stored_size() else "transfer"
+    raise ProtocolError(f"unknown overwrite policy {mode!r}")
+
+
+def resume_samples(have: Iterable[int], mode: str) -> list[int]:
+    """Which journaled blocks the sender must re-digest before trusting the partial."""
+    held = sorted(have)
+    if mode in ("none", "attrs") or not held:
+        return []
+    if mode == "full" or len(held) <= SPARSE_SAMPLES:
+        return held
+    # Evenly spread, always including the first and the last held block.
+    step = (len(held) - 1) / (SPARSE_SAMPLES - 1)
+    return sorted({held[round(k * step)] for k in range(SPARSE_SAMPLES)})
+
+
+def resumable(entry: FileEntry, target: TargetState) -> bool:
+    """The partial was started from this very source (``attrs``: size, mtime, layout, header)."""
+    return target.journal is not None and target.journal == entry.identity()
+
+
+def resume_ok(mode: str, entry: FileEntry, target: TargetState, fresh: dict[int, bytes]) -> bool:
+    """Whether the partial may be resumed, given the source's fresh digests of the samples."""
+    if mode == "none" or not resumable(entry, target):
+        return False
+    return all(fresh.get(i) == target.have.get(i) for i in resume_samples(target.have, mode))

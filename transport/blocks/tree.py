@@ -1,0 +1,93 @@
+"""Turning a local file or folder into manifest entries, and back into targets.
+
+Folders are walked without following symlinks into other trees: a symlink is
+carried as the file or folder it points to only when that stays inside
+``within`` (the docroot on a daemon); others are skipped and reported, so a
+download cannot be made to read outside a docroot.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transport.blocks.manifest import FileEntry, check_relpath
+from transport.blocks.source import entry_for
+from transport.errors import PathError
+
+
+@dataclass(slots=True)
+class SourceTree:
+    """Entries in a stable order (parents before children) and their local paths."""
+
+    entries: list[FileEntry] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, entry: FileEntry, path: Path) -> None:
+        self.entries.append(entry)
+        self.paths.append(path)
+
+
+def _inside(real: str, within: str | None) -> bool:
+    return within is None or real == within or real.startswith(within.rstrip("/") + "/")
+
+
+def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> SourceTree:
+    """Entries for ``root`` (a file: one entry ``""``; a folder: itself and everything below)."""
+    limit = os.path.realpath(within) if within is not None else None
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise PathError(f"{root.name or root}: no such file or folder", status=404) from None
+    tree = SourceTree()
+    if not _inside(os.path.realpath(root), limit):
+        raise PathError(f"{root.name}: refused, it leads outside the docroot")
+    if not stat.S_ISDIR(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):
+            raise PathError(f"{root.name}: not a regular file", status=400)
+        tree.add(entry_for(root, "", block_size, st), root)
+        return tree
+    tree.add(entry_for(root, "", block_size, st), root)
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as exc:
+            tree.skipped.append(f"{rel or '.'}: {exc.strerror}")
+            continue
+        subdirs = []
+        for name in names:
+            path = folder / name
+            relname = f"{rel}/{name}" if rel else name
+            try:
+                check_relpath(relname)
+                lst = os.lstat(path)
+                if stat.S_ISLNK(lst.st_mode):
+                    if not _inside(os.path.realpath(path), limit):
+                        tree.skipped.append(f"{relname}: symlink leads outside")
+                        continue
+                    lst = os.stat(path)
+            except (OSError, PathError) as exc:
+                tree.skipped.append(f"{relname}: {getattr(exc, 'strerror', None) or exc}")
+                continue
+            if stat.S_ISDIR(lst.st_mode):
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    tree.skipped.append(f"{relname}: symlinked folder not followed")
+                    continue
+                tree.add(entry_for(path, relname, block_size, lst), path)
+                subdirs.append((path, relname))
+            elif stat.S_ISREG(lst.st_mode):
+                tree.add(entry_for(path, relname, block_size, lst), path)
+            else:
+                tree.skipped.append(f"{relname}: not a regular file")
+        stack.extend(reversed(subdirs))
+    return tree
+
+
+def target_for(root: Path, relpath: str) -> Path:
+    """The local path of a manifest entry under a transfer's target root."""
+    return root.joinpath(*relpath.split("/")) if relpath else root

@@ -1,0 +1,103 @@
+"""Client side of the HTTP(S) data path: upload and download block streams.
+
+Errors from aiohttp and the OS are translated here, at the boundary, into
+``transport.errors`` (as httpcore does), so the engine above never sees an
+aiohttp exception type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl as ssl_mod
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from transport.blocks.session import BlockFeed, BlockSink
+from transport.errors import ConnectionLost, RemoteError, TransportError
+from transport.http.framing import CONTENT_TYPE, FrameHeader
+from transport.http.server import receive_blocks
+
+SSLArg = ssl_mod.SSLContext | aiohttp.Fingerprint | bool
+
+
+async def _frames(feed: BlockFeed, taken: list[tuple[int, int]]) -> AsyncIterator[bytes]:
+    """Frames for an upload body, reading one block ahead of the socket."""
+    item = feed.take()
+    fut = asyncio.ensure_future(feed.read(item)) if item else None
+    try:
+        while item is not None and fut is not None:
+            taken.append(item)
+            data, digest = await fut
+            nxt = feed.take()
+            nfut = asyncio.ensure_future(feed.read(nxt)) if nxt else None
+            yield FrameHeader(item[0], item[1], len(data), digest).pack()
+            yield data
+            feed.delivered(item, len(data))
+            item, fut = nxt, nfut
+    finally:
+        if fut is not None and not fut.done():
+            fut.cancel()
+        if item is not None and item not in taken:
+            feed.put_back([item])
+
+
+async def upload_stream(
+    http: aiohttp.ClientSession,
+    url: str,
+    feed: BlockFeed,
+    *,
+    headers: Mapping[str, str],
+    ssl: SSLArg,
+) -> dict[str, Any]:
+    """One upload stream: PUT a chunked body of frames until the feed runs dry."""
+    taken: list[tuple[int, int]] = []
+    hdrs = {**headers, "Content-Type": CONTENT_TYPE}
+    try:
+        async with http.put(url, data=_frames(feed, taken), headers=hdrs, ssl=ssl) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise RemoteError(_error_text(body, resp.status), status=resp.status)
+            result: dict[str, Any] = json.loads(body)
+            return result
+    except TransportError:
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise ConnectionLost(f"upload stream lost: {_describe(exc)}") from exc
+
+
+async def download_stream(
+    http: aiohttp.ClientSession,
+    url: str,
+    sink: BlockSink,
+    *,
+    headers: Mapping[str, str],
+    ssl: SSLArg,
+) -> int:
+    """One download stream: GET frames until the server's feed runs dry."""
+    try:
+        async with http.get(url, headers=headers, ssl=ssl) as resp:
+            if resp.status != 200:
+                raise RemoteError(_error_text(await resp.read(), resp.status), status=resp.status)
+            return await receive_blocks(resp.content, sink)
+    except TransportError:
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise ConnectionLost(f"download stream lost: {_describe(exc)}") from exc
+
+
+def _error_text(body: bytes, status: int) -> str:
+    try:
+        msg = json.loads(body).get("error")
+        if isinstance(msg, str) and msg:
+            return msg
+    except (ValueError, AttributeError):
+        pass
+    return f"server answered HTTP {status}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
