@@ -128,7 +128,7 @@ class Remote:
     def _headers(self) -> dict[str, str]:
         if self.token:
             return {"Authorization": f"Bearer {self.token}"}
-        return {"Authorization": aiohttp.BasicAuth(self.user, self._password).encode()}
+        return {"Authorization": _basic(self.user, self._password)}
 
     @property
     def stream_headers(self) -> dict[str, str]:
@@ -198,6 +198,12 @@ async def _reachable(host: str, port: int) -> bool:
         return False
     w.close()
     return True
+
+
+def _basic(user: str, password: str) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def quote_path(path: str) -> str:
