@@ -139,6 +139,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
         "name": name + (env.SUFFIX if opts.encrypt and not entries[0].is_dir else ""),
         "entries": [e.to_json() for e in entries], "overwrite": opts.overwrite,
         "encrypt": opts.encrypt,
+        "strong_pass": bool(opts.encrypt and opts.passphrase and strong_passphrase(opts.passphrase)),
     })
     states = [TargetState.from_json(s) for s in opened["states"]]
     streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
@@ -149,7 +150,8 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
     try:
         for i in files:
             entry, state = entries[i], states[i]
-            shown = _shown(name, entry.path)
+            shown = _shown(name, tree.entries[i].path)
+            result.content[shown] = "envelope" if opts.encrypt else "plain"
             path = tree.paths[i]
             transform: BlockTransform | None = None
             if opts.encrypt:
@@ -210,7 +212,9 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                     raise TransportError(r["error"], status=int(r.get("status", 500)))
                 if r.get("ok"):
                     plain_roots[i] = r["root"]
-                    result.checksums[_shown(name, entries[i].path)] = r["root"]
+                    shown = _shown(name, tree.entries[i].path)
+                    result.checksums[shown] = r["root"] if not opts.encrypt else \
+                        await loop.run_in_executor(executor, sources[i].plain_root)
                 else:
                     again.extend((i, b) for b in r["missing"])
             if not again:
@@ -289,7 +293,10 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
     for i in files:
         e = entries[i]
         target = target_for(root, e.path)
+        result.content[_display(name, e, False)] = "envelope" if e.header else "plain"
         if e.transform == "envelope-v1" and opts.decrypt:
+            del result.content[_display(name, e, False)]
+            result.content[_display(name, e, True)] = "decrypted"
             assert opts.passphrase is not None
             try:
                 transforms[i] = await loop.run_in_executor(
@@ -329,7 +336,10 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
         for i, rec in list(receivers.items()):
             digest = await loop.run_in_executor(executor, rec.commit, None)
             del receivers[i]
-            result.checksums[_shown(name, entries[i].path)] = digest
+            if i in transforms:  # report the plaintext's digest, as `fallback checksum` gives it
+                digest = await loop.run_in_executor(executor, digest_path, targets[i],
+                                                    entries[i].block_size)
+            result.checksums[_display(name, entries[i], i in transforms)] = digest
         for i in reversed(range(len(entries))):
             if entries[i].is_dir:
                 path = target_for(root, entries[i].path)
@@ -434,6 +444,20 @@ def _plain_len(entry: FileEntry, block: int) -> int:
 def _plain_share(entry: FileEntry, wire_bytes: int) -> int:
     """File bytes carried by a wire block (its overhead is not file data)."""
     return max(0, wire_bytes - entry.overhead) if entry.overhead else wire_bytes
+
+
+def strong_passphrase(p: str) -> bool:
+    """The rule behind ``content_protection_strong_pass_required``: at least 12
+    characters and at least three of: lower case, upper case, digits, symbols."""
+    classes = [any(c.islower() for c in p), any(c.isupper() for c in p),
+               any(c.isdigit() for c in p), any(not c.isalnum() for c in p)]
+    return len(p) >= 12 and sum(classes) >= 3
+
+
+def _display(name: str, entry: FileEntry, decrypted: bool) -> str:
+    """The name a downloaded file gets locally (a decrypted envelope loses its suffix)."""
+    shown = _shown(name, entry.path)
+    return shown.removesuffix(env.SUFFIX) if decrypted else shown
 
 
 def _shown(name: str, relpath: str) -> str:

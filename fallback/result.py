@@ -40,6 +40,7 @@ class TransferResult:
     seconds: float = 0.0
     checksums: dict[str, str] = field(default_factory=dict)
     skipped_files: dict[str, str] = field(default_factory=dict)  # path -> reason
+    content: dict[str, str] = field(default_factory=dict)  # path -> plain|envelope|decrypted
     error: str | None = None
 
     @property
@@ -60,6 +61,7 @@ class TransferResult:
             "error": self.error,
             "direction": self.direction,
             "skipped_files": dict(self.skipped_files),
+            "content": dict(self.content),
         }
 
 

@@ -37,7 +37,7 @@ from fallback.paths import confine, relpath_in, resolve, split_urlpath
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.plan import OVERWRITE_MODES
 from transport.blocks.receiver import FileReceiver
-from transport.blocks.tree import walk_source
+from transport.blocks.tree import describe_envelopes, walk_source
 from transport.errors import ConflictError, PathError, ProtocolError, TransportError
 from transport.http.framing import CONTENT_TYPE
 from transport.http.server import receive_blocks, send_blocks
@@ -178,6 +178,11 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
         plain = [e.path or "(root)" for e in entries if not e.is_dir and e.transform == "identity"]
         if plain:
             raise PathError("Server requires content protection", status=403)
+    if st.config.content_protection_strong_pass_required and not body.get("strong_pass"):
+        if any(e.transform != "identity" for e in entries):
+            raise PathError("Server requires a strong passphrase for content protection "
+                            "(at least 12 characters, 3 of: lower case, upper case, digits, symbols)",
+                            status=403)
     name = str(body.get("name", ""))
     if name:
         check_relpath(name)
@@ -199,7 +204,13 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
              user.name, request.remote, relpath_in(Path(user.docroot), root), len(entries))
     return web.json_response({"id": session.id, "token": session.token, "states": states,
                               "root": relpath_in(Path(user.docroot), root),
-                              "streams_max": st.config.streams_max})
+                              "streams_max": st.config.streams_max, "policy": _policy(st.config)})
+
+
+def _policy(c: Config) -> dict[str, bool]:
+    """Server rules the client must apply itself (it alone sees the passphrase)."""
+    return {"content_protection_required": c.content_protection_required,
+            "content_protection_strong_pass_required": c.content_protection_strong_pass_required}
 
 
 async def _open_download(request: web.Request, st: DaemonState, user: UserConfig,
@@ -209,6 +220,7 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
     docroot = Path(user.docroot)
     src = resolve(docroot, str(body.get("path", "/")))
     tree = await _run(request, lambda: walk_source(src, st.config.block_size, within=docroot))
+    await _run(request, describe_envelopes, tree)
     session = st.table.new(direction="download", root=src, entries=tree.entries, **common)
     session.touch(_scheme(request))
     await _run(request, S.open_sources, session)
@@ -226,12 +238,26 @@ async def plan(request: web.Request) -> web.Response:
     body = await _json(request)
     actions: dict[int, str] = {}
     for item in body.get("files", []):
-        i, action = int(item["file"]), item["action"]
+        try:
+            i, action = int(item["file"]), item["action"]
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError(f"bad plan item {item!r}") from None
         if i not in session.file_indices() or action not in ("skip", "fresh", "resume"):
             raise ProtocolError(f"bad plan item {item!r}")
+        if "entry" in item:
+            session.entries[i] = _final_entry(session.entries[i], FileEntry.from_json(item["entry"]))
         actions[i] = action
     missing = await S.open_receivers(_state(request).table, session, actions)
     return web.json_response({"missing": {str(i): _ranges(m) for i, m in missing.items()}})
+
+
+def _final_entry(opened: FileEntry, final: FileEntry) -> FileEntry:
+    """The entry as planned may only add what the sender could not know at open: the header."""
+    if (final.path, final.kind, final.size, final.mtime_ns, final.block_size, final.transform) != (
+        opened.path, opened.kind, opened.size, opened.mtime_ns, opened.block_size, opened.transform
+    ):
+        raise ProtocolError(f"{opened.path or '(root)'}: entry changed between open and plan")
+    return final
 
 
 async def upload_blocks(request: web.Request) -> web.Response:

@@ -157,7 +157,7 @@ def target_state(session: Session, index: int, *, want_root: bool) -> TargetStat
     size = st.st_size if st else 0
     root = None
     if want_root and exists and not is_dir and not entry.is_dir and size == entry.stored_size():
-        root = digest_path(target, entry.block_size) if not entry.header else None
+        root = digest_path(target, entry.block_size) if entry.transform == "identity" else None
     return TargetState(
         exists=exists,
         is_dir=is_dir,
@@ -192,13 +192,14 @@ async def open_receivers(
             if os.path.islink(target):
                 raise PathError(f"{relpath_in(session.docroot, target)}: refused, target is a symlink")
             target.parent.mkdir(parents=True, exist_ok=True)
-            holder = table.writers.get(target)
-            if holder is not None and holder is not session and not holder.closed:
-                if not holder.idle:
+            while (holder := table.writers.get(target)) is not None and holder is not session \
+                    and not holder.closed:
+                if not await _wait_idle(holder):
                     raise ConflictError(
                         f"{relpath_in(session.docroot, target)}: another transfer is writing this file"
                     )
-                await table.close(holder, "taken over by a newer session for the same target")
+                if not holder.closed:
+                    await table.close(holder, "taken over by a newer session for the same target")
             receivers[i] = await loop.run_in_executor(
                 session.executor,
                 lambda t=target, e=session.entries[i], r=(action == "resume"): FileReceiver(
@@ -212,6 +213,22 @@ async def open_receivers(
         raise
     session.sink = BlockSink(receivers, session.executor)
     return {i: r.missing() for i, r in receivers.items()}
+
+
+async def _wait_idle(holder: Session) -> bool:
+    """Give a lock holder up to ``IDLE_TAKEOVER`` (and a little) to show it is alive.
+
+    A client killed with -9 and re-run at once finds its old session still
+    holding the lock, idle for less than ``IDLE_TAKEOVER``: waiting for it to
+    turn idle lets the re-run resume instead of failing. A holder that keeps
+    streaming or calling stays busy, and the newcomer gets a conflict.
+    """
+    deadline = time.monotonic() + IDLE_TAKEOVER + 0.5
+    while not holder.closed and not holder.idle:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def commit_file(session: Session, index: int, root: str | None) -> dict[str, object]:

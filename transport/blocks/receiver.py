@@ -141,7 +141,10 @@ class FileReceiver:
         if block_digest(data) != digest:
             raise IntegrityError(f"{self.entry.path or self.target.name}: block {index} digest mismatch")
         if self._decode is not None:
-            out: bytes | bytearray | memoryview = self._decode.decode(index, data)
+            try:
+                out: bytes | bytearray | memoryview = self._decode.decode(index, data)
+            except IntegrityError as exc:
+                raise IntegrityError(f"{self.entry.path or self.target.name}: {exc.message}") from None
             offset, _ = self.out_layout.plain_range(index)
         else:
             out = data

@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from transport.blocks.digest import block_digest
+from transport.blocks.digest import block_digest, file_digest
 from transport.blocks.manifest import FileEntry
 from transport.blocks.transform import BlockTransform
 from transport.errors import SourceChanged
@@ -47,6 +47,9 @@ class FileSource:
             os.close(self._fd)
             raise SourceChanged(f"{path.name}: changed since the transfer was planned")
         self._stat = (st.st_size, st.st_mtime_ns)
+        self.plain_digests: dict[int, bytes] = {}
+        """Digests of plaintext blocks read through an encoding transform: the
+        file's own checksum, which the stored envelope's digests cannot give."""
 
     def read_block(self, index: int) -> tuple[bytes, bytes]:
         """(wire bytes, wire digest) of block ``index``."""
@@ -61,8 +64,18 @@ class FileSource:
                 raise SourceChanged(f"{self.path.name}: shrank during the transfer")
             data += more
         if self._encode is not None:
+            self.plain_digests[index] = block_digest(data)
             data = self._encode.encode(index, data)
         return data, block_digest(data)
+
+    def plain_root(self) -> str:
+        """Whole-file digest of the plaintext (reads blocks not read yet)."""
+        for i in range(self.layout.count):
+            if i not in self.plain_digests:
+                offset, length = self.layout.plain_range(i)
+                self.plain_digests[i] = block_digest(os.pread(self._fd, length, offset))
+        return file_digest(self.entry.block_size, self.entry.size,
+                           (self.plain_digests[i] for i in range(self.layout.count)))
 
     def check_unchanged(self) -> None:
         st = os.fstat(self._fd)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.source import entry_for
-from transport.errors import PathError
+from transport.errors import PathError, TransportError
 
 
 @dataclass(slots=True)
@@ -91,3 +91,34 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
 def target_for(root: Path, relpath: str) -> Path:
     """The local path of a manifest entry under a transfer's target root."""
     return root.joinpath(*relpath.split("/")) if relpath else root
+
+
+def describe_envelopes(tree: SourceTree) -> None:
+    """Mark stored encryption envelopes (#6) so a receiver can decrypt or keep them.
+
+    A file whose first bytes are a valid envelope header is described by its
+    plaintext size and the header; its stored bytes are sent as they are. A
+    file that merely starts with the magic but whose header does not parse,
+    or whose length does not match the header, is sent as a plain file.
+    """
+    from transport.blocks import envelope as env
+
+    for k, (entry, path) in enumerate(zip(tree.entries, tree.paths, strict=True)):
+        if entry.is_dir or entry.size < env.HEADER_SIZE:
+            continue
+        try:
+            with open(path, "rb") as f:
+                prefix = f.read(env.HEADER_SIZE)
+            if not env.is_envelope(prefix):
+                continue
+            header = env.EnvelopeHeader.decode(prefix)
+        except (OSError, TransportError, ValueError):
+            continue
+        layout = header.layout
+        if layout.stored_size != entry.size:
+            continue
+        tree.entries[k] = FileEntry(
+            entry.path, "file", size=header.plain_size, mtime_ns=entry.mtime_ns, mode=entry.mode,
+            block_size=header.block_size, header=prefix, overhead=layout.overhead,
+            transform="envelope-v1",
+        )
