@@ -47,9 +47,11 @@ def resolve(docroot: Path, urlpath: str) -> Path:
 def relpath_in(docroot: Path, path: Path) -> str:
     """``path`` relative to ``docroot``, '/'-separated, for messages and logs."""
     try:
-        return "/" + path.relative_to(docroot).as_posix().lstrip(".")
+        rel = path.relative_to(docroot).as_posix()
     except ValueError:
         return path.name
+    # Only the docroot itself is "."; a leading dot in a name (".hidden") is kept.
+    return "/" if rel == "." else "/" + rel
 
 
 def _show(docroot: Path, path: Path) -> str:
