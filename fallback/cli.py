@@ -97,24 +97,38 @@ def _passphrase(confirm: bool) -> str:
     return pw
 
 
+def _block_size(text: str) -> int:
+    from transport.blocks.layout import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+
+    n = parse_size(text)
+    if not MIN_BLOCK_SIZE <= n <= MAX_BLOCK_SIZE:
+        raise UsageError(f"--block-size {text}: must be between 4K and 64M")
+    return n
+
+
 def cmd_transfer(a: argparse.Namespace) -> int:
-    from fallback.engine import Options, transfer
+    from fallback.engine import transfer
     from fallback.progress import ProgressPrinter
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if a.quiet else "default")
+        # "default" would also show ResourceWarnings from the event loop's teardown
+        # after a failed TLS handshake, and the --insecure warning is printed below
+        # as one plain line, not a second time with a source location.
+        warnings.filterwarnings("ignore", category=ResourceWarning)
+        warnings.filterwarnings("ignore", message="--insecure", category=UserWarning)
         opts_kw = dict(transport=a.transport, streams=a.streams, resume=a.resume,
                        overwrite=a.overwrite, cacert=a.cacert, fingerprint=a.fingerprint,
                        insecure=a.insecure, user=a.user, encrypt=a.encrypt, decrypt=a.decrypt,
                        fsync=not a.no_fsync,
-                       block_size=parse_size(a.block_size) if a.block_size else DEFAULT_BLOCK_SIZE)
+                       block_size=_block_size(a.block_size) if a.block_size else DEFAULT_BLOCK_SIZE)
         if a.insecure and not a.quiet:
             print("warning: --insecure: the server certificate is not verified", file=sys.stderr)
         if a.encrypt or a.decrypt:
             opts_kw["passphrase"] = _passphrase(confirm=a.encrypt)
         printer = None if a.quiet else ProgressPrinter(sys.stderr)
         try:
-            result = transfer(a.src, a.dst, progress=printer, **opts_kw)  # type: ignore[arg-type]
+            result = transfer(a.src, a.dst, progress=printer, **opts_kw)
         except TransferError as exc:
             if printer:
                 printer.close()

@@ -56,8 +56,15 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
     await runner.setup()
     ssl_ctx = None
     if config.enable_https:
-        cert, key, fp = tls_files(config)
-        ssl_ctx = server_ssl_context(cert, key)
+        try:
+            cert, key, fp = tls_files(config)
+            ssl_ctx = server_ssl_context(cert, key)
+        except (ValueError, OSError) as exc:  # not PEM, key does not match, unreadable
+            where = config.cert_file or config.state_dir / "cert.pem"
+            why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            print(f"error: cannot use the TLS certificate {where}: {why}", file=sys.stderr)
+            await runner.cleanup()
+            return 2
         print(f"certificate {cert} fingerprint SHA256 {fp}", file=out)
     host = config.bind_address
     sites: list[web.BaseSite] = []

@@ -12,6 +12,7 @@ same ``BlockFeed`` / fill the same ``BlockSink``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -171,7 +172,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                 actions[i] = {"file": i, "action": "skip"}
                 continue
             src_file = await loop.run_in_executor(
-                executor, lambda p=path, e=entry, t=transform: FileSource(p, e, encode=t))
+                executor, functools.partial(FileSource, path, entry, encode=transform))
             sources[i] = src_file
             resume = False
             if resumable(entry, state) and opts.resume != "none":
@@ -205,7 +206,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                 s.check_unchanged()
             committed = await remote.call("POST", remote.session_url("/commit"), {
                 "files": [{"file": i, "root": roots[i]} for i in sources if i not in plain_roots]})
-            again = []
+            again: list[tuple[int, int]] = []
             for k, r in committed["results"].items():
                 i = int(k)
                 if "error" in r:

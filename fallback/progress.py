@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import Any, TextIO
 
 from fallback.result import ProgressEvent
 
@@ -11,13 +11,19 @@ class ProgressPrinter:
     """A progress callback drawing bytes, rate, ETA and transport with rich."""
 
     def __init__(self, stream: TextIO) -> None:
-        self._bar = None
-        self._task = None
+        self._bar: Any = None
+        self._task: Any = None
         if not stream.isatty():
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self._bar = Progress(TextColumn("[bold]{task.fields[transport]}"), BarColumn(),
                              DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),

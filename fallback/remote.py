@@ -21,6 +21,7 @@ import aiohttp
 from fallback.errors import UsageError
 from fallback.tls import client_ssl
 from transport.errors import ConnectionLost, RemoteError, TransportError
+from transport.http.client import SSLArg
 
 PREFIX = "/.fallback/v1"
 DEFAULT_PORTS = {"http": 8080, "https": 8443}
@@ -76,7 +77,7 @@ class Remote:
         self.url = url
         self.user = user
         self._password = password
-        self.ssl = ssl if scheme == "https" else None
+        self.ssl: SSLArg = ssl if scheme == "https" else True
         self.scheme = scheme
         self.base = url.base(scheme, port)
         connector = aiohttp.TCPConnector(limit=streams + 4, force_close=False)
@@ -103,7 +104,16 @@ class Remote:
             warnings.warn("--insecure: the server certificate is not verified", stacklevel=2)
         from pathlib import Path
 
-        ssl = client_ssl(Path(cacert) if cacert else None, fingerprint, insecure)
+        try:
+            ssl = client_ssl(Path(cacert) if cacert else None, fingerprint, insecure)
+        except ValueError as exc:  # options combined, or a malformed fingerprint
+            msg = str(exc)
+            if "mutually exclusive" in msg:
+                msg = "--cacert, --fingerprint and --insecure are mutually exclusive: give one"
+            raise UsageError(msg) from None
+        except OSError as exc:  # missing/unreadable --cacert, or no certificate in it
+            why = exc.strerror or getattr(exc, "reason", None) or exc
+            raise UsageError(f"--cacert {cacert}: cannot load CA certificate: {why}") from None
         if transport in ("udp",):
             raise UsageError("the UDP transport is not available yet (issue #4); use auto, http or https")
         scheme, port = url.scheme, url.port
@@ -174,7 +184,7 @@ async def _info(url: Url, ssl: Any) -> dict[str, Any]:
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
             async with http.get(f"{url.base()}{PREFIX}/info",
-                                ssl=ssl if url.scheme == "https" else None) as resp:
+                                ssl=ssl if url.scheme == "https" else True) as resp:
                 if resp.status != 200:
                     raise RemoteError(f"{url.base()} is not a fallback daemon (HTTP {resp.status})",
                                       status=resp.status)

@@ -304,7 +304,7 @@ async def want(request: web.Request) -> web.Response:
     if session.feed is None:
         raise ProtocolError("not a download session", status=409)
     body = await _json(request)
-    items = []
+    items: list[tuple[int, int]] = []
     for f, start, end in body.get("blocks", []):
         items.extend((int(f), b) for b in range(int(start), int(end)))
     session.feed.add(items)

@@ -10,6 +10,7 @@ only changes which path pulls from the feed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -202,9 +203,9 @@ async def open_receivers(
                     await table.close(holder, "taken over by a newer session for the same target")
             receivers[i] = await loop.run_in_executor(
                 session.executor,
-                lambda t=target, e=session.entries[i], r=(action == "resume"): FileReceiver(
-                    t, e, resume=r, fsync=session.fsync, suffix=session.partial_suffix
-                ),
+                functools.partial(FileReceiver, target, session.entries[i],
+                                  resume=action == "resume", fsync=session.fsync,
+                                  suffix=session.partial_suffix),
             )
             table.writers[target] = session
     except BaseException:

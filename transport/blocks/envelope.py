@@ -425,7 +425,7 @@ class EnvelopeTransform:
         nonce = self._nonce(index, plain)
         return nonce + self._aead.encrypt(nonce, plain, self._aad(index, expected))
 
-    def decode(self, index: int, stored: bytes | memoryview) -> bytes:
+    def decode(self, index: int, stored: bytes | bytearray | memoryview) -> bytes:
         """Plaintext of block ``index``; ``IntegrityError`` naming the block on any tampering."""
         if not 0 <= index < self._layout.count:
             raise ProtocolError(f"block {index} outside 0..{self._layout.count - 1}")

@@ -32,7 +32,7 @@ class BlockTransform(Protocol):
 
     def encode(self, index: int, plain: bytes | memoryview) -> bytes: ...
 
-    def decode(self, index: int, stored: bytes | memoryview) -> bytes: ...
+    def decode(self, index: int, stored: bytes | bytearray | memoryview) -> bytes: ...
 
 
 class Identity:
@@ -45,7 +45,7 @@ class Identity:
     def encode(self, index: int, plain: bytes | memoryview) -> bytes:
         return bytes(plain)
 
-    def decode(self, index: int, stored: bytes | memoryview) -> bytes:
+    def decode(self, index: int, stored: bytes | bytearray | memoryview) -> bytes:
         return bytes(stored)
 
 
