@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +48,13 @@ class Url:
         return f"{scheme or self.scheme}://{host}:{port or self.port}"
 
 
+_URLISH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def is_url(s: str) -> bool:
-    return s.startswith(("http://", "https://"))
+    """True for anything shaped like ``scheme://``: ``parse_url`` then names a wrong scheme
+    (``ftp://``, ``HTTP://``) instead of the path being taken for a local file."""
+    return _URLISH.match(s) is not None
 
 
 def parse_url(s: str) -> Url:
@@ -82,8 +88,10 @@ class Remote:
         self.base = url.base(scheme, port)
         connector = aiohttp.TCPConnector(limit=streams + 4, force_close=False)
         timeout = aiohttp.ClientTimeout(total=None, connect=15, sock_read=120)
+        # A 1 MiB read buffer (aiohttp's default is 64 KiB) lets a 4 MiB block
+        # arrive without dozens of pause/resume round trips on the socket.
         self.http = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                          auto_decompress=False)
+                                          auto_decompress=False, read_bufsize=1 << 20)
         self.sid: str | None = None
         self.token: str | None = None
 
