@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         e = sub.add_parser(name, help=helptext)
         e.add_argument("src")
         e.add_argument("dst", nargs="?")
+        if name == "encrypt":
+            e.add_argument("--block-size", default=None, help="plaintext block size (default 4M)")
     return p
 
 
@@ -203,7 +205,8 @@ def cmd_crypt(a: argparse.Namespace) -> int:
     src = Path(a.src)
     if a.cmd == "encrypt":
         dst = Path(a.dst) if a.dst else src.with_name(src.name + env.SUFFIX)
-        env.encrypt_file(src, dst, _passphrase(confirm=True))
+        bs = parse_size(a.block_size) if a.block_size else DEFAULT_BLOCK_SIZE
+        env.encrypt_file(src, dst, _passphrase(confirm=True), block_size=bs)
     else:
         dst = Path(a.dst) if a.dst else src.with_name(src.name.removesuffix(env.SUFFIX))
         if dst == src:
@@ -213,7 +216,7 @@ def cmd_crypt(a: argparse.Namespace) -> int:
         except TransportError as exc:
             if exc.status == 403:
                 raise TransferError(f"File decryption error, bad passphrase: {src}") from None
-            raise
+            raise TransferError(f"{src}: {exc.message}") from None
     print(dst)
     return 0
 

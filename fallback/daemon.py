@@ -96,13 +96,14 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
         print(f"http and https share port {config.http_port}", file=out)
     print(f"docroot {', '.join(f'{u.name}={u.docroot}' for u in config.users) or '(no users)'}",
           file=out)
-    print("ready", file=out, flush=True)
-
+    # Handlers go in before "ready": a supervisor may signal as soon as it reads that line,
+    # and the default action of SIGHUP/SIGTERM would kill the daemon without a checkpoint.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(state))
+    print("ready", file=out, flush=True)
     reaper = loop.create_task(_reap(state))
     await stop.wait()
     log.info("stopping: checkpointing %d sessions", len(state.table.sessions))

@@ -41,7 +41,7 @@ from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource
 from transport.blocks.transform import BlockTransform
 from transport.blocks.tree import target_for, walk_source
-from transport.errors import BadPassphrase, ConnectionLost, TransportError
+from transport.errors import BadPassphrase, ConnectionLost, IntegrityError, TransportError
 from transport.http.client import download_stream, upload_stream
 
 MAX_ROUNDS = 6
@@ -148,6 +148,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
     sources: dict[int, FileSource] = {}
     actions: dict[int, dict[str, Any]] = {}
     plain_roots: dict[int, str] = {}
+    reads: set[asyncio.Task[Any]] = set()
     try:
         for i in files:
             entry, state = entries[i], states[i]
@@ -191,9 +192,16 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
             progress.skip(sum(_plain_len(entries[i], b) for b in have))
             feed.add((i, b) for b in blocks)
         digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
+        for i, blocks in missing.items():
+            # The daemon may hold blocks it had not journaled yet when it reported its state
+            # (the last records of a session it took over): digest those from the source, or
+            # the whole-file digest at commit misses them and the partial is thrown away.
+            unseen = set(range(sources[i].layout.count)) - set(blocks) - digests[i].keys()
+            for b in sorted(unseen):
+                digests[i][b] = (await loop.run_in_executor(executor, sources[i].read_block, b))[1]
         feed.on_progress = lambda f, n: progress.carry(_plain_share(entries[f], n),
                                                        _shown(name, entries[f].path))
-        _record_digests(feed, digests)
+        _record_digests(feed, digests, reads)
         rounds = 0
         while True:
             await _run_streams(lambda: upload_stream(
@@ -224,10 +232,13 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
             if rounds >= MAX_ROUNDS:
                 raise ConnectionLost(f"{len(again)} blocks still missing after {rounds} rounds")
             feed.add(again)
-        result.sent_bytes = progress.carried
-        result.skipped_bytes = progress.skipped
         progress.finish()
     finally:
+        result.sent_bytes = progress.carried  # also when failing: what this run did move
+        result.skipped_bytes = progress.skipped
+        running = reads - {asyncio.current_task()}
+        if running:  # a dead stream may leave a read-ahead running: let it end before closing
+            await asyncio.wait(running)
         for s in sources.values():
             s.close()
 
@@ -261,11 +272,26 @@ def _with_header(entry: FileEntry, t: BlockTransform) -> FileEntry:
                      transform=t.name)
 
 
-def _record_digests(feed: BlockFeed, digests: dict[int, dict[int, bytes]]) -> None:
-    """Remember each block's digest as it is read, for the whole-file digest at commit."""
+def _record_digests(feed: BlockFeed, digests: dict[int, dict[int, bytes]],
+                    reads: set[asyncio.Task[Any]]) -> None:
+    """Remember each block's digest as it is read, for the whole-file digest at commit.
+
+    Reads run as tasks (a stream reads one block ahead); ``reads`` holds those
+    still running, and an error of one that nobody awaits any more (its stream
+    died) is taken here instead of surfacing as an asyncio traceback.
+    """
     original = feed.read
 
+    def settled(task: asyncio.Task[Any]) -> None:
+        reads.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the stream that wanted it has already failed
+
     async def read(item: tuple[int, int]) -> tuple[bytes, bytes]:
+        task = asyncio.current_task()
+        if task is not None and task not in reads:
+            reads.add(task)
+            task.add_done_callback(settled)
         data, d = await original(item)
         digests[item[0]][item[1]] = d
         return data, d
@@ -295,9 +321,12 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
         e = entries[i]
         target = target_for(root, e.path)
         result.content[_display(name, e, False)] = "envelope" if e.header else "plain"
+        if opts.decrypt and e.transform == "identity" and _shown(name, e.path).endswith(env.SUFFIX):
+            # The daemon sends a file it cannot parse as an envelope (damaged header, wrong
+            # length) as plain bytes; asked to decrypt it, say so instead of copying it silently.
+            raise IntegrityError("File decryption error, damaged envelope or not an envelope: "
+                                 f"{_shown(name, e.path)}")
         if e.transform == "envelope-v1" and opts.decrypt:
-            del result.content[_display(name, e, False)]
-            result.content[_display(name, e, True)] = "decrypted"
             assert opts.passphrase is not None
             try:
                 transforms[i] = await loop.run_in_executor(
@@ -305,6 +334,8 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
             except BadPassphrase:
                 raise BadPassphrase(
                     f"File decryption error, bad passphrase: {_shown(name, e.path)}") from None
+            del result.content[_display(name, e, False)]
+            result.content[_display(name, e, True)] = "decrypted"
             target = target.with_name(target.name.removesuffix(env.SUFFIX))
         targets[i] = target
     for e in entries:
@@ -340,16 +371,19 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
             if i in transforms:  # report the plaintext's digest, as `fallback checksum` gives it
                 digest = await loop.run_in_executor(executor, digest_path, targets[i],
                                                     entries[i].block_size)
+            elif entries[i].header:  # an envelope kept as it is: the digest of the file we wrote
+                digest = await loop.run_in_executor(executor, digest_path, targets[i],
+                                                    DEFAULT_BLOCK_SIZE)
             result.checksums[_display(name, entries[i], i in transforms)] = digest
         for i in reversed(range(len(entries))):
             if entries[i].is_dir:
                 path = target_for(root, entries[i].path)
                 os.chmod(path, entries[i].mode & 0o7777 | 0o700)
                 os.utime(path, ns=(entries[i].mtime_ns, entries[i].mtime_ns))
-        result.sent_bytes = progress.carried
-        result.skipped_bytes = progress.skipped
         progress.finish()
     finally:
+        result.sent_bytes = progress.carried  # also when failing: what this run did move
+        result.skipped_bytes = progress.skipped
         await sink.close()  # checkpoints what is left, keeping partials for a resume
 
 

@@ -34,6 +34,7 @@ from fallback import sessions as S
 from fallback.auth import CredentialCache, parse_basic
 from fallback.config import Config, UserConfig
 from fallback.paths import confine, relpath_in, resolve, split_urlpath
+from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.plan import OVERWRITE_MODES
 from transport.blocks.receiver import FileReceiver
@@ -75,7 +76,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except TransportError as exc:
         log.warning("%s %s %s: %s", request.remote, request.method, request.path, exc.message)
         return error_response(exc.status, exc.message)
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
+        # The client went away mid-request (a cut-off PUT, a killed client): say so once.
+        log.warning("%s %s %s: client disconnected", request.remote, request.method, request.path)
+        raise
+    except asyncio.CancelledError:
         raise
     except OSError as exc:
         log.warning("%s %s %s: %s", request.remote, request.method, request.path, exc)
@@ -191,6 +196,8 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
     dest = resolve(Path(user.docroot), str(body.get("path", "/")))
     into = bool(body.get("into_dir")) or dest.is_dir() and not (entries[0].is_dir and not name)
     root = dest / name if into and name else dest
+    if entries[0].transform != "identity" and not root.name.endswith(ENVELOPE_SUFFIX):
+        root = root.with_name(root.name + ENVELOPE_SUFFIX)  # an envelope is always named so
     confine(Path(user.docroot), root)
     if root == Path(user.docroot) and not entries[0].is_dir:
         raise PathError("cannot write a file over the docroot", status=400)
@@ -266,11 +273,29 @@ async def upload_blocks(request: web.Request) -> web.Response:
         raise ProtocolError("plan the upload before sending blocks", status=409)
     session.streams += 1
     try:
-        n = await receive_blocks(request.content, session.sink)
+        n = await _unless_stopping(request, receive_blocks(request.content, session.sink))
     finally:
         session.streams -= 1
         session.touch()
     return web.json_response({"received": n})
+
+
+async def _unless_stopping(request: web.Request, receiving: Awaitable[int]) -> int:
+    """Receive until the body ends or the daemon stops. On SIGTERM aiohttp stops reading
+    request bodies, so an upload stream would only stall until the shutdown timeout:
+    end it now instead; the blocks already written are checkpointed by the close."""
+    recv = asyncio.ensure_future(receiving)
+    stop = asyncio.ensure_future(_state(request).stopping.wait())
+    try:
+        await asyncio.wait({recv, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not recv.done():
+            recv.cancel()
+            await asyncio.gather(recv, return_exceptions=True)
+    if recv.cancelled():
+        raise ProtocolError("daemon is shutting down", status=503)
+    return recv.result()
 
 
 async def commit(request: web.Request) -> web.Response:

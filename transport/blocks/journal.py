@@ -47,15 +47,24 @@ class Journal:
         blocks are loaded; otherwise the journal restarts empty with ``meta``.
         Raises ``ConflictError`` when another writer holds the lock.
         """
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConflictError(
+                    f"{path.name.removesuffix('.fallback-journal').lstrip('.')}: "
+                    "another transfer is writing this file"
+                ) from None
+            # The previous holder may have removed the journal (a commit) between our open
+            # and our lock: a lock on that unlinked file guards nothing, so open the path anew.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise ConflictError(
-                f"{path.name.removesuffix('.fallback-journal').lstrip('.')}: "
-                "another transfer is writing this file"
-            ) from None
         try:
             old_meta, have = _load(fd) if keep else (None, {})
             if old_meta != meta:

@@ -91,10 +91,17 @@ class FileReceiver:
         self._pending: list[tuple[int, bytes]] = []
         self._journal = Journal.open(journal_path(target), _meta(entry, decode is not None), keep=resume)
         try:
-            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-            if not self._journal.have:
-                flags |= os.O_TRUNC  # a fresh start never inherits stale bytes
-            self._fd = os.open(self.partial, flags, 0o600)
+            fd = -1
+            if self._journal.have:
+                try:
+                    fd = os.open(self.partial, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    # Records without their partial (removed meanwhile) describe nothing:
+                    # trusting them would publish a file of zeros that passes the checks.
+                    self._journal.reset(self._journal.meta)
+            if fd < 0:  # a fresh start never inherits stale bytes
+                fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._fd = fd
         except BaseException:
             self._journal.close()
             raise
