@@ -379,7 +379,7 @@ async def plain_get(request: web.Request) -> web.StreamResponse:
     path = resolve(Path(user.docroot), request.match_info["path"])
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # /file.txt/x: a file where a folder would be
         raise PathError(f"{relpath_in(Path(user.docroot), path)}: no such file", status=404) from None
     if stat.S_ISDIR(st.st_mode):
         names = sorted(os.listdir(path))
@@ -404,7 +404,10 @@ async def plain_put(request: web.Request) -> web.Response:
     existed = target.exists()
     if existed and _state(request).config.overwrite == "deny":
         raise ConflictError(f"{relpath_in(docroot, target)}: exists and the server does not overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConflictError(f"{relpath_in(docroot, target)}: a file is in the way of its folder") from None
     await _receive_plain(request, target)
     return web.json_response({"path": relpath_in(docroot, target)}, status=204 if existed else 201)
 
@@ -452,6 +455,20 @@ async def info(request: web.Request) -> web.Response:
     })
 
 
+async def _expect_authenticated(request: web.Request) -> None:
+    """Answer ``Expect: 100-continue`` only for good credentials, so ``curl -T`` with a
+    wrong password is refused before it sends its body, not after."""
+    if request.version == (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        try:
+            await authenticate(request)
+        except TransportError as exc:
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"error": exc.message}), content_type="application/json",
+                headers={"WWW-Authenticate": 'Basic realm="fallback"'}) from None
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own handler: the body has not started
+
+
 def make_app(state: DaemonState) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_CONTROL_BODY)
     app[STATE] = state
@@ -465,5 +482,5 @@ def make_app(state: DaemonState) -> web.Application:
     app.router.add_get(f"{PREFIX}/session/{{sid}}/blocks", download_blocks, allow_head=False)
     app.router.add_delete(f"{PREFIX}/session/{{sid}}", close_session)
     app.router.add_get("/{path:.*}", plain_get)
-    app.router.add_put("/{path:.*}", plain_put)
+    app.router.add_put("/{path:.*}", plain_put, expect_handler=_expect_authenticated)
     return app

@@ -40,7 +40,7 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
     limit = os.path.realpath(within) if within is not None else None
     try:
         st = os.stat(root)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise PathError(f"{root.name or root}: no such file or folder", status=404) from None
     tree = SourceTree()
     if not _inside(os.path.realpath(root), limit):
