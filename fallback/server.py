@@ -303,6 +303,16 @@ async def commit(request: web.Request) -> web.Response:
     if session.sink is None:
         raise ProtocolError("nothing to commit", status=409)
     body = await _json(request)
+    session.streams += 1  # busy: a slow commit (fsync) must not look idle to a takeover
+    try:
+        return await _commit(request, session, body)
+    finally:
+        session.streams -= 1
+        session.touch()
+
+
+async def _commit(request: web.Request, session: S.Session, body: dict[str, Any]) -> web.Response:
+    assert session.sink is not None
     await session.sink.flush()
     results: dict[str, Any] = {}
     for item in body.get("files", []):

@@ -27,6 +27,8 @@ async def _frames(feed: BlockFeed, taken: list[tuple[int, int]]) -> AsyncIterato
     """Frames for an upload body, reading one block ahead of the socket."""
     item = feed.take()
     fut = asyncio.ensure_future(feed.read(item)) if item else None
+    nxt: tuple[int, int] | None = None
+    nfut: asyncio.Future[tuple[bytes, bytes]] | None = None
     try:
         while item is not None and fut is not None:
             taken.append(item)
@@ -36,10 +38,16 @@ async def _frames(feed: BlockFeed, taken: list[tuple[int, int]]) -> AsyncIterato
             yield FrameHeader(item[0], item[1], len(data), digest).pack()
             yield data
             feed.delivered(item, len(data))
-            item, fut = nxt, nfut
+            item, fut, nxt, nfut = nxt, nfut, None, None
     finally:
-        if fut is not None and not fut.done():
-            fut.cancel()
+        # The body was cut short: the read-ahead's block never left, so another
+        # stream (or the next round) must carry it; the current one is in
+        # ``taken`` and the commit round re-asks for it if it did not arrive.
+        for f in (fut, nfut):
+            if f is not None and not f.done():
+                f.cancel()
+        if nxt is not None:
+            feed.put_back([nxt])
         if item is not None and item not in taken:
             feed.put_back([item])
 
@@ -99,5 +107,14 @@ def _error_text(body: bytes, status: int) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    """One short line for users; aiohttp's own texts nest reprs of inner errors."""
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the connection closed in the middle of a stream"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the daemon closed the connection"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).split("\n")[0]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
