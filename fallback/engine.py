@@ -308,8 +308,8 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
     entries = [FileEntry.from_json(e) for e in opened["entries"]]
     name = str(opened.get("name") or "download")
     for why in opened.get("skipped", []):  # e.g. symlinks leading out of the docroot
-        path, _, reason = str(why).partition(": ")
-        result.skipped_files[_shown(name, path)] = reason or "skipped by the daemon"
+        rel, _, reason = str(why).partition(": ")
+        result.skipped_files[_shown(name, rel)] = reason or "skipped by the daemon"
     files = [i for i, e in enumerate(entries) if not e.is_dir]
     streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
     root = dst / name if (into or dst.is_dir()) else dst

@@ -45,8 +45,9 @@ def proc_cpu_seconds(pid: int) -> float:
 class Forwarder:
     """Parent side: worker processes, their control pipes and the current configuration."""
 
-    def __init__(self, configs: dict[str, LinkConfig], seed: int) -> None:
+    def __init__(self, configs: dict[str, LinkConfig], seed: int, sched: str = "fifo") -> None:
         self.configs = configs
+        self.sched = sched
         self.seed = seed
         self.pipes: dict[str, socket.socket] = {}
         self.pids: dict[str, int] = {}
@@ -66,7 +67,8 @@ class Forwarder:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides
                     shaper = Shaper(self.configs[d].to_params(), seed=self.seed * 2 + i)
-                    run_worker(fds[d][0], fds[d][1], child_end, shaper, max_seconds)
+                    run_worker(fds[d][0], fds[d][1], child_end, shaper, max_seconds,
+                               self.sched)
                 except BaseException:  # noqa: BLE001 - a worker must never return into the parent
                     code = 1
                 finally:
@@ -109,6 +111,8 @@ class Forwarder:
             for d in DIRECTIONS:
                 r = self.ask(d, {"cmd": "counters"})
                 out[d] = r["counters"] | {"pending": r["pending"]}
+                out.setdefault("total", {})[d] = r["total"]
+                out["sched"] = r.get("sched")
             out["cpu_s"] = self.cpu_seconds()
             out["t"] = time.monotonic()
             out["config"] = {d: c.to_dict() for d, c in self.configs.items()}
@@ -210,18 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help='JSON {"ab": {...}, "ba": {...}}')
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=6 * 3600)
+    ap.add_argument("--sched", default="fifo", choices=["fifo", "nice", "normal"])
     args = ap.parse_args(argv)
 
     parent = os.getppid()
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         return 1
-    stopping = False
-
     def on_term(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        raise SystemExit(0)
+        raise SystemExit(0)  # unwinds through serve()'s finally: workers stopped, fds closed
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which stops us
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     fd_b = open_tun(args.dev_b)
     move_to_netns(args.dev_a, args.ns_a, "tunA")
     move_to_netns(args.dev_b, args.ns_b, "tunB")
-    fwd = Forwarder(configs, args.seed)
+    fwd = Forwarder(configs, args.seed, args.sched)
     fwd.spawn({"ab": (fd_a, fd_b), "ba": (fd_b, fd_a)}, args.max_seconds)
     (args.run_dir / "forwarder.pid").write_text(f"{os.getpid()}\n")
     sock_path = args.run_dir / "ctl.sock"

@@ -53,6 +53,18 @@ class NetemLink(BaseLink):
     backend = "netem"
     devs = {"ab": "vethA", "ba": "vethB"}
 
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._base: dict[str, dict[str, int]] = {}
+
+    def _stats(self, d: str) -> dict[str, Any]:
+        """``tc -s`` statistics of direction *d*'s netem qdisc."""
+        raw = netns.run(["tc", "-n", self._ns(d), "-s", "-j", "qdisc", "show", "dev",
+                         self.devs[d]])
+        found: dict[str, Any] = next(
+            (x for x in json.loads(raw) if x.get("kind") == "netem"), {})
+        return found
+
     def _ns(self, d: str) -> str:
         return self.ns_a if d == "ab" else self.ns_b
 
@@ -96,9 +108,8 @@ class NetemLink(BaseLink):
     def counters(self) -> dict[str, Any]:
         """netem's own statistics (sent, dropped, backlog); lateness is not observable here."""
         out: dict[str, Any] = {"config": {d: c.to_dict() for d, c in self.configs.items()}}
-        for d, dev in self.devs.items():
-            raw = netns.run(["tc", "-n", self._ns(d), "-s", "-j", "qdisc", "show", "dev", dev])
-            q = next((x for x in json.loads(raw) if x.get("kind") == "netem"), {})
+        for d in self.devs:
+            q = self._stats(d)
             base = self._base.get(d, {})
             out[d] = {
                 "fwd_packets": q.get("packets", 0) - base.get("packets", 0),
@@ -110,10 +121,6 @@ class NetemLink(BaseLink):
 
     def reset_counters(self) -> None:
         """Remember the current qdisc counters and report deltas from now on."""
-        self._base = {}
-        for d, dev in self.devs.items():
-            raw = netns.run(["tc", "-n", self._ns(d), "-s", "-j", "qdisc", "show", "dev", dev])
-            q = next((x for x in json.loads(raw) if x.get("kind") == "netem"), {})
+        for d in self.devs:
+            q = self._stats(d)
             self._base[d] = {k: q.get(k, 0) for k in ("packets", "bytes", "drops")}
-
-    _base: dict[str, dict[str, int]] = {}

@@ -24,6 +24,7 @@ import atexit
 import json
 import os
 import secrets
+import selectors
 import shutil
 import signal
 import subprocess
@@ -33,7 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 from bench.netem import netns
 from bench.netem.config import LinkConfig
@@ -94,9 +95,13 @@ class BaseLink:
         queue_ms: float | None = None,
         reorder: bool = False,
         seed: int = 1,
+        tcp_buffers: str = "typical",
     ) -> None:
         cfg = LinkConfig(rate_mbit, rtt_ms, loss_pct, jitter_ms, queue_ms, reorder)
         cfg.to_params()  # validate early, before anything is created
+        if tcp_buffers not in netns.TCP_PROFILES:
+            raise ValueError(f"tcp_buffers must be one of {sorted(netns.TCP_PROFILES)}")
+        self.tcp_buffers = tcp_buffers
         self.configs: dict[str, LinkConfig] = {"ab": cfg, "ba": cfg}
         self.seed = seed
         self.suffix = f"{os.getpid() & 0xFFFF:04x}{secrets.token_hex(2)}"
@@ -109,7 +114,7 @@ class BaseLink:
         self._open = False
 
     # -- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> BaseLink:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -132,8 +137,8 @@ class BaseLink:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=False)
             (self.run_dir / "owner.pid").write_text(f"{os.getpid()}\n")
-            netns.create_ns(self.ns_a)
-            netns.create_ns(self.ns_b)
+            netns.create_ns(self.ns_a, self.tcp_buffers)
+            netns.create_ns(self.ns_b, self.tcp_buffers)
             self._start_datapath()
         except BaseException:
             self.close()
@@ -231,9 +236,12 @@ class EmulatedLink(BaseLink):
 
     backend = "tun"
 
-    def __init__(self, *args: Any, max_seconds: float = 6 * 3600, **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, max_seconds: float = 6 * 3600, sched: str = "fifo", **kw: Any
+    ) -> None:
         super().__init__(*args, **kw)
         self.max_seconds = max_seconds
+        self.sched = sched
         self.forwarder: subprocess.Popen[str] | None = None
         self.ctl_path = self.run_dir / "ctl.sock"
 
@@ -244,6 +252,7 @@ class EmulatedLink(BaseLink):
             "--run-dir", str(self.run_dir), "--ns-a", self.ns_a, "--ns-b", self.ns_b,
             "--dev-a", f"fbta{self.suffix}", "--dev-b", f"fbtb{self.suffix}",
             "--config", cfg, "--seed", str(self.seed), "--max-seconds", str(self.max_seconds),
+            "--sched", self.sched,
         ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -267,8 +276,6 @@ class EmulatedLink(BaseLink):
     def _read_ready(self) -> dict[str, Any]:
         """Wait (bounded) for the forwarder's JSON ready line."""
         assert self.forwarder is not None and self.forwarder.stdout is not None
-        import selectors
-
         sel = selectors.DefaultSelector()
         sel.register(self.forwarder.stdout, selectors.EVENT_READ)
         end = time.monotonic() + READY_TIMEOUT_S
