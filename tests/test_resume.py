@@ -301,7 +301,8 @@ class Partial:
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Partial]:
     for d in module_daemon(tmp_path_factory, NO_FSYNC_XML):
         pristine = make_file(tmp_path_factory.mktemp("pristine") / "big.bin", SIZE, seed=7)
-        target, have = interrupted_upload(d, pristine)
+        # Well past 16 blocks, so the sparse sample (16 blocks) is a strict subset.
+        target, have = interrupted_upload(d, pristine, at=10 << 20)
         yield Partial(d, pristine, target, have, snapshot(target, tmp_path_factory.mktemp("snap")))
 
 
