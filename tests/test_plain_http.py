@@ -236,3 +236,17 @@ def test_users_see_only_their_own_docroot(srv: Daemon, tmp_path: Path) -> None:
     assert p.stdout == b'{"path": "/f.bin"}\n201'
     assert sha256(srv.docroots["bob"] / "f.bin") == sha256(f)
     assert sha256(srv.docroots["alice"] / "f.bin") != sha256(f)
+
+
+def test_wrong_password_put_is_refused_before_the_body(srv: Daemon, tmp_path: Path) -> None:
+    """``Expect: 100-continue`` is answered only after the credentials check out."""
+    f = make_file(tmp_path / "big.bin", 8 << 20, seed=3)
+    p = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}",
+         "-H", "Expect: 100-continue", "--expect100-timeout", "10",
+         "-u", "alice:wrong", "-T", str(f), srv.url("/up/refused.bin", scheme="http")],
+        capture_output=True, text=True, timeout=60, check=True)
+    code, uploaded = p.stdout.split()
+    assert code == "401"
+    assert int(uploaded) < 1 << 20  # the 8 MiB body was not sent
+    assert not (srv.docroots["alice"] / "up" / "refused.bin").exists()
