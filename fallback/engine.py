@@ -287,7 +287,7 @@ def _record_digests(feed: BlockFeed, digests: dict[int, dict[int, bytes]],
         if not task.cancelled():
             task.exception()  # retrieved: the stream that wanted it has already failed
 
-    async def read(item: tuple[int, int]) -> tuple[bytes, bytes]:
+    async def read(item: tuple[int, int]) -> tuple[bytes | bytearray, bytes]:
         task = asyncio.current_task()
         if task is not None and task not in reads:
             reads.add(task)
@@ -369,11 +369,11 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                 headers=remote.stream_headers, ssl=remote.ssl), streams, None)
         await sink.flush()
         for i, rec in list(receivers.items()):
+            plain = await loop.run_in_executor(executor, rec.plain_root) if i in transforms else None
             digest = await loop.run_in_executor(executor, rec.commit, None)
             del receivers[i]
-            if i in transforms:  # report the plaintext's digest, as `fallback checksum` gives it
-                digest = await loop.run_in_executor(executor, digest_path, targets[i],
-                                                    entries[i].block_size)
+            if plain is not None:  # the plaintext's digest, as `fallback checksum` gives it
+                digest = plain
             elif entries[i].header:  # an envelope kept as it is: the digest of the file we wrote
                 digest = await loop.run_in_executor(executor, digest_path, targets[i],
                                                     DEFAULT_BLOCK_SIZE)

@@ -35,9 +35,9 @@ from typing import BinaryIO, Final
 
 import blake3
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from transport.blocks.aead import AesGcm
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE, BlockLayout
 from transport.errors import BadPassphrase, IntegrityError, ProtocolError, SourceChanged
 
@@ -332,7 +332,7 @@ class EnvelopeTransform:
     last-block flag), so blocks cannot be reordered, dropped, truncated or
     spliced in from another envelope without ``decode`` failing.
 
-    Instances hold no mutable state and ``AESGCM`` is stateless per call, so one
+    Instances hold no mutable state and ``AesGcm`` is stateless per call, so one
     transform may be shared by threads encoding different blocks.
     """
 
@@ -350,7 +350,7 @@ class EnvelopeTransform:
         self._header = header.encode()
         self._header_digest = blake3.blake3(self._header).digest()
         self._layout = header.layout
-        self._aead = AESGCM(key.enc_key)
+        self._aead = AesGcm(key.enc_key)
 
     def __repr__(self) -> str:
         h = self._envelope
@@ -408,14 +408,14 @@ class EnvelopeTransform:
         last = 1 if index == self._layout.count - 1 else 0
         return _AAD.pack(self._header_digest, index, plain_len, last)
 
-    def _nonce(self, index: int, plain: bytes | memoryview) -> bytes:
+    def _nonce(self, index: int, plain: bytes | bytearray | memoryview) -> bytes:
         threads = blake3.blake3.AUTO if len(plain) >= _PARALLEL_HASH_MIN else 1
         digest = blake3.blake3(plain, max_threads=threads).digest()
         return blake3.blake3(_INDEX.pack(index) + digest, key=self._key.nonce_key).digest(
             length=NONCE_SIZE
         )
 
-    def encode(self, index: int, plain: bytes | memoryview) -> bytes:
+    def encode(self, index: int, plain: bytes | bytearray | memoryview) -> bytearray:
         """``nonce || AES-GCM(plain, aad)`` for block ``index``; deterministic."""
         if not 0 <= index < self._layout.count:
             raise ValueError(f"block {index} outside 0..{self._layout.count - 1}")
@@ -423,9 +423,12 @@ class EnvelopeTransform:
         if len(plain) != expected:
             raise ValueError(f"block {index}: {len(plain)} bytes, layout says {expected}")
         nonce = self._nonce(index, plain)
-        return nonce + self._aead.encrypt(nonce, plain, self._aad(index, expected))
+        out = bytearray(NONCE_SIZE + expected + TAG_SIZE)
+        out[:NONCE_SIZE] = nonce
+        self._aead.encrypt_into(out, NONCE_SIZE, nonce, plain, self._aad(index, expected))
+        return out
 
-    def decode(self, index: int, stored: bytes | bytearray | memoryview) -> bytes:
+    def decode(self, index: int, stored: bytes | bytearray | memoryview) -> bytearray:
         """Plaintext of block ``index``; ``IntegrityError`` naming the block on any tampering."""
         if not 0 <= index < self._layout.count:
             raise ProtocolError(f"block {index} outside 0..{self._layout.count - 1}")

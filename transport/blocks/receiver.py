@@ -109,6 +109,9 @@ class FileReceiver:
         if decode is None and entry.header and not self._journal.have:
             os.pwrite(self._fd, entry.header, 0)
         self.bytes_written = 0
+        self.plain_digests: dict[int, bytes] = {}
+        """Digests of decoded (plaintext) blocks written this run: the output
+        file's own checksum without a second pass over it."""
 
     # -- state ----------------------------------------------------------------
     @property
@@ -153,6 +156,7 @@ class FileReceiver:
             except IntegrityError as exc:
                 raise IntegrityError(f"{self.entry.path or self.target.name}: {exc.message}") from None
             offset, _ = self.out_layout.plain_range(index)
+            self.plain_digests[index] = block_digest(out)
         else:
             out = data
             offset, _ = self.layout.stored_range(index)
@@ -189,6 +193,17 @@ class FileReceiver:
     def root(self) -> str:
         have = self.have()
         return file_digest(self.entry.block_size, self.entry.size, (have[i] for i in range(self.layout.count)))
+
+    def plain_root(self) -> str:
+        """Whole-file digest of the decoded output; reads only blocks resumed from a
+        previous run (their plaintext digests are not journaled). Call before ``commit``."""
+        layout = self.out_layout
+        for i in range(layout.count):
+            if i not in self.plain_digests:
+                offset, length = layout.plain_range(i)
+                self.plain_digests[i] = block_digest(os.pread(self._fd, length, offset))
+        return file_digest(self.entry.block_size, self.entry.size,
+                           (self.plain_digests[i] for i in range(layout.count)))
 
     def commit(self, expected_root: str | None, *, replace: bool = True) -> str:
         """Verify the whole file and publish it atomically; returns the wire root."""

@@ -60,7 +60,7 @@ class BlockFeed:
     def pending(self) -> int:
         return len(self._queue)
 
-    async def read(self, item: tuple[int, int]) -> tuple[bytes, bytes]:
+    async def read(self, item: tuple[int, int]) -> tuple[bytes | bytearray, bytes]:
         """Read (wire bytes, digest) of a block off the event loop."""
         f, b = item
         loop = asyncio.get_running_loop()

@@ -51,13 +51,13 @@ class FileSource:
         """Digests of plaintext blocks read through an encoding transform: the
         file's own checksum, which the stored envelope's digests cannot give."""
 
-    def read_block(self, index: int) -> tuple[bytes, bytes]:
+    def read_block(self, index: int) -> tuple[bytes | bytearray, bytes]:
         """(wire bytes, wire digest) of block ``index``."""
         if self._encode is not None:
             offset, length = self.layout.plain_range(index)
         else:
             offset, length = self.layout.stored_range(index)
-        data = os.pread(self._fd, length, offset)
+        data: bytes | bytearray = os.pread(self._fd, length, offset)
         while len(data) < length:  # short reads are legal; EOF here means the file shrank
             more = os.pread(self._fd, length - len(data), offset + len(data))
             if not more:

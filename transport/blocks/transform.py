@@ -30,9 +30,9 @@ class BlockTransform(Protocol):
     @property
     def overhead(self) -> int: ...
 
-    def encode(self, index: int, plain: bytes | memoryview) -> bytes: ...
+    def encode(self, index: int, plain: bytes | bytearray | memoryview) -> bytes | bytearray: ...
 
-    def decode(self, index: int, stored: bytes | bytearray | memoryview) -> bytes: ...
+    def decode(self, index: int, stored: bytes | bytearray | memoryview) -> bytes | bytearray: ...
 
 
 class Identity:
@@ -42,7 +42,7 @@ class Identity:
     header = b""
     overhead = 0
 
-    def encode(self, index: int, plain: bytes | memoryview) -> bytes:
+    def encode(self, index: int, plain: bytes | bytearray | memoryview) -> bytes:
         return bytes(plain)
 
     def decode(self, index: int, stored: bytes | bytearray | memoryview) -> bytes:

@@ -23,12 +23,12 @@ from transport.http.server import receive_blocks
 SSLArg = ssl_mod.SSLContext | aiohttp.Fingerprint | bool
 
 
-async def _frames(feed: BlockFeed, taken: list[tuple[int, int]]) -> AsyncIterator[bytes]:
+async def _frames(feed: BlockFeed, taken: list[tuple[int, int]]) -> AsyncIterator[bytes | bytearray]:
     """Frames for an upload body, reading one block ahead of the socket."""
     item = feed.take()
     fut = asyncio.ensure_future(feed.read(item)) if item else None
     nxt: tuple[int, int] | None = None
-    nfut: asyncio.Future[tuple[bytes, bytes]] | None = None
+    nfut: asyncio.Future[tuple[bytes | bytearray, bytes]] | None = None
     try:
         while item is not None and fut is not None:
             taken.append(item)

@@ -19,7 +19,7 @@ from transport.blocks.session import BlockFeed, BlockSink
 from transport.errors import ProtocolError
 from transport.http.framing import HEADER_SIZE, FrameHeader, parse_header
 
-Writer = Callable[[bytes], Awaitable[None]]
+Writer = Callable[[bytes | bytearray], Awaitable[None]]
 
 
 async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: int = 3) -> int:
@@ -64,7 +64,7 @@ async def send_blocks(write: Writer, feed: BlockFeed, *, stop: asyncio.Event | N
     item = feed.take()
     fut = asyncio.ensure_future(feed.read(item)) if item else None
     nxt: tuple[int, int] | None = None
-    nfut: asyncio.Future[tuple[bytes, bytes]] | None = None
+    nfut: asyncio.Future[tuple[bytes | bytearray, bytes]] | None = None
     try:
         while item is not None and fut is not None:
             data, digest = await fut
