@@ -52,7 +52,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @dataclass(slots=True)
 class DaemonState:
     config: Config
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, "fb-io"))
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, "fb-io"))
     table: S.SessionTable = field(default_factory=S.SessionTable)
     creds: CredentialCache = field(default_factory=CredentialCache)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)

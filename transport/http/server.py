@@ -22,7 +22,7 @@ from transport.http.framing import HEADER_SIZE, FrameHeader, parse_header
 Writer = Callable[[bytes | bytearray], Awaitable[None]]
 
 
-async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: int = 3) -> int:
+async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: int = 2) -> int:
     """Read frames until the body ends, writing each verified block; returns the block count."""
     max_len = sink.max_block()
     pending: deque[asyncio.Task[int]] = deque()
