@@ -126,7 +126,11 @@ async def _json(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_CONTROL_BODY:
         raise ProtocolError("control request too large", status=413)
     try:
-        body = json.loads(await request.content.read(MAX_CONTROL_BODY + 1) or b"{}")
+        # request.read() reads to the end of the body (and enforces client_max_size);
+        # content.read(n) would return only what happened to be buffered already.
+        body = json.loads(await request.read() or b"{}")
+    except web.HTTPRequestEntityTooLarge:
+        raise ProtocolError("control request too large", status=413) from None
     except ValueError:
         raise ProtocolError("control request is not valid JSON") from None
     if not isinstance(body, dict):

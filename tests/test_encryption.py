@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file, sha256
+from tests.interrupt import journaled, wait_journal_stable, wait_until
 from transport.blocks import envelope as env
 from transport.blocks.digest import digest_path
-from transport.blocks.journal import Journal
-from transport.blocks.receiver import journal_path, partial_path
+from transport.blocks.receiver import partial_path
 
 BS = 256 << 10
 BSARG = ("--block-size", "256K")
@@ -111,32 +110,10 @@ def stored_blocks(data: bytes, plain: int) -> list[bytes]:
     return out
 
 
-def wait_until(pred: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.002)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def journaled(target: Path) -> dict[int, bytes]:
-    return Journal.peek(journal_path(target))[1]
 
 
-def wait_journal_stable(target: Path, quiet: float = 0.8) -> dict[int, bytes]:
-    """The receiver's journal once it stopped growing for ``quiet`` s (> its 0.5 s flush)."""
-    have = journaled(target)
-    since = time.monotonic()
-    deadline = since + 30
-    while time.monotonic() - since < quiet:
-        assert time.monotonic() < deadline, "journal never settled"
-        time.sleep(0.05)
-        now = journaled(target)
-        if now != have:
-            have, since = now, time.monotonic()
-    return have
 
 
 def start(d: Daemon, src: str, dst: str, scheme: str, *opts: str) -> subprocess.Popen[str]:

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file, sha256
+from tests.interrupt import journaled, wait_journal_stable, wait_until
 from transport.blocks.digest import digest_path
-from transport.blocks.journal import Journal
 from transport.blocks.plan import resume_samples
 from transport.blocks.receiver import FileReceiver, journal_path, partial_path
 from transport.blocks.source import FileSource, entry_for
@@ -51,14 +50,6 @@ FIRST = ("--block-size", "256K", "--streams", "1")
 
 
 # -- helpers (also used by test_concurrency) ---------------------------------------------------------
-def wait_until(pred: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.002)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def start_transfer(daemon: Daemon, src: str, dst: str, *opts: str) -> subprocess.Popen[str]:
@@ -75,9 +66,6 @@ def partial_size(target: Path) -> int:
         return 0
 
 
-def journaled(target: Path) -> dict[int, bytes]:
-    """Blocks the journal beside ``target`` records (read without its lock)."""
-    return Journal.peek(journal_path(target))[1]
 
 
 def wait_progress(proc: subprocess.Popen[str], target: Path, nbytes: int) -> None:
@@ -93,18 +81,6 @@ def wait_progress(proc: subprocess.Popen[str], target: Path, nbytes: int) -> Non
     wait_until(moved, f"{nbytes} bytes in {partial_path(target)}")
 
 
-def wait_journal_stable(target: Path, quiet: float = 0.8) -> dict[int, bytes]:
-    """The journal once it stopped growing for ``quiet`` seconds (> the 0.5 s flush interval)."""
-    have = journaled(target)
-    since = time.monotonic()
-    deadline = since + 30
-    while time.monotonic() - since < quiet:
-        assert time.monotonic() < deadline, "journal never settled"
-        time.sleep(0.05)
-        now = journaled(target)
-        if now != have:
-            have, since = now, time.monotonic()
-    return have
 
 
 def kill(proc: subprocess.Popen[str]) -> None:

@@ -256,6 +256,8 @@ class EmulatedLink(BaseLink):
         ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        # glibc: never give freed packet buffers back to the kernel (see worker._mlockall)
+        env["MALLOC_TRIM_THRESHOLD_"] = env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 30)
         log = open(self.run_dir / "forwarder.log", "w")  # noqa: SIM115 - lives with the process
         self.forwarder = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=str(REPO_ROOT)

@@ -63,6 +63,22 @@ def boost(sched: str) -> str:
     return "normal"
 
 
+MCL_CURRENT, MCL_FUTURE = 1, 2
+
+
+def _mlockall() -> None:
+    """Keep the worker's memory resident, as real-time processes do (best effort).
+
+    Together with glibc's trim/mmap thresholds raised by the link (environment), freed packet
+    buffers stay in the process instead of going back to the kernel, where a VM may hand them
+    to the host and fault them back in later, stalling the loop.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).mlockall(MCL_CURRENT | MCL_FUTURE)
+    except OSError:
+        pass
+
+
 def _handle(shaper: Shaper, msg: dict[str, Any]) -> dict[str, Any]:
     """Apply one control message from the forwarder and build the reply."""
     cmd = msg.get("cmd")
@@ -88,6 +104,7 @@ def run_worker(
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     policy = boost(sched)
     _prctl(PR_SET_TIMERSLACK, 1)  # 1 ns slack: sleeps end when asked, not up to 50 us later
+    _mlockall()
     # The hot loop creates no reference cycles; a gen-2 collection over a delay line holding
     # tens of thousands of (due, packet) tuples would stall forwarding for milliseconds.
     gc.collect()
