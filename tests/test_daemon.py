@@ -313,3 +313,26 @@ def test_serve_without_config_uses_embedded_defaults(embedded, tmp_path: Path) -
     p.send_signal(signal.SIGTERM)
     assert p.wait(10) == 0
     assert_log_clean((cwd / "daemon.log").read_text())
+
+
+def test_control_body_arriving_in_pieces_is_read_whole(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """A JSON body split across TCP segments (as on a real WAN) is read to its end."""
+    import base64
+    import socket as _s
+
+    d = daemon_factory()
+    body = json.dumps({"direction": "download", "path": "/"}).encode()
+    auth = base64.b64encode(f"alice:{PASSWORDS['alice']}".encode()).decode()
+    head = (f"POST /.fallback/v1/session HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with _s.create_connection(("127.0.0.1", d.http_port), timeout=10) as c:
+        c.sendall(head + body[:10])
+        time.sleep(0.3)
+        c.sendall(body[10:])
+        reply = b""
+        while chunk := c.recv(65536):
+            reply += chunk
+    status = reply.split(b"\r\n", 1)[0]
+    assert b" 200 " in status, reply[:300]
+    assert b'"entries"' in reply
