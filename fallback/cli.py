@@ -221,7 +221,24 @@ def cmd_crypt(a: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one: a receiver holds two descriptors
+    (partial file and journal) per file of a folder being moved, and the usual soft
+    limit of 1024 would fail a folder of 500 files. (Windowing files is the full fix.)"""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _raise_fd_limit()
     parser = _parser()
     a = parser.parse_args(argv)
     try:
