@@ -35,6 +35,7 @@ from transport.blocks.plan import (
     resumable,
     resume_ok,
     resume_samples,
+    to_ranges,
 )
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
@@ -357,7 +358,7 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                                                        _shown(name, entries[f].path))
         rounds = 0
         while True:
-            want = [[i, a, b] for i, r in receivers.items() for a, b in _ranges(r.missing())]
+            want = [[i, a, b] for i, r in receivers.items() for a, b in to_ranges(r.missing())]
             if not want:
                 break
             if rounds >= MAX_ROUNDS:
@@ -461,14 +462,6 @@ async def _run_streams(make: Any, n: int, feed: BlockFeed | None) -> None:
         await _run_streams(make, max(1, n - len(errors)), feed)
 
 
-def _ranges(indices: list[int]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for i in indices:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return [(a, b) for a, b in out]
 
 
 def _expand(ranges: list[list[int]]) -> list[int]:

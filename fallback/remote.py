@@ -22,7 +22,7 @@ import aiohttp
 from fallback.errors import UsageError
 from fallback.tls import client_ssl
 from transport.errors import ConnectionLost, RemoteError, TransportError
-from transport.http.client import SSLArg
+from transport.http.client import SSLArg, describe, error_text
 
 PREFIX = "/.fallback/v1"
 DEFAULT_PORTS = {"http": 8080, "https": 8443}
@@ -161,7 +161,7 @@ class Remote:
                                          ssl=self.ssl) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
-                    raise RemoteError(_error_text(raw, resp.status), status=resp.status)
+                    raise RemoteError(error_text(raw, resp.status), status=resp.status)
                 return json.loads(raw)
         except TransportError:
             raise
@@ -171,7 +171,7 @@ class Remote:
         except aiohttp.ServerFingerprintMismatch:
             raise ConnectionLost("TLS certificate does not match --fingerprint", status=495) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise ConnectionLost(f"cannot reach {self.base}: {_describe(exc)}") from None
+            raise ConnectionLost(f"cannot reach {self.base}: {describe(exc)}") from None
 
     async def open(self, body: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = await self.call("POST", f"{self.base}{PREFIX}/session", body)
@@ -206,7 +206,7 @@ async def _info(url: Url, ssl: Any) -> dict[str, Any]:
         raise ConnectionLost(f"TLS certificate not trusted: {exc.certificate_error}",
                              status=495) from None
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-        raise ConnectionLost(f"cannot reach {url.base()}: {_describe(exc)}") from None
+        raise ConnectionLost(f"cannot reach {url.base()}: {describe(exc)}") from None
 
 
 async def _reachable(host: str, port: int) -> bool:
@@ -228,16 +228,4 @@ def quote_path(path: str) -> str:
     return quote(path, safe="/")
 
 
-def _error_text(body: bytes, status: int) -> str:
-    try:
-        msg = json.loads(body).get("error")
-        if isinstance(msg, str) and msg:
-            return msg
-    except (ValueError, AttributeError):
-        pass
-    return f"server answered HTTP {status}"
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

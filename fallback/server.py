@@ -36,7 +36,7 @@ from fallback.config import Config, UserConfig
 from fallback.paths import confine, relpath_in, resolve, split_urlpath
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import FileEntry, check_relpath
-from transport.blocks.plan import OVERWRITE_MODES
+from transport.blocks.plan import OVERWRITE_MODES, to_ranges
 from transport.blocks.receiver import FileReceiver
 from transport.blocks.tree import describe_envelopes, walk_source
 from transport.errors import ConflictError, PathError, ProtocolError, TransportError
@@ -259,7 +259,7 @@ async def plan(request: web.Request) -> web.Response:
             session.entries[i] = _final_entry(session.entries[i], FileEntry.from_json(item["entry"]))
         actions[i] = action
     missing = await S.open_receivers(_state(request).table, session, actions)
-    return web.json_response({"missing": {str(i): _ranges(m) for i, m in missing.items()}})
+    return web.json_response({"missing": {str(i): to_ranges(m) for i, m in missing.items()}})
 
 
 def _final_entry(opened: FileEntry, final: FileEntry) -> FileEntry:
@@ -375,14 +375,6 @@ async def close_session(request: web.Request) -> web.Response:
     return web.json_response({"closed": True})
 
 
-def _ranges(indices: list[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i in indices:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
 
 
 # -- plain HTTP: GET/HEAD with Range, PUT ----------------------------------------------------------

@@ -90,6 +90,17 @@ def resume_samples(have: Iterable[int], mode: str) -> list[int]:
     return sorted({held[round(k * step)] for k in range(SPARSE_SAMPLES)})
 
 
+def to_ranges(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted block numbers as half-open ``(start, end)`` runs: compact on the wire."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return [(a, b) for a, b in out]
+
+
 def resumable(entry: FileEntry, target: TargetState) -> bool:
     """The partial was started from this very source (``attrs``: size, mtime, layout, header)."""
     return target.journal is not None and target.journal == entry.identity()

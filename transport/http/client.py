@@ -67,13 +67,13 @@ async def upload_stream(
         async with http.put(url, data=_frames(feed, taken), headers=hdrs, ssl=ssl) as resp:
             body = await resp.read()
             if resp.status != 200:
-                raise RemoteError(_error_text(body, resp.status), status=resp.status)
+                raise RemoteError(error_text(body, resp.status), status=resp.status)
             result: dict[str, Any] = json.loads(body)
             return result
     except TransportError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise ConnectionLost(f"upload stream lost: {_describe(exc)}") from exc
+        raise ConnectionLost(f"upload stream lost: {describe(exc)}") from exc
 
 
 async def download_stream(
@@ -88,15 +88,15 @@ async def download_stream(
     try:
         async with http.get(url, headers=headers, ssl=ssl) as resp:
             if resp.status != 200:
-                raise RemoteError(_error_text(await resp.read(), resp.status), status=resp.status)
+                raise RemoteError(error_text(await resp.read(), resp.status), status=resp.status)
             return await receive_blocks(resp.content, sink)
     except TransportError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise ConnectionLost(f"download stream lost: {_describe(exc)}") from exc
+        raise ConnectionLost(f"download stream lost: {describe(exc)}") from exc
 
 
-def _error_text(body: bytes, status: int) -> str:
+def error_text(body: bytes, status: int) -> str:
     try:
         msg = json.loads(body).get("error")
         if isinstance(msg, str) and msg:
@@ -106,7 +106,7 @@ def _error_text(body: bytes, status: int) -> str:
     return f"server answered HTTP {status}"
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """One short line for users; aiohttp's own texts nest reprs of inner errors."""
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the connection closed in the middle of a stream"
