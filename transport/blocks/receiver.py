@@ -101,13 +101,18 @@ class FileReceiver:
                     self._journal.reset(self._journal.meta)
             if fd < 0:  # a fresh start never inherits stale bytes
                 fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            self._fd = fd
+            try:
+                if decode is None and entry.header and not self._journal.have:
+                    os.pwrite(fd, entry.header, 0)
+            finally:
+                # The partial is opened per operation, not held: a folder of 10,000 files
+                # would otherwise hold 20,000 descriptors (the journal's fd keeps the lock).
+                os.close(fd)
         except BaseException:
             self._journal.close()
             raise
+        self._open = True
         self._received: set[int] = set(self._journal.have)
-        if decode is None and entry.header and not self._journal.have:
-            os.pwrite(self._fd, entry.header, 0)
         self.bytes_written = 0
         self.plain_digests: dict[int, bytes] = {}
         """Digests of decoded (plaintext) blocks written this run: the output
@@ -161,11 +166,15 @@ class FileReceiver:
             out = data
             offset, _ = self.layout.stored_range(index)
         with self._lock:
-            if self._fd < 0:
+            if not self._open:
                 raise ConflictError(f"{self.entry.path or self.target.name}: receiver closed")
-            self._active += 1  # _close waits for writers, so the fd is never reused under us
+            self._active += 1  # _close waits for writers to finish
         try:
-            _pwrite_all(self._fd, out, offset)
+            fd = os.open(self.partial, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                _pwrite_all(fd, out, offset)
+            finally:
+                os.close(fd)
         finally:
             with self._lock:
                 self._active -= 1
@@ -186,7 +195,7 @@ class FileReceiver:
             if not records:
                 return
             if self._fsync:
-                os.fdatasync(self._fd)
+                _sync(self.partial, data_only=True)
             self._journal.append(records, sync=self._fsync)
 
     # -- end ------------------------------------------------------------------
@@ -198,10 +207,11 @@ class FileReceiver:
         """Whole-file digest of the decoded output; reads only blocks resumed from a
         previous run (their plaintext digests are not journaled). Call before ``commit``."""
         layout = self.out_layout
-        for i in range(layout.count):
-            if i not in self.plain_digests:
-                offset, length = layout.plain_range(i)
-                self.plain_digests[i] = block_digest(os.pread(self._fd, length, offset))
+        with open(self.partial, "rb", buffering=0) as f:
+            for i in range(layout.count):
+                if i not in self.plain_digests:
+                    offset, length = layout.plain_range(i)
+                    self.plain_digests[i] = block_digest(os.pread(f.fileno(), length, offset))
         return file_digest(self.entry.block_size, self.entry.size,
                            (self.plain_digests[i] for i in range(layout.count)))
 
@@ -221,10 +231,14 @@ class FileReceiver:
                 f"(got {root}, sender has {expected_root})"
             )
         size = self.out_layout.stored_size
-        if os.fstat(self._fd).st_size != size:
-            os.ftruncate(self._fd, size)
-        if self._fsync:
-            os.fsync(self._fd)
+        fd = os.open(self.partial, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(self.partial, self.entry.mode & 0o7777)
         os.utime(self.partial, ns=(self.entry.mtime_ns, self.entry.mtime_ns))
         if self.target.is_dir() and not self.target.is_symlink():
@@ -259,11 +273,9 @@ class FileReceiver:
 
     def _close(self, *, remove_journal: bool) -> None:
         with self._lock:
-            fd, self._fd = self._fd, -1
+            self._open = False
             while self._active:
                 self._idle.wait()
-        if fd >= 0:
-            os.close(fd)
         self._journal.close(remove=remove_journal)
 
 
@@ -273,6 +285,15 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def _sync(path: Path, *, data_only: bool) -> None:
+    """fsync a file by path (syncing is per inode, so a fresh descriptor will do)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        (os.fdatasync if data_only else os.fsync)(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
