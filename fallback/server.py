@@ -30,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from fallback import plainhttp
 from fallback import sessions as S
 from fallback.auth import CredentialCache, parse_basic
 from fallback.config import Config, UserConfig
@@ -390,7 +391,9 @@ async def plain_get(request: web.Request) -> web.StreamResponse:
     if stat.S_ISDIR(st.st_mode):
         names = sorted(os.listdir(path))
         return web.json_response({"folder": relpath_in(Path(user.docroot), path), "entries": names})
-    return web.FileResponse(path, chunk_size=256 * 1024)
+    label = relpath_in(Path(user.docroot), path)
+    return await plainhttp.serve_file(request, str(path), label=label,
+                                      executor=_state(request).executor)
 
 
 async def plain_put(request: web.Request) -> web.Response:
@@ -410,6 +413,8 @@ async def plain_put(request: web.Request) -> web.Response:
     existed = target.exists()
     if existed and _state(request).config.overwrite == "deny":
         raise ConflictError(f"{relpath_in(docroot, target)}: exists and the server does not overwrite")
+    await plainhttp.check_put(request, str(target), label=relpath_in(docroot, target),
+                              executor=_state(request).executor)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
