@@ -50,7 +50,7 @@ from transport.errors import ProtocolError
 
 __all__ = [
     "AssemblyEvent", "AssemblyStats", "BlockAssembler", "BlockEvicted", "BlockFailed",
-    "BlockVerified", "BufferSink", "Hasher", "PartState", "PieceRefused", "PieceSink",
+    "BlockVerified", "BufferSink", "Hasher", "LateDuplicate", "PartState", "PieceRefused", "PieceSink",
     "Refusal", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_DIGESTS", "DEFAULT_MAX_FRAGMENTS",
     "DEFAULT_MAX_OPEN_BYTES", "INLINE_HASH_MIN",
 ]
@@ -161,7 +161,20 @@ class BlockEvicted:
     idle: float  # seconds since its last piece
 
 
-AssemblyEvent = BlockVerified | BlockFailed | PieceRefused | BlockEvicted
+@dataclass(frozen=True, slots=True)
+class LateDuplicate:
+    """A piece or digest for a block verified (or a file committed) already: dropped.
+
+    The sender evidently missed the ack; the caller should repeat it (as QUIC
+    acknowledges a duplicate packet again), or the sender resends forever.
+    """
+
+    file: int
+    block: int
+    committed: bool  # the whole file is committed (ack the file, not the block)
+
+
+AssemblyEvent = BlockVerified | BlockFailed | PieceRefused | BlockEvicted | LateDuplicate
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,19 +244,22 @@ class BlockAssembler:
     * per open block a small record and, once a large piece was hashed inline,
       a BLAKE3 state (~2 KiB).
 
-    At the bound a piece of a *new* block is refused (``PieceRefused``, reason
-    ``BUSY``) unless the least recently fed open block has been idle for
-    ``idle_timeout`` seconds: that block is evicted (``BlockEvicted``) and the
-    new one admitted. Refusing, not dropping, keeps the work already received
-    when the sender is merely ahead of the receiver (flow control, not loss);
-    evicting only idle blocks keeps a dead sender's leftovers from blocking the
-    session forever. A piece that would add a byte range beyond
-    ``max_fragments`` is refused with ``FRAGMENTED``.
+    A whole block in one piece whose digest is known (an HTTP frame) is
+    checked within the call and never half-assembled, so the bound never
+    refuses it. At the bound a piece of a *new* block is refused
+    (``PieceRefused``, reason ``BUSY``) unless the least recently fed open
+    block has been idle for ``idle_timeout`` seconds: that block is evicted
+    (``BlockEvicted``) and the new one admitted. Refusing, not dropping,
+    keeps the work already received when the sender is merely ahead of the
+    receiver (flow control, not loss); evicting only idle blocks keeps a dead
+    sender's leftovers from blocking the session forever. A piece that would
+    add a byte range beyond ``max_fragments`` is refused with ``FRAGMENTED``.
 
     Raises ``ProtocolError`` for a piece or digest naming an unknown file or
     block, an empty piece, a piece outside its block, a digest of the wrong
     size, a digest that changes, or too many digests ahead. Late duplicates
-    (verified block, committed file) are counted and dropped, never raised.
+    (verified block, committed file) are counted, dropped and reported
+    (``LateDuplicate``, so the caller repeats its ack), never raised.
     """
 
     def __init__(
@@ -291,7 +307,7 @@ class BlockAssembler:
         Returns the events it caused (usually none): ``BlockVerified`` or
         ``BlockFailed`` when it completed a block whose digest is known,
         ``PieceRefused`` at the bound, ``BlockEvicted`` for idle blocks dropped
-        to admit this one.
+        to admit this one, ``LateDuplicate`` for a block verified already.
         """
         self._pieces += 1
         key = (file, block)
@@ -307,13 +323,17 @@ class BlockAssembler:
         else:
             if file in self._committed:
                 self._late += 1
-                return _NO_EVENTS
+                return (LateDuplicate(file, block, True),)
             length = self._stored_length(file, block)
             if n == 0 or offset < 0 or offset + n > length:
                 raise _bad_piece(file, block, offset, n, length)
             if block in self._verified[file]:
                 self._late += 1
-                return _NO_EVENTS
+                return (LateDuplicate(file, block, False),)
+            if n == length:
+                rec = self._expected.get(file, {}).get(block)
+                if rec is not None:  # a whole block, digest known: never half-assembled
+                    return self._whole(file, block, data, rec)
             if self._fragments >= self._max_fragments:
                 return (self._refuse(file, block, offset, n, Refusal.FRAGMENTED),)
             if self._open_bytes + length > self._max_open_bytes:
@@ -367,13 +387,13 @@ class BlockAssembler:
         """Record the sender's digest of a block (idempotent); verifies it if complete."""
         if file in self._committed:
             self._late += 1
-            return _NO_EVENTS
+            return (LateDuplicate(file, block, True),)
         self._stored_length(file, block)
         if len(digest) != DIGEST_SIZE:
             raise ProtocolError(f"digest of block {block} of file {file} has {len(digest)} bytes")
         if block in self._verified[file]:
             self._late += 1
-            return _NO_EVENTS
+            return (LateDuplicate(file, block, False),)
         per_file = self._expected.setdefault(file, {})
         rec = per_file.get(block)
         if rec is not None:
@@ -474,6 +494,31 @@ class BlockAssembler:
         self._open_bytes -= op.length
         self._fragments -= len(op.got)
 
+    def _whole(self, file: int, block: int, data: Buffer, rec: _Expected) -> tuple[AssemblyEvent, ...]:
+        """A whole block in one piece with its digest known (an HTTP frame): written,
+        hashed from the caller's buffer and checked in this call, so it is never
+        counted against the bound (a ``BufferSink`` holds it until discarded)."""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        self._sink.write(file, block, 0, view)
+        self._new += len(view)
+        h = self._new_hasher()
+        h.update(view)
+        self._hashed_inline += len(view)
+        return (self._conclude(file, block, h.digest(), rec, len(view)),)
+
+    def _conclude(self, file: int, block: int, got: bytes, rec: _Expected,
+                  length: int) -> AssemblyEvent:
+        if got == rec.digest:
+            del self._expected[file][block]
+            self._n_digests -= 1
+            self._verified[file].add(block)
+            self._n_verified += 1
+            return BlockVerified(file, block, rec.digest, length)
+        rec.failures += 1
+        self._n_failed += 1
+        self._sink.discard(file, block)
+        return BlockFailed(file, block, rec.failures, "digest mismatch")
+
     def _try_verify(self, file: int, block: int, op: _Open) -> AssemblyEvent | None:
         rec = self._expected.get(file, {}).get(block)
         if rec is None:
@@ -482,18 +527,8 @@ class BlockAssembler:
         if op.hashed < op.length:
             h.update(self._sink.read(file, block, op.hashed, op.length - op.hashed))
             self._readback += op.length - op.hashed
-        got = h.digest()
         self._close((file, block), op)
-        if got == rec.digest:
-            del self._expected[file][block]
-            self._n_digests -= 1
-            self._verified[file].add(block)
-            self._n_verified += 1
-            return BlockVerified(file, block, rec.digest, op.length)
-        rec.failures += 1
-        self._n_failed += 1
-        self._sink.discard(file, block)
-        return BlockFailed(file, block, rec.failures, "digest mismatch")
+        return self._conclude(file, block, h.digest(), rec, op.length)
 
 
 class BufferSink:

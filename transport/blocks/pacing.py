@@ -41,13 +41,16 @@ _EPS_BYTES = 1e-6  # float slack when comparing tokens
 class Pacer:
     """A token bucket: sends average ``rate_bps`` with bursts of ``burst_bytes``.
 
-    The bucket starts full. ``can_send(now, n)`` holds when ``min(n, burst)``
-    tokens are there, so a send larger than the bucket goes out when the bucket
-    is full and leaves a debt (negative tokens) that the rate repays: over any
+    The bucket (bytes) starts full and fills at ``rate_bps / 8`` up to
+    ``burst_bytes``. A send is allowed whenever the bucket is not in debt
+    (``tokens >= 0``) and may take it below zero: a 4 MiB HTTP block goes out
+    at once and the rate repays it before anything else leaves. So over any
     interval of T seconds at most ``burst + rate * T / 8`` bytes plus one send
-    leave, and a sender that always waits for ``next_send_time`` gets the rate
-    exactly in the long run, whatever its send sizes (a 1,400-byte datagram
-    or a 4 MiB HTTP block).
+    leave; a sender that waits for ``next_send_time`` gets the rate exactly in
+    the long run, whatever its send sizes; and paths of different send sizes
+    sharing one pacer take turns instead of small sends starving large ones
+    (a bucket that waited for ``n`` tokens would never let a 256 KiB send
+    through a stream of 1,400-byte datagrams).
     """
 
     __slots__ = ("_burst", "_last", "_rate", "_tokens", "sent_bytes")
@@ -75,19 +78,19 @@ class Pacer:
         self._refill(now)
         return self._tokens
 
-    def can_send(self, now: float, nbytes: int) -> bool:
+    def can_send(self, now: float, nbytes: int = 1) -> bool:
+        """Whether a send may leave now (any size: the bucket is not in debt)."""
         if self._rate == math.inf:
             return True
         self._refill(now)
-        return self._tokens + _EPS_BYTES >= min(nbytes, self._burst)
+        return self._tokens >= -_EPS_BYTES
 
-    def next_send_time(self, now: float, nbytes: int) -> float:
-        """The earliest time ``can_send(t, nbytes)`` holds (``now`` if it already does)."""
+    def next_send_time(self, now: float, nbytes: int = 1) -> float:
+        """The earliest time ``can_send`` holds (``now`` if it already does)."""
         if self._rate == math.inf:
             return now
         self._refill(now)
-        need = min(nbytes, self._burst) - self._tokens
-        return now if need <= _EPS_BYTES else now + need * 8.0 / self._rate
+        return now if self._tokens >= -_EPS_BYTES else now - self._tokens * 8.0 / self._rate
 
     def consume(self, now: float, nbytes: int) -> None:
         """Account ``nbytes`` sent at ``now`` (call after ``can_send`` said yes)."""

@@ -12,9 +12,10 @@ re-queues everything a dead path held at once (failover). Re-queued bytes go
 to the front of the queue, so a lost piece is leased again by the next
 ``lease`` call of any live path: at most one deadline after it was lost.
 
-Each byte of a wanted block is in exactly one state (``State``):
-``QUEUED`` (in the block's to-do set), ``LEASED`` or ``DELIVERED`` (in one live
-lease), ``RECEIVED`` (the receiver said so); the block is ``ACKED`` once
+Each byte of a wanted block is in one state (``State``): ``QUEUED`` (in the
+block's to-do set), ``LEASED`` or ``DELIVERED`` (in one live lease),
+``RECEIVED`` (the receiver said so; such bytes may also sit in a lease they
+cover only in part, which then resends just the rest); the block is ``ACKED`` once
 journaled, and then nothing of it is ever leased again. The allowed moves are
 the table ``TRANSITIONS``, used by the code itself. Pieces of a block started
 by one path can be finished by another: the to-do set is per block, not per path.
@@ -49,7 +50,8 @@ K_GRANULARITY = 0.001
 """Timer granularity in seconds (RFC 9002 section 6.1.2, kGranularity)."""
 
 DEFAULT_MAX_OPEN_BLOCKS = 16
-"""Blocks with bytes queued or leased at once: 64 MiB of 4 MiB blocks, matching
+"""Open blocks (bytes queued, leased, or delivered on a datagram path and not
+acked) at once: 64 MiB of 4 MiB blocks, matching
 ``assembly.DEFAULT_MAX_OPEN_BYTES`` so a receiver is not asked to hold more."""
 
 DEFAULT_BLOCK_ACK_TIMEOUT = 30.0
@@ -112,6 +114,13 @@ class PathTiming:
 
     lease_timeout: float
     ack_timeout: float
+    reliable: bool = False
+    """Delivered bytes reach the receiver unless the path dies (a TCP stream). A
+    whole block delivered on such a path stops holding the block open (the
+    receiver checks it on arrival, it is never half-assembled there); any other
+    delivered piece holds its block open until piece-acked or acked, so the
+    sender never has more half-received blocks at the receiver than
+    ``max_open_blocks``."""
 
     def __post_init__(self) -> None:
         if not (self.lease_timeout > 0 and self.ack_timeout > 0):
@@ -119,12 +128,12 @@ class PathTiming:
 
     @classmethod
     def from_rtt(cls, srtt: float, rttvar: float, *, max_ack_delay: float = 0.025,
-                 hold: float = 1.0) -> PathTiming:
+                 hold: float = 1.0, reliable: bool = False) -> PathTiming:
         """Deadlines from an RTT estimate: ``ack_timeout`` is QUIC's probe timeout,
         ``srtt + max(4 * rttvar, kGranularity) + max_ack_delay`` (RFC 9002 section
         6.2.1); ``lease_timeout`` is ``hold`` plus that (seconds a lease may wait to be sent)."""
         pto = srtt + max(4 * rttvar, K_GRANULARITY) + max_ack_delay
-        return cls(lease_timeout=hold + pto, ack_timeout=pto)
+        return cls(lease_timeout=hold + pto, ack_timeout=pto, reliable=reliable)
 
 
 DEFAULT_TIMING = PathTiming(lease_timeout=10.0, ack_timeout=10.0)
@@ -165,19 +174,20 @@ class SchedulerStats:
 class _Rec:
     """A live lease (the sent-packet map entry)."""
 
-    __slots__ = ("deadline", "lease", "state")
+    __slots__ = ("deadline", "holds", "lease", "state")
 
     def __init__(self, lease: Lease, deadline: float) -> None:
         self.lease = lease
         self.state = State.LEASED
         self.deadline = deadline
+        self.holds = True  # keeps its block open (see PathTiming.reliable)
 
 
 class _Block:
     """A started, unacknowledged block."""
 
-    __slots__ = ("file", "index", "leases", "length", "ready", "received", "timer", "todo",
-                 "undelivered")
+    __slots__ = ("file", "holding", "index", "leases", "length", "ready", "received", "timer",
+                 "todo", "undelivered")
 
     def __init__(self, file: int, index: int, length: int) -> None:
         self.file = file
@@ -187,23 +197,26 @@ class _Block:
         self.received = RangeSet()
         self.leases: dict[int, _Rec] = {}
         self.undelivered = 0  # live leases in State.LEASED
+        self.holding = 0  # live leases holding the block open
         self.ready = False  # in Scheduler._ready
         self.timer: float | None = None  # block-ack safety deadline
 
     @property
     def open(self) -> bool:
-        return bool(self.todo) or self.undelivered > 0
+        """Bytes queued, leased, or delivered on a datagram path and not acked yet:
+        the receiver may be holding it half-assembled."""
+        return bool(self.todo) or self.holding > 0
 
 
 class Scheduler:
     """Leases the pieces of one session's wanted blocks to any number of paths.
 
     ``files`` maps file index -> ``BlockLayout``. A new block is started only
-    while fewer than ``max_open_blocks`` blocks have bytes queued or leased,
-    so the receiver's assembly bound is respected in steady state (blocks
-    re-opened by expiries may exceed it briefly; a receiver at its bound
-    refuses and the sender ``nack``-s). Re-queued bytes of started blocks are
-    always leased first.
+    while fewer than ``max_open_blocks`` blocks are open (bytes queued,
+    leased, or delivered on an unreliable path and not piece-acked), so the
+    receiver's assembly bound is respected in steady state (blocks re-opened
+    by expiries may exceed it briefly; a receiver at its bound refuses and the
+    sender ``nack``-s). Re-queued bytes of started blocks are always leased first.
 
     Raises ``ProtocolError`` for a want, ack, nack or received report naming
     an unknown file, a block out of range or bytes outside the block (these
@@ -253,8 +266,8 @@ class Scheduler:
     def drop_path(self, path: str) -> list[Lease]:
         """The path is gone: re-queue every lease it holds; returns them."""
         self._timing.pop(path, None)
-        recs = list(self._by_path.pop(path, {}).values())
-        for rec in recs:
+        recs = sorted(self._by_path.pop(path, {}).values(), key=lambda r: r.lease.id)
+        for rec in reversed(recs):  # each goes to the front: the oldest ends up first
             self._requeue(rec, Event.DROP_PATH)
         return [rec.lease for rec in recs]
 
@@ -315,6 +328,7 @@ class Scheduler:
                 blk.leases[lease.id] = rec
                 mine[lease.id] = rec
                 blk.undelivered += 1
+                blk.holding += 1
                 heapq.heappush(self._heap, (deadline, lease.id))
                 out.append(lease)
                 budget -= stop - start
@@ -336,6 +350,9 @@ class Scheduler:
         heapq.heappush(self._heap, (rec.deadline, lease.id))
         blk = self._blocks[lease.file, lease.block]
         blk.undelivered -= 1
+        if timing.reliable and lease.length == blk.length:
+            rec.holds = False
+            blk.holding -= 1
         self._refresh(blk)
         return True
 
@@ -438,44 +455,44 @@ class Scheduler:
         ``block_ack_timeout`` seconds (counted in ``stats.block_timeouts``)."""
         self._tick(now)
         out: list[Lease] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now and len(out) < limit:
-            deadline, lid = heapq.heappop(heap)
-            rec = self._leases.get(lid)
-            if rec is None or rec.deadline != deadline:
-                continue  # retired, or re-armed by ``delivered``
+        while len(out) < limit and (rec := self._lease_due()) is not None and rec.deadline <= now:
+            heapq.heappop(self._heap)
             self._expired += 1
             self._requeue(rec, Event.EXPIRE)
             out.append(rec.lease)
-        bheap = self._block_heap
-        while bheap and bheap[0][0] <= now:
-            deadline, f, b = heapq.heappop(bheap)
-            blk = self._blocks.get((f, b))
-            if blk is None or blk.timer != deadline:
-                continue
+        while (blk := self._block_due()) is not None and blk.timer is not None and blk.timer <= now:
+            heapq.heappop(self._block_heap)
             blk.timer = None
             self._block_timeouts += 1
-            self.nack(f, b, None)
+            self.nack(blk.file, blk.index, None)
         return out
 
     def get_timer(self) -> float | None:
         """When ``expire`` has work next (seconds, same clock as ``now``), or None."""
+        rec, blk = self._lease_due(), self._block_due()
+        times = ([rec.deadline] if rec else []) + ([blk.timer] if blk and blk.timer else [])
+        return min(times) if times else None
+
+    def _lease_due(self) -> _Rec | None:
+        """The live lease with the earliest deadline, dropping stale heap entries
+        (leases retired, or re-armed by ``delivered``) on the way."""
         heap = self._heap
         while heap:
-            deadline, lid = heap[0]
-            rec = self._leases.get(lid)
-            if rec is not None and rec.deadline == deadline:
-                break
+            rec = self._leases.get(heap[0][1])
+            if rec is not None and rec.deadline == heap[0][0]:
+                return rec
             heapq.heappop(heap)
-        bheap = self._block_heap
-        while bheap:
-            deadline, f, b = bheap[0]
+        return None
+
+    def _block_due(self) -> _Block | None:
+        heap = self._block_heap
+        while heap:
+            deadline, f, b = heap[0]
             blk = self._blocks.get((f, b))
             if blk is not None and blk.timer == deadline:
-                break
-            heapq.heappop(bheap)
-        times = [h[0][0] for h in (heap, bheap) if h]
-        return min(times) if times else None
+                return blk
+            heapq.heappop(heap)
+        return None
 
     # -- queries ----------------------------------------------------------------------
     @property
@@ -499,7 +516,15 @@ class Scheduler:
             return State.QUEUED if block in self._fresh[file] else None
         if blk.todo.covers(0, blk.length):
             return State.QUEUED
-        return State.LEASED if blk.open else State.DELIVERED
+        return State.LEASED if blk.todo or blk.undelivered else State.DELIVERED
+
+    def queued(self, file: int, block: int) -> RangeSet:
+        """Bytes of the block waiting to be leased (a copy; empty once acked)."""
+        length = self._length(file, block)
+        blk = self._blocks.get((file, block))
+        if blk is not None:
+            return blk.todo.copy()
+        return RangeSet([(0, length)]) if block in self._fresh[file] else RangeSet()
 
     def leases_of(self, path: str) -> list[Lease]:
         return [rec.lease for rec in self._by_path.get(path, {}).values()]
@@ -519,17 +544,14 @@ class Scheduler:
             # todo, the live leases and the received bytes cover the block; todo and
             # the leases are disjoint from everything else (received bytes may sit
             # inside a lease that they cover only in part).
-            leased = RangeSet()
-            n_leased = 0
-            for r in blk.leases.values():
-                leased.add(r.lease.offset, r.lease.stop)
-                n_leased += r.lease.length
-            rest = blk.received.copy()
-            rest.difference_update(leased)
-            total = blk.todo.count + n_leased + rest.count
-            union = RangeSet()
-            for p in (blk.todo, leased, blk.received):
-                union.update(p)
+            leased = RangeSet((r.lease.offset, r.lease.stop) for r in blk.leases.values())
+            rest = blk.received.complement(0, blk.length)
+            rest.update(leased)  # everything but the received bytes outside leases
+            n_leased = sum(r.lease.length for r in blk.leases.values())
+            total = blk.todo.count + n_leased + (blk.length - rest.count)
+            union = RangeSet(leased)
+            union.update(blk.todo)
+            union.update(blk.received)
             if total != blk.length or not union.covers(0, blk.length):
                 raise AssertionError(f"block {b} of file {f}: bytes lost or doubled "
                                      f"(todo {blk.todo}, received {blk.received}, "
@@ -538,6 +560,8 @@ class Scheduler:
                 raise AssertionError(f"block {b} of file {f} acked but still started")
             if blk.undelivered != sum(r.state is State.LEASED for r in blk.leases.values()):
                 raise AssertionError(f"block {b} of file {f}: undelivered count")
+            if blk.holding != sum(r.holds for r in blk.leases.values()):
+                raise AssertionError(f"block {b} of file {f}: holding count")
             if blk.open != ((f, b) in self._open):
                 raise AssertionError(f"block {b} of file {f}: open index")
 
@@ -589,6 +613,8 @@ class Scheduler:
         self._by_path.get(lease.path, {}).pop(lease.id, None)
         if rec.state is State.LEASED:
             blk.undelivered -= 1
+        if rec.holds:
+            blk.holding -= 1
         if len(self._heap) > 2 * len(self._leases) + 1024:
             # Retired leases leave their entries behind; rebuild so the heap stays
             # proportional to the live leases (amortised O(1) per retirement).
