@@ -98,6 +98,11 @@ class Config:
     session_activity_timeout: int
     restartable_transfers: bool
     streams_max: int
+    header_timeout: int
+    keepalive_timeout: int
+    connections_max: int
+    connections_per_address_max: int
+    sessions_per_user_max: int
     bind_ip_address: str | None
     bind_udp_port: int
     flow_in: FlowConfig
@@ -165,6 +170,11 @@ _SCHEMA: _Schema = {
         "session_activity_timeout": _Leaf(_int_range(0, None), 0),
         "restartable_transfers": _Leaf(_bool, True),
         "streams_max": _Leaf(_int_range(1, 256), 16),
+        "header_timeout": _Leaf(_int_range(1, 3600), 30),
+        "keepalive_timeout": _Leaf(_int_range(1, 3600), 60),
+        "connections_max": _Leaf(_int_range(1, 1_000_000), 4096),
+        "connections_per_address_max": _Leaf(_int_range(1, 1_000_000), 256),
+        "sessions_per_user_max": _Leaf(_int_range(1, 100_000), 32),
     },
     "transfer": {
         "protocol_options": {
@@ -374,6 +384,11 @@ def _config(path: Path | None, base: Path, vals: Mapping[str, Any], sources: dic
         session_activity_timeout=get("http_server.session_activity_timeout"),
         restartable_transfers=get("http_server.restartable_transfers"),
         streams_max=get("http_server.streams_max"),
+        header_timeout=get("http_server.header_timeout"),
+        keepalive_timeout=get("http_server.keepalive_timeout"),
+        connections_max=get("http_server.connections_max"),
+        connections_per_address_max=get("http_server.connections_per_address_max"),
+        sessions_per_user_max=get("http_server.sessions_per_user_max"),
         bind_ip_address=get("transfer.protocol_options.bind_ip_address"),
         bind_udp_port=get("transfer.protocol_options.bind_udp_port"),
         flow_in=flow("in"),

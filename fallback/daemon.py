@@ -9,6 +9,7 @@ certificates are read at start only; a reload that changes them says so.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from fallback.config import Config, ConfigError, load_config
-from fallback.listener import SniffingSite
+from fallback.listener import ConnectionLimits, SniffingSite
 from fallback.server import DaemonState, make_app
 from fallback.tls import ensure_self_signed, server_ssl_context
 
@@ -56,7 +57,7 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
     state = DaemonState(config)
     app = make_app(state)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=3.0,
-                           read_bufsize=READ_BUFSIZE)
+                           read_bufsize=READ_BUFSIZE, keepalive_timeout=config.keepalive_timeout)
     await runner.setup()
     ssl_ctx = None
     if config.enable_https:
@@ -71,15 +72,20 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
             return 2
         print(f"certificate {cert} fingerprint SHA256 {fp}", file=out)
     host = config.bind_address
+    limits = connection_limits(config)
+    # Every port goes through SniffingSite, so every connection is counted and every first
+    # request has a header deadline (a TCPSite would hand raw sockets to aiohttp unbounded).
+    t = float(config.header_timeout)
+    make = functools.partial(SniffingSite, runner, header_timeout=t, sniff_timeout=t,
+                            handshake_timeout=t, limits=limits)
     sites: list[web.BaseSite] = []
     if config.shared_port:
-        sites.append(SniffingSite(runner, host, config.http_port, ssl_ctx))
+        sites.append(make(host, config.http_port, ssl_ctx))
     else:
         if config.enable_http:
-            sites.append(web.TCPSite(runner, host, config.http_port, reuse_address=True))
+            sites.append(make(host, config.http_port, None))
         if config.enable_https:
-            sites.append(web.TCPSite(runner, host, config.https_port, ssl_context=ssl_ctx,
-                                     reuse_address=True))
+            sites.append(make(host, config.https_port, ssl_ctx, plain=False))
     try:
         for site in sites:
             await site.start()
@@ -103,6 +109,9 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(state))
+    log.info("connections: at most %d open, %d per address; request headers within %ds, "
+             "idle keep-alive closed after %ds", limits.total, limits.per_address,
+             config.header_timeout, config.keepalive_timeout)
     print("ready", file=out, flush=True)
     reaper = loop.create_task(_reap(state))
     await stop.wait()
@@ -114,6 +123,22 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
     state.executor.shutdown(wait=True)
     log.info("stopped")
     return 0
+
+
+def connection_limits(config: Config) -> ConnectionLimits:
+    """The configured bounds, kept under half the open-files limit: the other half is for
+    the files themselves (sources, partials, journals), so a connection flood alone
+    cannot make the daemon fail its transfers with EMFILE."""
+    total = config.connections_max
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            total = min(total, max(8, soft // 2))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not POSIX
+        pass
+    return ConnectionLimits(total, min(config.connections_per_address_max, total))
 
 
 def _reload(state: DaemonState) -> None:

@@ -1,10 +1,21 @@
-"""One listening port that serves both plain HTTP and HTTPS.
+"""The daemon's listening ports: HTTP, HTTPS, or both on one port, with bounded connections.
 
 The config allows ``http_port == https_port`` so that a single firewall hole is
 enough.  Every TLS connection starts with a handshake record whose first byte
 is 0x16, while an HTTP request starts with a method name in ASCII; peeking at
 that one byte (without consuming it) tells us whether to wrap the connection in
 TLS before handing it to aiohttp.
+
+Every port of the daemon goes through ``SniffingSite`` (a plain-only or TLS-only
+port is a site that refuses the other kind), so every connection is bounded the
+same way: at most ``ConnectionLimits.total`` open connections, and
+``per_address`` from one peer address (beyond that a new connection is closed at
+once, with one rate-limited log line); the first byte, the TLS handshake and the
+first request's line and headers must all arrive within ``header_timeout``
+seconds of the accept (slow-header "slowloris" connections are closed, counted
+in one rate-limited line). Later requests on a kept-alive connection are
+bounded by aiohttp's ``keepalive_timeout`` (set on the runner), which closes a
+connection idle, or idle in the middle of a request's headers, that long.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 from typing import Any
@@ -21,15 +33,157 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-__all__ = ["SniffingSite", "TLS_HANDSHAKE_BYTE"]
+from fallback.ratelog import RateLimitedLog
+
+__all__ = ["ConnectionLimits", "SniffingSite", "TLS_HANDSHAKE_BYTE"]
 
 log = logging.getLogger(__name__)
+limited = RateLimitedLog(log)
 
 TLS_HANDSHAKE_BYTE = 0x16
 # accept() errors that mean "out of resources", not "bad client": back off
 # instead of spinning, like asyncio's own server does.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_RETRY_DELAY = 1.0
+HEADER_TIMEOUT = 30.0
+"""Seconds from accept to the end of the first request's headers (TLS handshake included):
+nginx's ``client_header_timeout`` and Apache's ``RequestReadTimeout header=`` default to
+values of this order (60 s and 20-40 s)."""
+_HEADERS_END = re.compile(rb"\n\r?\n")  # RFC 9112 section 2.2: a lone LF may end a line
+
+
+class ConnectionLimits:
+    """Connections open per peer address and in total, shared by all the daemon's sites.
+
+    ``admit`` refuses (returns False, one rate-limited warning) when either bound is
+    reached; every admitted connection is ``release``d exactly once when it closes.
+    """
+
+    def __init__(self, total: int, per_address: int) -> None:
+        if total < 1 or per_address < 1:
+            raise ValueError("connection limits must be at least 1")
+        self.total = total
+        self.per_address = per_address
+        self.open = 0
+        self._by_address: dict[str, int] = {}
+
+    def admit(self, address: str) -> bool:
+        here = self._by_address.get(address, 0)
+        if self.open >= self.total:
+            limited.warning("connections-total", "connection limit reached: %d connections open "
+                            "(connections_max); refusing new connections", self.open)
+            return False
+        if here >= self.per_address:
+            limited.warning("connections-address", "connection limit reached: %s has %d "
+                            "connections open (connections_per_address_max); refusing its new "
+                            "connections", address, here)
+            return False
+        self.open += 1
+        self._by_address[address] = here + 1
+        return True
+
+    def release(self, address: str) -> None:
+        self.open -= 1
+        left = self._by_address.get(address, 1) - 1
+        if left > 0:
+            self._by_address[address] = left
+        else:
+            self._by_address.pop(address, None)
+
+    def count(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+
+class _Ticket:
+    """One admitted connection: released once, whichever path closes it first."""
+
+    __slots__ = ("_address", "_limits")
+
+    def __init__(self, limits: ConnectionLimits | None, address: str) -> None:
+        self._limits = limits
+        self._address = address
+
+    def release(self) -> None:
+        if self._limits is not None:
+            limits, self._limits = self._limits, None
+            limits.release(self._address)
+
+
+class _HeaderGuard(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with a deadline for the first request's headers.
+
+    Everything is forwarded to the wrapped ``RequestHandler``; on the way, the bytes are
+    scanned for the blank line that ends the first request's header block. If it has not
+    arrived by the deadline the connection is aborted. Later requests are aiohttp's
+    (``keepalive_timeout``). The connection's ticket is released when it is lost.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, deadline: float, ticket: _Ticket) -> None:
+        self._inner = inner
+        self._deadline = deadline
+        self._ticket = ticket
+        self._transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""
+        self._started = False
+        self.made = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expired)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._scan(data)
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            self._ticket.release()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _scan(self, data: bytes) -> None:
+        buf = self._tail + data
+        if not self._started:  # empty lines before the request line are allowed (RFC 9112 2.2)
+            buf = buf.lstrip(b"\r\n")
+            if not buf:
+                return
+            self._started = True
+        if _HEADERS_END.search(buf):
+            assert self._timer is not None
+            self._timer.cancel()
+            self._timer = None
+            self._tail = b""
+        else:
+            self._tail = buf[-2:]
+
+    def _expired(self) -> None:
+        self._timer = None
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        log.debug("%s: no complete request headers in time; closing", peer)
+        limited.warning("header-timeout", "closed a connection that sent no complete request "
+                        "headers within the header timeout (first from %s)", _host(peer))
+        if self._transport is not None:
+            self._transport.abort()  # not close(): a TLS close would wait for the peer's reply
+
+
+def _host(peer: Any) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
 
 class _SniffingServer(asyncio.AbstractServer):
@@ -103,15 +257,26 @@ class SniffingSite(web.BaseSite):
     TLS handshake; beyond that, accepting pauses and new clients wait in the
     kernel backlog.  This bounds the memory an idle-connection flood can pin
     while still letting legitimate clients through once slots free up (each slot
-    is held at most *sniff_timeout* + *handshake_timeout*).
+    is held at most *sniff_timeout* + *handshake_timeout*, and never longer than
+    *header_timeout*).
+
+    *plain* says whether plain HTTP is served: a site with an SSL context and
+    ``plain=False`` is a TLS-only port (a connection whose first byte is not a
+    TLS handshake is closed); a site without an SSL context serves plain HTTP
+    only. *limits*, shared by the sites of one daemon, bounds open connections
+    per peer address and in total (None: unbounded). *header_timeout* bounds the
+    time from accept to the end of the first request's headers.
     """
 
     __slots__ = (
         "_bound_port",
         "_conn_tasks",
         "_handshake_timeout",
+        "_header_timeout",
         "_host",
+        "_limits",
         "_max_pending",
+        "_plain",
         "_port",
         "_reuse_port",
         "_sniff_timeout",
@@ -129,10 +294,20 @@ class SniffingSite(web.BaseSite):
         sniff_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
         max_pending: int = 256,
+        plain: bool = True,
+        header_timeout: float = HEADER_TIMEOUT,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
+        if not plain and ssl_context is None:
+            raise ValueError("a site without TLS must serve plain HTTP")
+        if header_timeout <= 0:
+            raise ValueError("header_timeout must be positive")
+        self._plain = plain
+        self._header_timeout = header_timeout
+        self._limits = limits
         self._host = host
         self._port = port
         self._bound_port: int | None = None
@@ -149,8 +324,7 @@ class SniffingSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        # Both schemes work; advertise https when TLS is available since that is
-        # what clients should prefer.
+        # Advertise https when TLS is available: it is what clients should prefer.
         scheme = "https" if self._ssl_context is not None else "http"
         host = self._host or "0.0.0.0"
         return str(URL.build(scheme=scheme, host=host, port=self.port))
@@ -212,7 +386,7 @@ class SniffingSite(web.BaseSite):
         while True:
             await slots.acquire()
             try:
-                conn, _addr = await loop.sock_accept(lsock)
+                conn, addr = await loop.sock_accept(lsock)
             except (ConnectionAbortedError, InterruptedError):
                 slots.release()  # the client gave up before we accepted
                 continue
@@ -220,13 +394,23 @@ class SniffingSite(web.BaseSite):
                 slots.release()
                 if exc.errno not in _RESOURCE_ERRNOS:
                     raise
-                log.warning("accept failed (%s); retrying in %.0fs", exc, _ACCEPT_RETRY_DELAY)
+                kind = errno.errorcode.get(exc.errno or 0, "accept")
+                limited.warning(kind, "accept failed on %s: %s (%s); new connections wait in the "
+                                "backlog, retrying every %gs", self.name, exc.strerror, kind,
+                                _ACCEPT_RETRY_DELAY)
                 await asyncio.sleep(_ACCEPT_RETRY_DELAY)
                 continue
             except BaseException:
                 slots.release()
                 raise
-            task = loop.create_task(self._handle(conn))
+            peer = _host(addr)
+            if self._limits is not None and not self._limits.admit(peer):
+                conn.close()
+                slots.release()
+                continue
+            ticket = _Ticket(self._limits, peer)
+            deadline = loop.time() + self._header_timeout
+            task = loop.create_task(self._handle(conn, ticket, deadline))
             self._conn_tasks.add(task)
             task.add_done_callback(self._conn_tasks.discard)
             task.add_done_callback(lambda _t: slots.release())
@@ -248,12 +432,13 @@ class SniffingSite(web.BaseSite):
             finally:
                 loop.remove_reader(sock)
 
-    async def _handle(self, sock: socket.socket) -> None:
+    async def _handle(self, sock: socket.socket, ticket: _Ticket, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         handed_off = False
+        guard: _HeaderGuard | None = None
         try:
             try:
-                async with asyncio.timeout(self._sniff_timeout):
+                async with asyncio.timeout(min(self._sniff_timeout, deadline - loop.time())):
                     first = await self._peek(sock)
             except (TimeoutError, OSError):
                 return
@@ -263,16 +448,24 @@ class SniffingSite(web.BaseSite):
             if server is None:  # runner cleaned up while we waited
                 return
             use_tls = first == TLS_HANDSHAKE_BYTE and self._ssl_context is not None
+            if not use_tls and not self._plain:
+                return  # a TLS-only port: as a failed handshake would, close it
+            guard = made = _HeaderGuard(server(), deadline, ticket)
+
+            def factory() -> asyncio.Protocol:
+                return made
+
             handed_off = True
             if use_tls:
                 await loop.connect_accepted_socket(
-                    server,
+                    factory,
                     sock,
                     ssl=self._ssl_context,
-                    ssl_handshake_timeout=self._handshake_timeout,
+                    ssl_handshake_timeout=max(
+                        0.001, min(self._handshake_timeout, deadline - loop.time())),
                 )
             else:
-                await loop.connect_accepted_socket(server, sock)
+                await loop.connect_accepted_socket(factory, sock)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -282,6 +475,8 @@ class SniffingSite(web.BaseSite):
         finally:
             if not handed_off:
                 sock.close()
+            if guard is None or not guard.made:  # else released when the connection is lost
+                ticket.release()
 
 
 def _set_ready(fut: asyncio.Future[None]) -> None:

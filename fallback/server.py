@@ -35,16 +35,26 @@ from fallback import sessions as S
 from fallback.auth import CredentialCache, parse_basic
 from fallback.config import Config, UserConfig
 from fallback.paths import confine, relpath_in, resolve, split_urlpath
+from fallback.ratelog import RateLimitedLog
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.plan import OVERWRITE_MODES, to_ranges
 from transport.blocks.receiver import FileReceiver
 from transport.blocks.tree import describe_envelopes, walk_source
-from transport.errors import ConflictError, PathError, ProtocolError, TransportError
+from transport.errors import (
+    RESOURCE_ERRNOS,
+    ConflictError,
+    PathError,
+    ProtocolError,
+    ResourceExhausted,
+    TransportError,
+    from_os_error,
+)
 from transport.http.framing import CONTENT_TYPE
 from transport.http.server import receive_blocks, send_blocks
 
 log = logging.getLogger("fallback.daemon")
+resource_log = RateLimitedLog(log)
 PREFIX = "/.fallback/v1"
 MAX_CONTROL_BODY = 64 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,6 +84,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except web.HTTPException:
         raise
+    except ResourceExhausted as exc:
+        return _exhausted(request, exc)
     except TransportError as exc:
         log.warning("%s %s %s: %s", request.remote, request.method, request.path, exc.message)
         return error_response(exc.status, exc.message)
@@ -84,12 +96,23 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except asyncio.CancelledError:
         raise
     except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS:
+            return _exhausted(request, from_os_error(exc, request.path))
         log.warning("%s %s %s: %s", request.remote, request.method, request.path, exc)
         return error_response(500, f"server I/O error: {exc.strerror or exc}")
     except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one request
         log.error("%s %s %s: internal error %s: %s", request.remote, request.method, request.path,
                   type(exc).__name__, exc)
         return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+def _exhausted(request: web.Request, exc: TransportError) -> web.Response:
+    """503 for a request the system had no resources for; one log line per kind per minute
+    (a descriptor shortage fails every request at once: a line each would flood the log)."""
+    kind = getattr(exc, "kind", "resource")
+    resource_log.warning(kind, "%s %s %s: server %s (%s)", request.remote, request.method,
+                         request.path, exc.message, kind)
+    return error_response(503, f"server {exc.message}")
 
 
 def _state(request: web.Request) -> DaemonState:
@@ -157,6 +180,7 @@ async def open_session(request: web.Request) -> web.Response:
     if st.stopping.is_set():
         raise ProtocolError("daemon is shutting down", status=503)
     user = await authenticate(request)
+    st.table.admit(user.name, st.config.sessions_per_user_max)
     body = await _json(request)
     direction = body.get("direction")
     overwrite = body.get("overwrite", "diff")
@@ -235,7 +259,11 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
     await _run(request, describe_envelopes, tree)
     session = st.table.new(direction="download", root=src, entries=tree.entries, **common)
     session.touch(_scheme(request))
-    await _run(request, S.open_sources, session)
+    try:
+        await _run(request, S.open_sources, session)
+    except BaseException as exc:  # a file changed since the walk: do not leave the session open
+        await st.table.close(session, getattr(exc, "message", None) or type(exc).__name__)
+        raise
     log.info("session %s opened: user=%s peer=%s download of %s (%d entries)", session.id[:8],
              user.name, request.remote, relpath_in(docroot, src), len(tree.entries))
     return web.json_response({
@@ -276,6 +304,7 @@ async def upload_blocks(request: web.Request) -> web.Response:
     session = _session(request)
     if session.sink is None:
         raise ProtocolError("plan the upload before sending blocks", status=409)
+    _admit_stream(request, session)
     session.streams += 1
     try:
         n = await _unless_stopping(request, receive_blocks(request.content, session.sink))
@@ -351,16 +380,52 @@ async def want(request: web.Request) -> web.Response:
     return web.json_response({"queued": len(items)})
 
 
+def _admit_stream(request: web.Request, session: S.Session) -> None:
+    """Enforce ``streams_max``: a stream beyond it is refused (429); the others go on."""
+    limit = _state(request).config.streams_max
+    if session.streams >= limit:
+        raise ProtocolError(f"too many parallel streams for this session: {session.streams} "
+                            f"open, streams_max is {limit}", status=429)
+
+
 async def download_blocks(request: web.Request) -> web.StreamResponse:
+    """Stream blocks until the feed is empty.
+
+    The response starts with its first block, so a source that fails on that read is
+    this request's error (409 changed, 503 out of descriptors). A source failing later
+    fails the feed: the stream ends cleanly after its last whole frame, every later
+    request of the session gets the error, and the session is logged as failed.
+    """
     session = _session(request)
-    if session.feed is None:
+    feed = session.feed
+    if feed is None:
         raise ProtocolError("not a download session", status=409)
+    if feed.error is not None:
+        raise feed.error
+    _admit_stream(request, session)
     resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
     resp.enable_chunked_encoding()
-    await resp.prepare(request)
+
+    async def write(data: bytes | bytearray) -> None:
+        if not resp.prepared:
+            await resp.prepare(request)
+        await resp.write(data)
+
     session.streams += 1
     try:
-        await send_blocks(resp.write, session.feed, stop=_state(request).stopping)
+        try:
+            await send_blocks(write, feed, stop=_state(request).stopping)
+        except TransportError as exc:
+            session.error = session.error or exc.message
+            if not resp.prepared:
+                raise  # answered as this request's error (and logged) by the middleware
+            if isinstance(exc, ResourceExhausted):
+                resource_log.warning(exc.kind, "session %s: server %s (%s)", session.id[:8],
+                                     exc.message, exc.kind)
+            else:
+                log.warning("session %s: %s", session.id[:8], exc.message)
+        if not resp.prepared:
+            await resp.prepare(request)
         await resp.write_eof()
     finally:
         session.streams -= 1

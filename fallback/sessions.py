@@ -25,7 +25,7 @@ from transport.blocks.manifest import FileEntry
 from transport.blocks.plan import TargetState
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
-from transport.blocks.source import FileSource
+from transport.blocks.source import FileSource, SourceWindow
 from transport.blocks.tree import target_for
 from transport.errors import ConflictError, PathError, ProtocolError
 
@@ -114,6 +114,14 @@ class SessionTable:
         if token is None or not secrets.compare_digest(s.token, token):
             raise PathError("session token refused", status=401)
         return s
+
+    def admit(self, user: str, limit: int) -> None:
+        """Refuse a new session (429) when ``user`` already has ``limit`` open: each one
+        holds memory and descriptors until it is closed or times out."""
+        n = sum(1 for s in self.sessions.values() if s.user == user and not s.closed)
+        if n >= limit:
+            raise ProtocolError(f"user {user} has {n} open sessions (sessions_per_user_max is "
+                                f"{limit}): let some finish, or try again later", status=429)
 
     async def close(self, s: Session, error: str | None = None) -> None:
         if s.closed:
@@ -260,10 +268,25 @@ def finish_dirs(session: Session) -> None:
 
 
 # -- download (the daemon sends) -----------------------------------------------------------------
+SOURCE_WINDOW = 8
+"""Files a download session keeps open at once (least recently read closed first): a
+session holds at most this many descriptors for its files, plus one per read in flight
+(the daemon's I/O pool has 4 threads), whatever the number of files. Eight covers the
+files that a session's streams read in parallel (they take blocks in manifest order);
+more would only hold descriptors that an abandoned session keeps until its timeout."""
+
+
 def open_sources(session: Session) -> BlockFeed:
+    """The feed of a download session (worker thread): one lazily opened source per file.
+
+    Each file's size and mtime are checked against the manifest here (``SourceChanged``,
+    409, if it changed since the walk); no descriptor is opened until a block is read.
+    """
+    window = SourceWindow(SOURCE_WINDOW)
     sources = {}
     for i in session.file_indices():
-        sources[i] = FileSource(session.target(i), session.entries[i])
+        sources[i] = FileSource(session.target(i), session.entries[i], window=window,
+                                where="on the server")
     feed = BlockFeed(sources, session.executor)
     session.feed = feed
     return feed

@@ -7,6 +7,8 @@ translates it into a response or an exit code does not need a lookup table.
 
 from __future__ import annotations
 
+import errno
+
 
 class TransportError(Exception):
     """Base of every error raised by ``transport``."""
@@ -57,6 +59,40 @@ class SourceChanged(TransportError):
     """The source file changed while or between runs; resuming would mix contents."""
 
     status = 409
+
+
+class ResourceExhausted(TransportError):
+    """The local system ran out of a resource (descriptors, memory): nothing is wrong with
+    the request, it may succeed later. ``kind`` is the errno name (``EMFILE``, ...)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, kind: str, status: int | None = None) -> None:
+        super().__init__(message, status=status)
+        self.kind = kind
+
+
+RESOURCE_ERRNOS: dict[int, str] = {
+    errno.EMFILE: "out of file descriptors",
+    errno.ENFILE: "out of file descriptors (system-wide limit)",
+    errno.ENOMEM: "out of memory",
+    errno.ENOBUFS: "out of buffer space",
+}
+"""OS errors that say "the system is out of something", not "this name is bad"."""
+
+
+def from_os_error(exc: OSError, what: str) -> TransportError:
+    """The kind for an ``OSError`` met while reading ``what`` (a path as shown to users).
+
+    Resource errors (``RESOURCE_ERRNOS``) become ``ResourceExhausted`` (503, "try again"),
+    permission errors ``PathError`` (403), anything else (EIO, ESTALE, ...) a 500.
+    """
+    if exc.errno in RESOURCE_ERRNOS:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return ResourceExhausted(f"{RESOURCE_ERRNOS[exc.errno]}, try again", kind=name)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PathError(f"{what}: permission denied")
+    return TransportError(f"{what}: {exc.strerror or exc}", status=500)
 
 
 class ConnectionLost(TransportError):

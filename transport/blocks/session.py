@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 
 from transport.blocks.receiver import FileReceiver
 from transport.blocks.source import FileSource
-from transport.errors import ProtocolError
+from transport.errors import ProtocolError, TransportError
 
 ProgressFn = Callable[[int, int], None]
 """Called with (file index, wire bytes) for every block moved."""
@@ -60,11 +60,33 @@ class BlockFeed:
     def pending(self) -> int:
         return len(self._queue)
 
+    error: TransportError | None = None
+    """Why the feed failed (a source changed, the system ran out of descriptors), or None."""
+
     async def read(self, item: tuple[int, int]) -> tuple[bytes | bytearray, bytes]:
-        """Read (wire bytes, digest) of a block off the event loop."""
+        """Read (wire bytes, digest) of a block off the event loop.
+
+        A source that fails (``SourceChanged``, ``ResourceExhausted``, an I/O
+        error) fails the whole feed: ``error`` keeps the first such error and
+        every stream ends at its next ``take``, so no block of a file that
+        changed is sent after the change was seen.
+        """
+        if self.error is not None:
+            raise self.error
         f, b = item
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.sources[f].read_block, b)
+        try:
+            return await loop.run_in_executor(self.executor, self.sources[f].read_block, b)
+        except TransportError as exc:
+            self.fail(exc)
+            raise
+
+    def fail(self, error: TransportError) -> None:
+        """Stop the feed for good because of ``error`` (the first one is kept)."""
+        if self.error is None:
+            self.error = error
+        self.closed = True
+        self._changed.set()
 
     def delivered(self, item: tuple[int, int], nbytes: int) -> None:
         self.sent_bytes += nbytes
@@ -72,6 +94,7 @@ class BlockFeed:
             self.on_progress(item[0], nbytes)
 
     def close(self) -> None:
+        """End the feed and give back every source's descriptor (reads in flight finish first)."""
         self.closed = True
         self._changed.set()
         for s in self.sources.values():

@@ -8,6 +8,7 @@ download cannot be made to read outside a docroot.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.source import entry_for
-from transport.errors import PathError, TransportError
+from transport.errors import PathError, TransportError, from_os_error
 
 
 @dataclass(slots=True)
@@ -36,7 +37,14 @@ def _inside(real: str, within: str | None) -> bool:
 
 
 def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> SourceTree:
-    """Entries for ``root`` (a file: one entry ``""``; a folder: itself and everything below)."""
+    """Entries for ``root`` (a file: one entry ``""``; a folder: itself and everything below).
+
+    Names that cannot be carried (``SKIPPABLE_ERRNOS``, symlinks leading outside
+    ``within``, special files) are listed in ``skipped``. Raises ``PathError`` for a
+    missing or refused root, and for any other OS error the kind ``from_os_error``
+    gives (``ResourceExhausted`` for EMFILE/ENFILE, 500 for EIO ...): a walk the system
+    could not finish is an error, never a shorter list.
+    """
     limit = os.path.realpath(within) if within is not None else None
     try:
         st = os.stat(root)
@@ -57,7 +65,7 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
         try:
             names = sorted(os.listdir(folder))
         except OSError as exc:
-            tree.skipped.append(f"{rel or '.'}: {exc.strerror}")
+            _skip_or_raise(tree, rel or ".", exc)
             continue
         subdirs = []
         for name in names:
@@ -66,16 +74,20 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
             try:
                 check_relpath(relname)
                 lst = os.lstat(path)
-                if stat.S_ISLNK(lst.st_mode):
+                is_link = stat.S_ISLNK(lst.st_mode)
+                if is_link:
                     if not _inside(os.path.realpath(path), limit):
                         tree.skipped.append(f"{relname}: symlink leads outside")
                         continue
                     lst = os.stat(path)
-            except (OSError, PathError) as exc:
-                tree.skipped.append(f"{relname}: {getattr(exc, 'strerror', None) or exc}")
+            except PathError as exc:  # a name this protocol cannot carry
+                tree.skipped.append(f"{relname}: {exc.message}")
+                continue
+            except OSError as exc:
+                _skip_or_raise(tree, relname, exc)
                 continue
             if stat.S_ISDIR(lst.st_mode):
-                if stat.S_ISLNK(os.lstat(path).st_mode):
+                if is_link:
                     tree.skipped.append(f"{relname}: symlinked folder not followed")
                     continue
                 tree.add(entry_for(path, relname, block_size, lst), path)
@@ -86,6 +98,19 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
                 tree.skipped.append(f"{relname}: not a regular file")
         stack.extend(reversed(subdirs))
     return tree
+
+
+SKIPPABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
+                              errno.ELOOP, errno.ENAMETOOLONG})
+"""Errors that say "this one name cannot be carried" (no permission, removed meanwhile, a
+broken or looping symlink): the entry is skipped and reported. Any other error (out of
+descriptors, I/O error) is the system's, not the name's, and fails the whole walk."""
+
+
+def _skip_or_raise(tree: SourceTree, relname: str, exc: OSError) -> None:
+    if exc.errno not in SKIPPABLE_ERRNOS:
+        raise from_os_error(exc, relname) from None
+    tree.skipped.append(f"{relname}: {exc.strerror or exc}")
 
 
 def target_for(root: Path, relpath: str) -> Path:
@@ -112,7 +137,11 @@ def describe_envelopes(tree: SourceTree) -> None:
             if not env.is_envelope(prefix):
                 continue
             header = env.EnvelopeHeader.decode(prefix)
-        except (OSError, TransportError, ValueError):
+        except OSError as exc:
+            if exc.errno not in SKIPPABLE_ERRNOS:
+                raise from_os_error(exc, entry.path or path.name) from None
+            continue
+        except (TransportError, ValueError):
             continue
         layout = header.layout
         if layout.stored_size != entry.size:
