@@ -114,6 +114,21 @@ async def test_sigterm_with_checks_in_flight(daemon_factory) -> None:
     assert set(got) <= {401, 503} and 503 in got, got
 
 
+async def test_backlog_beyond_the_bound_is_refused_at_once(daemon_factory) -> None:
+    """30 wrong passwords at once (distinct addresses and names, so no throttling): the
+    checker admits 16, the rest get 503 + Retry-After without waiting for a hash."""
+    d = daemon_factory()
+    replies = await asyncio.gather(*(request(d, f"ghost{i}", "x", source=fresh_address())
+                                     for i in range(30)))
+    checked = [r.seconds for r in replies if r.status == 401]
+    busy = [r for r in replies if r.status == 503]
+    assert len(checked) + len(busy) == 30, [r.status for r in replies]
+    assert len(checked) >= 16 and busy, [r.status for r in replies]
+    assert all(r.retry_after == "1" and b'"error"' in r.body for r in busy)
+    assert max(r.seconds for r in busy) < statistics.median(checked) / 2
+    assert (await request(d, "bob", PASSWORDS["bob"])).status == 200
+
+
 # -- throttling ----------------------------------------------------------------------------------
 
 def _refused(r: Reply, fastest_check: float) -> None:
