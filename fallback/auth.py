@@ -5,31 +5,43 @@ cost parameters travel with each hash and can be raised later without breaking
 existing entries.  Argon2id is the default; ``$scrypt$`` strings (as written by
 passlib and friends) are also accepted so operators can bring hashes from other
 tools.
+
+Argon2 runs through argon2-cffi (the reference C implementation, libargon2).  It
+replaced cryptography's ``Argon2id`` because, with cryptography 50, two
+derivations with ``lanes > 1`` on two threads at once never return: four
+simultaneous wrong passwords froze the daemon for good.  argon2-cffi also
+releases the GIL while hashing, so checks do not stall the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import getpass
 import hashlib
 import hmac
-import os
+import logging
 import re
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TextIO
 
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from argon2 import PasswordHasher, profiles
+from argon2.low_level import Type, hash_secret_raw
 
 __all__ = [
     "ARGON2_ITERATIONS",
     "ARGON2_LANES",
     "ARGON2_MEMORY_KIB",
+    "ChecksBusy",
     "CredentialCache",
+    "PasswordChecker",
     "hash_password",
     "hash_password_main",
     "parse_basic",
@@ -37,16 +49,19 @@ __all__ = [
     "verify_password",
 ]
 
-# Cost parameters for new hashes.  Measured on the 2-CPU build host with
-# cryptography 48: m=64 MiB, t=2, p=4 takes ~110-130 ms per hash (t=3 was ~160 ms,
-# over budget).  This matches RFC 9106's second recommended profile apart from
-# t, and is well above OWASP's Argon2id minimum (19 MiB, t=2, p=1).
-ARGON2_MEMORY_KIB = 65536
-ARGON2_ITERATIONS = 2
-ARGON2_LANES = 4
-_SALT_BYTES = 16
-_HASH_BYTES = 32
+# Cost of new hashes: RFC 9106 section 4, second recommended option ("if much less
+# memory is available"): Argon2id, m=64 MiB, t=3, p=4, 128-bit salt, 256-bit tag;
+# argon2-cffi ships it as profiles.RFC_9106_LOW_MEMORY.  Well above OWASP's
+# Password Storage Cheat Sheet minimum (m=19 MiB, t=2, p=1).  About 110 ms per
+# hash on the 2-CPU build host (measured with argon2-cffi 25.1).
+_PROFILE = profiles.RFC_9106_LOW_MEMORY
+ARGON2_MEMORY_KIB = _PROFILE.memory_cost
+ARGON2_ITERATIONS = _PROFILE.time_cost
+ARGON2_LANES = _PROFILE.parallelism
+_HASHER = PasswordHasher.from_parameters(_PROFILE)
+_BUSY_LOG_INTERVAL = 10.0  # seconds between "checks saturated" log lines
 
+log = logging.getLogger("fallback.daemon")
 # Upper bounds when *reading* hashes: the config is trusted, but a typo such as
 # m=6553600 should fail validation instead of allocating gigabytes per request.
 _MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024  # 4 GiB
@@ -178,44 +193,42 @@ def validate_hash(encoded: str) -> None:
 
 
 def hash_password(password: str) -> str:
-    """Hash *password* with Argon2id and return a PHC string.
+    """Hash *password* with Argon2id and return a PHC string
+    (``$argon2id$v=19$m=65536,t=3,p=4$<salt>$<hash>``).
 
-    Cost: m=65536 KiB, t=2, p=4, 16-byte random salt, 32-byte output; about
-    110-130 ms on the build host (measured, see ``ARGON2_*``).  The derivation
-    holds the GIL for that long, which is why :class:`CredentialCache` exists.
+    Cost: RFC 9106 section 4's second recommended option, m=65536 KiB, t=3, p=4,
+    16-byte random salt, 32-byte output (see ``ARGON2_*``); about 110 ms on the
+    build host.  The GIL is released while hashing, but every check still costs
+    that much CPU, which is why :class:`CredentialCache` and
+    :class:`PasswordChecker` exist.
     """
-    salt = os.urandom(_SALT_BYTES)
-    kdf = Argon2id(
-        salt=salt,
-        length=_HASH_BYTES,
-        iterations=ARGON2_ITERATIONS,
-        lanes=ARGON2_LANES,
-        memory_cost=ARGON2_MEMORY_KIB,
-    )
-    digest = kdf.derive(password.encode("utf-8"))
-    return (
-        f"$argon2id$v=19$m={ARGON2_MEMORY_KIB},t={ARGON2_ITERATIONS},p={ARGON2_LANES}"
-        f"${_b64encode(salt)}${_b64encode(digest)}"
-    )
+    return _HASHER.hash(password)
 
 
 def verify_password(password: str, encoded: str) -> bool:
     """Return whether *password* matches *encoded* (argon2id or scrypt PHC string).
 
-    Cost parameters come from the string itself.  A wrong password returns False;
-    a malformed or unsupported string raises ``ValueError`` so that configuration
-    mistakes surface at load time instead of looking like bad passwords.
+    Cost parameters come from the string itself, after :func:`_parse_hash` has
+    bounded them.  A wrong password returns False; a malformed or unsupported
+    string raises ``ValueError`` so that configuration mistakes surface at load
+    time instead of looking like bad passwords.  Thread-safe: any number of
+    checks may run at once (argon2-cffi, hashlib).
     """
     parsed = _parse_hash(encoded)
     secret = password.encode("utf-8")
     if isinstance(parsed, _Argon2Hash):
-        candidate = Argon2id(
-            salt=parsed.salt,
-            length=len(parsed.digest),
-            iterations=parsed.iterations,
-            lanes=parsed.lanes,
+        # The raw primitive with the parsed fields rather than argon2-cffi's PHC
+        # decoder, so passlib's "." base64 variant reads as before.
+        candidate = hash_secret_raw(
+            secret,
+            parsed.salt,
+            time_cost=parsed.iterations,
             memory_cost=parsed.memory_kib,
-        ).derive(secret)
+            parallelism=parsed.lanes,
+            hash_len=len(parsed.digest),
+            type=Type.ID,
+            version=19,
+        )
     else:
         n = 1 << parsed.log2_n
         candidate = hashlib.scrypt(
@@ -236,8 +249,8 @@ class CredentialCache:
     """Remember recent successful password checks.
 
     HTTP Basic resends the password on every request and each Argon2id check
-    costs ~0.1 s of GIL-holding CPU, so without a cache every request would stall
-    the event loop.  Entries are keyed by an HMAC (random per-process key) over
+    costs ~0.1 s of CPU and 64 MiB, so without a cache a plain client (curl,
+    aria2c) would pay that on every request.  Entries are keyed by an HMAC (random per-process key) over
     user, password and stored hash, so the cache never holds plaintext, a memory
     dump does not give an offline-guessable fast hash, and changing the hash in
     the config invalidates old entries.  Failures are never cached, so a wrong
@@ -275,26 +288,43 @@ class CredentialCache:
             mac.update(data)
         return mac.digest()
 
-    def check(self, user: str, password: str, encoded: str) -> bool:
-        """Return whether *password* is valid for *user* given its stored hash.
+    def lookup(self, user: str, password: str, encoded: str) -> bool:
+        """Return whether this exact (user, password, hash) was verified recently.
 
-        Raises ``ValueError`` for a malformed *encoded*, like :func:`verify_password`.
+        Cheap (one HMAC-SHA256); never runs the password hash.
         """
         key = self._digest(user, password, encoded)
         now = self._clock()
         self._prune(now)
         expiry = self._entries.get(key)
-        if expiry is not None:
-            if now < expiry:
-                self._entries.move_to_end(key)
-                return True
-            del self._entries[key]
-        if not verify_password(password, encoded):
+        if expiry is None:
             return False
+        if now < expiry:
+            self._entries.move_to_end(key)
+            return True
+        del self._entries[key]
+        return False
+
+    def remember(self, user: str, password: str, encoded: str) -> None:
+        """Record a successful verification for ``ttl`` seconds, evicting the LRU entry."""
+        key = self._digest(user, password, encoded)
         self._entries[key] = self._clock() + self._ttl
         self._entries.move_to_end(key)
         while len(self._entries) > self._maxsize:
             self._entries.popitem(last=False)
+
+    def check(self, user: str, password: str, encoded: str) -> bool:
+        """Return whether *password* is valid for *user* given its stored hash.
+
+        :meth:`lookup`, else :func:`verify_password` (in the calling thread) and
+        :meth:`remember` on success.  Raises ``ValueError`` for a malformed
+        *encoded*, like :func:`verify_password`.
+        """
+        if self.lookup(user, password, encoded):
+            return True
+        if not verify_password(password, encoded):
+            return False
+        self.remember(user, password, encoded)
         return True
 
     def _prune(self, now: float) -> None:
@@ -312,6 +342,100 @@ class CredentialCache:
     def clear(self) -> None:
         """Forget all entries (e.g. after a config reload removes a user)."""
         self._entries.clear()
+
+
+class ChecksBusy(Exception):
+    """More password checks are pending than :class:`PasswordChecker` admits.
+
+    The daemon answers 503 with ``Retry-After`` instead of queueing without bound.
+    """
+
+
+class PasswordChecker:
+    """Password checks on their own small thread pool, with a bounded backlog.
+
+    Each uncached check costs one full hash (~110 ms and 64 MiB for the default
+    Argon2id), so checks never run on the daemon's file I/O pool, where a flood
+    of wrong passwords would delay every transfer.  At most *workers* run at
+    once (memory: workers x the hash's m), and at most *max_pending* are
+    admitted (running + queued); beyond that :meth:`check` raises
+    :class:`ChecksBusy` at once.  An unknown user is checked against a dummy
+    hash made with :func:`hash_password` at construction, so it costs exactly
+    what a known user with default-cost hash costs and names cannot be probed by
+    timing.  Successful checks are cached (:class:`CredentialCache`); failures
+    never are.  Use :meth:`check` from one event loop.
+    """
+
+    def __init__(self, workers: int = 2, max_pending: int = 16,
+                 cache: CredentialCache | None = None) -> None:
+        if workers < 1 or max_pending < workers:
+            raise ValueError("need workers >= 1 and max_pending >= workers")
+        self.cache = cache if cache is not None else CredentialCache()
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fb-auth")
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._busy_logged = -_BUSY_LOG_INTERVAL
+        self._dummy = hash_password(secrets.token_urlsafe(32))
+
+    @property
+    def pending(self) -> int:
+        """Checks admitted and not finished (running or queued)."""
+        return self._pending
+
+    def _release(self, _: Future[bool]) -> None:
+        # Runs when the pool future finishes or is cancelled, not when the awaiting
+        # request goes away: a client that hangs up must not free a slot early.
+        with self._lock:
+            self._pending -= 1
+
+    async def check(self, user: str, password: str, encoded: str | None) -> bool:
+        """Return whether *password* is right for *user* whose stored hash is *encoded*.
+
+        ``encoded=None`` means no such user: the same work is done against the
+        dummy hash and the answer is False.  Raises :class:`ChecksBusy` when
+        ``max_pending`` checks are already admitted or after :meth:`shutdown`,
+        and ``ValueError`` for a malformed *encoded* (config validation rules
+        that out).
+        """
+        stored = self._dummy if encoded is None else encoded
+        if self.cache.lookup(user, password, stored):
+            return encoded is not None
+        with self._lock:
+            busy = self._pending >= self.max_pending
+            if not busy:
+                self._pending += 1
+        if busy:
+            now = time.monotonic()
+            if now - self._busy_logged >= _BUSY_LOG_INTERVAL:
+                self._busy_logged = now
+                log.warning("password checks saturated (%d pending): refusing logins with 503",
+                            self.max_pending)
+            raise ChecksBusy("too many logins at once, retry later")
+        try:
+            fut = self._pool.submit(verify_password, password, stored)
+        except RuntimeError:  # after shutdown()
+            with self._lock:
+                self._pending -= 1
+            raise ChecksBusy("the daemon is shutting down") from None
+        fut.add_done_callback(self._release)
+        try:
+            ok = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if fut.cancelled() and task is not None and not task.cancelling():
+                # Dropped from the queue by shutdown(), not a cancelled request: answer it.
+                raise ChecksBusy("the daemon is shutting down") from None
+            raise
+        if encoded is None or not ok:
+            return False
+        self.cache.remember(user, password, encoded)
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the pool: queued and later checks raise :class:`ChecksBusy` at once;
+        running ones end on their own (one hash each, ~0.1 s)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def parse_basic(header_value: str | None) -> tuple[str, str] | None:

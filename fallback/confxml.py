@@ -21,6 +21,8 @@ from xml.parsers.expat import ErrorString
 from defusedxml import DefusedXmlException, EntitiesForbidden
 from defusedxml.ElementTree import DefusedXMLParser
 
+from fallback.auth import validate_hash
+
 _MAX_BYTES = 8 * 1024 * 1024  # a config file this large is a mistake, not a configuration
 _HASH_PREFIXES = ("$argon2id$", "$scrypt$")
 
@@ -242,4 +244,8 @@ def _password_hash(name: str, text: str, base: Path) -> str:
     if not text.startswith(_HASH_PREFIXES):
         # The value is deliberately not echoed: it may be a plaintext password pasted by mistake.
         raise _Bad(f'{name}: must start with "$argon2id$" or "$scrypt$"')
+    try:  # the whole hash, bounds included: a placeholder or a typo is found now, not at login
+        validate_hash(text)
+    except ValueError as exc:
+        raise _Bad(f"{name}: {exc}") from None
     return text

@@ -117,6 +117,7 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
     await stop.wait()
     log.info("stopping: checkpointing %d sessions", len(state.table.sessions))
     state.stopping.set()
+    state.checker.shutdown()  # queued password checks answer 503 now, not after the backlog
     reaper.cancel()
     await runner.cleanup()
     await state.table.close_all("daemon stopped")

@@ -32,10 +32,11 @@ from aiohttp import web
 
 from fallback import plainhttp
 from fallback import sessions as S
-from fallback.auth import CredentialCache, parse_basic
+from fallback.auth import ChecksBusy, PasswordChecker, parse_basic
 from fallback.config import Config, UserConfig
 from fallback.paths import confine, relpath_in, resolve, split_urlpath
 from fallback.ratelog import RateLimitedLog
+from fallback.throttle import LoginThrottle
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.plan import OVERWRITE_MODES, to_ranges
@@ -65,7 +66,8 @@ class DaemonState:
     config: Config
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, "fb-io"))
     table: S.SessionTable = field(default_factory=S.SessionTable)
-    creds: CredentialCache = field(default_factory=CredentialCache)
+    checker: PasswordChecker = field(default_factory=PasswordChecker)  # own pool, not executor
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -124,26 +126,34 @@ def _scheme(request: web.Request) -> str:
 
 
 async def authenticate(request: web.Request) -> UserConfig:
+    """Check HTTP Basic credentials: 401 if wrong, 429 while throttled, 503 if checks back up.
+
+    Throttled attempts are refused before any password hash runs (fallback.throttle);
+    an unknown user costs the same hash as a known one (PasswordChecker's dummy).
+    """
     st = _state(request)
     creds = parse_basic(request.headers.get("Authorization", ""))
     if creds is None:
         raise PathError("authentication required", status=401)
-    user = st.config.user(creds[0])
-    if user is None:
-        # Spend the same work as a real check so user names can't be probed by timing.
-        await asyncio.get_running_loop().run_in_executor(
-            st.executor, st.creds.check, "", creds[1], _DUMMY_HASH
-        )
+    name, password = creds
+    if wait := st.throttle.retry_after(request.remote, name):
+        raise _refusal(web.HTTPTooManyRequests, "too many failed logins, retry later", wait)
+    user = st.config.user(name)
+    try:
+        ok = await st.checker.check(name, password, user.password_hash if user else None)
+    except ChecksBusy as exc:
+        raise _refusal(web.HTTPServiceUnavailable, str(exc), 1) from None
+    if not ok or user is None:
+        st.throttle.failed(request.remote, name)
         raise PathError("wrong user name or password", status=401)
-    ok = await asyncio.get_running_loop().run_in_executor(
-        st.executor, st.creds.check, user.name, creds[1], user.password_hash
-    )
-    if not ok:
-        raise PathError("wrong user name or password", status=401)
+    st.throttle.succeeded(name)
     return user
 
 
-_DUMMY_HASH = "$scrypt$ln=14,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+def _refusal(cls: type[web.HTTPException], message: str, retry_after: int) -> web.HTTPException:
+    # An HTTPException passes errors_middleware unlogged: throttle.py logs once per period.
+    return cls(text=json.dumps({"error": message}), content_type="application/json",
+               headers={"Retry-After": str(retry_after)})
 
 
 async def _json(request: web.Request) -> dict[str, Any]:

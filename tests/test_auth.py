@@ -1,17 +1,29 @@
-"""Tests for fallback.auth: Argon2id/scrypt hashes, credential cache, Basic parsing."""
+"""Tests for fallback.auth: Argon2id/scrypt hashes, credential cache, password checker, Basic
+parsing, and the whole-hash check of `config validate`."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
 import re
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
+from argon2.low_level import Type, hash_secret_raw
 
 from fallback.auth import (
+    ARGON2_ITERATIONS,
+    ARGON2_LANES,
+    ARGON2_MEMORY_KIB,
+    ChecksBusy,
     CredentialCache,
+    PasswordChecker,
     hash_password,
     hash_password_main,
     parse_basic,
@@ -78,8 +90,46 @@ def test_tampered_hash_is_false(stored: str) -> None:
     assert not verify_password("correct horse", "$".join(parts))
 
 
+def test_cost_is_rfc9106_second_recommendation(stored: str) -> None:
+    """RFC 9106 section 4, second option: m=64 MiB, t=3, p=4 (stronger than OWASP's minimum)."""
+    m = PHC_RE.fullmatch(stored)
+    assert m is not None
+    assert (int(m.group(1)), int(m.group(2)), int(m.group(3))) == (65536, 3, 4)
+    assert (ARGON2_MEMORY_KIB, ARGON2_ITERATIONS, ARGON2_LANES) == (65536, 3, 4)
+
+
+def test_concurrent_checks_all_return(stored: str) -> None:
+    """cryptography 50's Argon2id never returned when two lanes=4 derivations ran on two
+    threads at once (the daemon froze); checks must run side by side and finish."""
+    results: dict[int, bool] = {}
+
+    def check(i: int) -> None:
+        results[i] = verify_password("correct horse" if i % 2 else "wrong", stored)
+
+    threads = [threading.Thread(target=check, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert results == {0: False, 1: True, 2: False, 3: True}
+
+
+def test_passlib_ab64_variant(stored: str) -> None:
+    """passlib writes "." for "+" in its base64; such hashes keep verifying."""
+    salt = b"\xfb\xef\xbe" * 5 + b"\x00"  # base64 "++++..."
+    digest = hash_secret_raw(b"pw", salt, time_cost=1, memory_cost=8, parallelism=1,
+                             hash_len=32, type=Type.ID)
+    standard = f"$argon2id$v=19$m=8,t=1,p=1${_b64(salt)}${_b64(digest)}"
+    assert "+" in standard
+    assert verify_password("pw", standard.replace("+", "."))
+    assert not verify_password("pW", standard.replace("+", "."))
+
+
 def test_parameters_are_read_from_string() -> None:
-    """A hash made with other (cheap) parameters verifies: they come from the string."""
+    """A hash made with other (cheap) parameters verifies: they come from the string.
+    Made by cryptography's Argon2id, as this daemon's hash-password did before: old hashes
+    keep working with argon2-cffi (one derivation at a time here, which never deadlocked)."""
     from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
     salt = b"0123456789abcdef"
@@ -237,12 +287,9 @@ def test_cache_key_is_per_process() -> None:
 
 def _cheap_hash(password: str) -> str:
     """Argon2id with minimal cost, so cache tests don't spend seconds hashing."""
-    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-
     salt = b"saltsaltsaltsalt"
-    digest = Argon2id(salt=salt, length=32, iterations=1, lanes=1, memory_cost=8).derive(
-        password.encode()
-    )
+    digest = hash_secret_raw(password.encode(), salt, time_cost=1, memory_cost=8, parallelism=1,
+                             hash_len=32, type=Type.ID)
     return f"$argon2id$v=19$m=8,t=1,p=1${_b64(salt)}${_b64(digest)}"
 
 
@@ -308,3 +355,83 @@ def test_hash_password_main_empty(stdin_text: str) -> None:
     assert rc == 2
     assert out == ""
     assert err.strip() == "error: empty password"
+
+
+# -- PasswordChecker: own bounded pool, equal work for unknown users ---------------------------
+
+async def test_checker_refuses_beyond_its_backlog(stored: str) -> None:
+    checker = PasswordChecker(workers=1, max_pending=2)
+    try:
+        got = await asyncio.gather(*(checker.check("alice", f"wrong{i}", stored)
+                                     for i in range(5)), return_exceptions=True)
+        assert [type(g).__name__ for g in got] == ["bool", "bool", "ChecksBusy", "ChecksBusy",
+                                                    "ChecksBusy"]
+        assert checker.pending == 0
+        assert await checker.check("alice", "correct horse", stored)
+        # Cached: no hash runs, so even a full backlog does not refuse it.
+        blockers = [asyncio.ensure_future(checker.check("bob", f"x{i}", stored)) for i in range(2)]
+        await asyncio.sleep(0)
+        assert checker.pending == 2
+        assert await checker.check("alice", "correct horse", stored)
+        with pytest.raises(ChecksBusy):
+            await checker.check("alice", "not cached", stored)
+        assert await asyncio.gather(*blockers) == [False, False]
+    finally:
+        checker.shutdown()
+
+
+async def test_checker_unknown_user_costs_a_default_hash(stored: str) -> None:
+    checker = PasswordChecker()
+    try:
+        # The dummy hash has the default cost, so an unknown name costs what a known one does.
+        assert PHC_RE.fullmatch(checker._dummy).groups()[:3] == PHC_RE.fullmatch(
+            stored).groups()[:3]
+        t0 = time.perf_counter()
+        assert not await checker.check("nobody", "correct horse", None)
+        unknown = time.perf_counter() - t0
+        assert unknown > 0.02  # a real Argon2id run
+        assert not await checker.check("nobody", "correct horse", None)  # never cached
+        assert len(checker.cache) == 0
+    finally:
+        checker.shutdown()
+
+
+async def test_checker_threads_are_its_own(stored: str) -> None:
+    names: list[str] = []
+    checker = PasswordChecker(workers=2)
+    try:
+        await checker.check("alice", "wrong", stored)
+        names = [t.name for t in threading.enumerate()]
+    finally:
+        checker.shutdown()
+    assert any(n.startswith("fb-auth") for n in names), names
+
+
+# -- config validation reads the whole hash (issue #14) -----------------------------------------
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("$argon2id$...", "invalid argon2id hash: expected '$argon2id$v=19$m=..,t=..,p=..$salt$hash'"),
+    ("$scrypt$...", "invalid scrypt hash: expected '$scrypt$ln=..,r=..,p=..$salt$hash'"),
+    ("$argon2id$v=19$m=99999999,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
+     "invalid argon2id hash: m must be in 8..4194304 KiB"),
+    ("$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$", "invalid password hash: hash is not valid unpadded base64"),
+])
+def test_config_validate_reports_unusable_hash(tmp_path: Path, value: str, message: str) -> None:
+    """A pasted placeholder passed validation (only the prefix was checked) and then made
+    every login of that user a 500; now it is a FILE:LINE problem and the daemon won't start."""
+    (tmp_path / "srv").mkdir()
+    path = tmp_path / "aspera.conf"
+    path.write_text(f"""<?xml version="1.0"?>
+<CONF version="2">
+<users>
+<user><name>alice</name>
+<password_hash>{value}</password_hash>
+<docroot>{tmp_path / "srv"}</docroot></user>
+</users>
+</CONF>
+""")
+    p = subprocess.run([sys.executable, "-m", "fallback", "config", "validate", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p
+    assert p.stderr.startswith(f"{path}:5: password_hash: {message}"), p.stderr
+    assert "Traceback" not in p.stderr

@@ -256,10 +256,10 @@ PROBLEMS = [
      "unknown element <docroot> in <http_server>; <docroot> belongs in <file_system> or "
      "<users/user>"),
     ("<zzzzzz/>\n", "<zzzzzz/>", "unknown element <zzzzzz> in <CONF>"),
-    ("<users><user><name>a</name><password_hash>$scrypt$x</password_hash><docroot>/</docroot>\n"
+    (f"<users><user><name>a</name><password_hash>{HASH}</password_hash><docroot>/</docroot>\n"
      "<read_alowed>1</read_alowed></user></users>\n", "<read_alowed>",
      "unknown element <read_alowed> in <user>; did you mean <read_allowed>?"),
-    ("<users><user><nmae>a</nmae><password_hash>$scrypt$x</password_hash><docroot>/</docroot>\n"
+    (f"<users><user><nmae>a</nmae><password_hash>{HASH}</password_hash><docroot>/</docroot>\n"
      "<name>a</name></user></users>\n", "<nmae>",
      "unknown element <nmae> in <user>; did you mean <name>?"),
     ("<http_server>\n<http_port>80x</http_port>\n</http_server>\n", "80x",
