@@ -27,9 +27,23 @@ from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource
 from transport.blocks.tree import target_for
-from transport.errors import ConflictError, PathError, ProtocolError
+from transport.errors import ConflictError, PathError, ProtocolError, SourceChanged
 
 log = logging.getLogger("fallback.daemon")
+
+VERIFY_BATCH = 64 << 20
+"""Bytes of a partial re-read per executor job when carried-over blocks are
+re-verified (``FileReceiver.verify_carried``): a long re-read never holds one of
+the daemon's I/O threads for more than a fraction of a second."""
+
+COMMIT_WAIT = 20.0
+"""Seconds a commit call waits for re-verification before answering
+``{"verifying": n}`` (the client calls again): well under the client's
+120-second read timeout whatever the size of the partial."""
+
+MAX_DIGEST_BLOCKS = 4096
+"""Most block digests (or file roots) one ``/digests`` call may ask for; the
+client batches far below this."""
 
 IDLE_TAKEOVER = 2.0
 """Seconds without a request or an open stream after which a session's
@@ -58,6 +72,7 @@ class Session:
     streams: int = 0
     sink: BlockSink | None = None
     feed: BlockFeed | None = None
+    verifier: asyncio.Task[None] | None = None
     committed: int = 0
     skipped: int = 0
     error: str | None = None
@@ -121,6 +136,8 @@ class SessionTable:
         s.closed = True
         if error and s.error is None:
             s.error = error
+        if s.verifier is not None:
+            s.verifier.cancel()
         if s.sink is not None:
             await s.sink.close()
         if s.feed is not None:
@@ -213,7 +230,42 @@ async def open_receivers(
             rec.close()
         raise
     session.sink = BlockSink(receivers, session.executor)
+    if any(r.unverified for r in receivers.values()):
+        session.verifier = asyncio.ensure_future(_verify_in_background(session))
     return {i: r.missing() for i, r in receivers.items()}
+
+
+async def _verify_in_background(session: Session) -> None:
+    """Re-read carried-over blocks while the new ones stream in, one file after another.
+
+    Only a head start: the commit re-verifies whatever is left and reports
+    errors; here a failure is logged and the rest left to the commit. Blocks
+    that fail are dropped from their receiver and show up as missing at commit.
+    """
+    assert session.sink is not None
+    loop = asyncio.get_running_loop()
+    for i, rec in list(session.sink.receivers.items()):
+        try:
+            while rec.unverified and not session.closed:
+                bad = await loop.run_in_executor(session.executor, rec.verify_carried, VERIFY_BATCH)
+                if bad:
+                    log.warning("session %s: %s: %d blocks of the partial failed re-verification; "
+                                "asking for them again", session.id[:8], session.entries[i].path
+                                or session.root.name, len(bad))
+        except OSError as exc:
+            log.warning("session %s: re-verifying %s: %s", session.id[:8],
+                        session.entries[i].path or session.root.name, exc.strerror or exc)
+
+
+async def verify_for_commit(session: Session, index: int, deadline: float) -> int:
+    """Re-verify file ``index``'s carried-over blocks until done or ``deadline``
+    (``time.monotonic``); returns how many are still unverified."""
+    assert session.sink is not None
+    rec = session.sink.receiver(index)
+    loop = asyncio.get_running_loop()
+    while rec.unverified and time.monotonic() < deadline:
+        await loop.run_in_executor(session.executor, rec.verify_carried, VERIFY_BATCH)
+    return rec.unverified
 
 
 async def _wait_idle(holder: Session) -> bool:
@@ -233,9 +285,15 @@ async def _wait_idle(holder: Session) -> bool:
 
 
 def commit_file(session: Session, index: int, root: str | None) -> dict[str, object]:
-    """Commit one received file (worker thread): ok, or what is missing."""
+    """Commit one received file (worker thread): ok, or what is missing.
+
+    Blocks carried over from an earlier run are re-read first
+    (``verify_for_commit`` normally did it already); any that fail are dropped
+    and answered as missing, so the client's next round sends them again.
+    """
     assert session.sink is not None
     rec = session.sink.receiver(index)
+    rec.verify_carried()
     missing = rec.missing()
     if missing:
         rec.flush()
@@ -260,21 +318,70 @@ def finish_dirs(session: Session) -> None:
 
 
 # -- download (the daemon sends) -----------------------------------------------------------------
+class SentSource(FileSource):
+    """A daemon-side source that remembers the digest of every block it read this session.
+
+    The client asks for the whole-file digest over the source's current bytes
+    before it publishes a download (``source_roots``); with these digests the
+    daemon reads only blocks it has not read this session (none, when the
+    client fetched or compared every block). They stay valid while the file is
+    unchanged, which ``check_unchanged`` tests with the inode's ctime as well as
+    size and mtime: an edit whose mtime was set back still moves the ctime.
+    """
+
+    def __init__(self, path: Path, entry: FileEntry) -> None:
+        super().__init__(path, entry)
+        self.digests: dict[int, bytes] = {}
+        self._ctime_ns = os.fstat(self._fd).st_ctime_ns
+
+    def read_block(self, index: int) -> tuple[bytes | bytearray, bytes]:
+        data, digest = super().read_block(index)
+        self.digests[index] = digest
+        return data, digest
+
+    def check_unchanged(self) -> None:
+        super().check_unchanged()
+        if os.fstat(self._fd).st_ctime_ns != self._ctime_ns:
+            raise SourceChanged(f"{self.path.name}: modified during the transfer")
+
+    def root(self) -> str:
+        """Whole-file digest of the current bytes: recorded digests, reading only the rest.
+        Raises ``SourceChanged`` when the file changed since the session opened."""
+        self.check_unchanged()
+        count = self.layout.count
+        for b in range(count):
+            if b not in self.digests:
+                self.read_block(b)
+        self.check_unchanged()
+        return file_digest(self.entry.block_size, self.entry.size, (self.digests[b] for b in range(count)))
+
+
 def open_sources(session: Session) -> BlockFeed:
-    sources = {}
+    sources: dict[int, FileSource] = {}
     for i in session.file_indices():
-        sources[i] = FileSource(session.target(i), session.entries[i])
+        sources[i] = SentSource(session.target(i), session.entries[i])
     feed = BlockFeed(sources, session.executor)
     session.feed = feed
     return feed
 
 
-def source_digests(session: Session, index: int, blocks: list[int], root: bool) -> dict[str, object]:
-    """Digests of some source blocks, and optionally the whole-file digest (worker thread)."""
+def _source(session: Session, index: int) -> SentSource:
     assert session.feed is not None
     src = session.feed.sources.get(index)
-    if src is None:
+    if not isinstance(src, SentSource):
         raise ProtocolError(f"unknown file index {index}")
+    return src
+
+
+def source_digests(session: Session, index: int, blocks: list[int], root: bool) -> dict[str, object]:
+    """Digests of some source blocks, and optionally the whole-file digest (worker thread).
+
+    Every block read is recorded (``SentSource``), so a later ``root`` does not
+    read it again. At most ``MAX_DIGEST_BLOCKS`` blocks per call.
+    """
+    src = _source(session, index)
+    if len(blocks) > MAX_DIGEST_BLOCKS:
+        raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} blocks per digests call")
     out: dict[str, object] = {}
     count = src.layout.count
     digests = {}
@@ -284,6 +391,22 @@ def source_digests(session: Session, index: int, blocks: list[int], root: bool) 
         digests[b] = src.read_block(b)[1]
     out["digests"] = {str(b): d.hex() for b, d in digests.items()}
     if root:
-        all_d = [digests.get(b) or src.read_block(b)[1] for b in range(count)]
-        out["root"] = file_digest(src.entry.block_size, src.entry.size, all_d)
+        out["root"] = src.root()
     return out
+
+
+def source_roots(session: Session, files: list[int]) -> dict[str, object]:
+    """Whole-file digests over the current bytes of some files (worker thread), for the
+    client's check before it publishes them: ``{roots: {file: root}, errors: {file: message}}``.
+    A file changed since the session opened is an error for that file only."""
+    if len(files) > MAX_DIGEST_BLOCKS:
+        raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} files per digests call")
+    roots: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for i in files:
+        src = _source(session, i)
+        try:
+            roots[str(i)] = src.root()
+        except SourceChanged as exc:
+            errors[str(i)] = exc.message
+    return {"roots": roots, "errors": errors}
