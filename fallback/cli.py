@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fallback.errors import FallbackError, TransferError, UsageError
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
+from transport.blocks.plan import DEFAULT_RESUME, RESUME_MODES
 from transport.errors import TransportError
 
 
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("dst")
     t.add_argument("--transport", default="auto", choices=["auto", "udp", "http", "https"])
     t.add_argument("--streams", type=int, default=4, help="parallel HTTP streams (default 4)")
-    t.add_argument("--resume", default="full", choices=["none", "attrs", "sparse", "full"],
+    t.add_argument("--resume", default=DEFAULT_RESUME, choices=list(RESUME_MODES),
                    help="resume check (default full: every kept block compared with the source)")
     t.add_argument("--overwrite", default="diff", choices=["never", "always", "diff", "older"])
     t.add_argument("--cacert", help="CA certificate file to verify the daemon's certificate")

@@ -460,7 +460,8 @@ async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: 
         await loop.run_in_executor(executor, rec.verify_carried)
         kept = rec.have()
         current = await _source_digests(remote, i, sorted(set(kept) - compared))
-        rec.drop_blocks(sorted(b for b, d in current.items() if kept.get(b) != d))
+        stale = sorted(b for b, d in current.items() if kept.get(b) != d)
+        await loop.run_in_executor(executor, rec.drop_blocks, stale)
     have = set(rec.have())
     progress.skip(sum(_plain_len(entry, b) for b in have))
 

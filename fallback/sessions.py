@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fallback.paths import confine, relpath_in
-from transport.blocks.digest import digest_path, file_digest
+from transport.blocks.digest import DIGEST_SIZE, digest_path, file_digest
 from transport.blocks.manifest import FileEntry
 from transport.blocks.plan import TargetState
 from transport.blocks.receiver import FileReceiver, inspect_partial
@@ -243,18 +243,13 @@ async def _verify_in_background(session: Session) -> None:
     that fail are dropped from their receiver and show up as missing at commit.
     """
     assert session.sink is not None
-    loop = asyncio.get_running_loop()
     for i, rec in list(session.sink.receivers.items()):
         try:
             while rec.unverified and not session.closed:
-                bad = await loop.run_in_executor(session.executor, rec.verify_carried, VERIFY_BATCH)
-                if bad:
-                    log.warning("session %s: %s: %d blocks of the partial failed re-verification; "
-                                "asking for them again", session.id[:8], session.entries[i].path
-                                or session.root.name, len(bad))
+                await _verify_batch(session, i, rec)
         except OSError as exc:
-            log.warning("session %s: re-verifying %s: %s", session.id[:8],
-                        session.entries[i].path or session.root.name, exc.strerror or exc)
+            log.warning("session %s: re-verifying %s: %s", session.id[:8], _name(session, i),
+                        exc.strerror or exc)
 
 
 async def verify_for_commit(session: Session, index: int, deadline: float) -> int:
@@ -262,10 +257,26 @@ async def verify_for_commit(session: Session, index: int, deadline: float) -> in
     (``time.monotonic``); returns how many are still unverified."""
     assert session.sink is not None
     rec = session.sink.receiver(index)
-    loop = asyncio.get_running_loop()
     while rec.unverified and time.monotonic() < deadline:
-        await loop.run_in_executor(session.executor, rec.verify_carried, VERIFY_BATCH)
+        await _verify_batch(session, index, rec)
     return rec.unverified
+
+
+async def _verify_batch(session: Session, index: int, rec: FileReceiver) -> None:
+    loop = asyncio.get_running_loop()
+    _report_dropped(session, index, await loop.run_in_executor(
+        session.executor, rec.verify_carried, VERIFY_BATCH))
+
+
+def _report_dropped(session: Session, index: int, bad: list[int]) -> None:
+    if bad:
+        log.warning("session %s: %s: %d blocks of the partial failed re-verification (first: "
+                    "block %d); asking for them again", session.id[:8], _name(session, index),
+                    len(bad), bad[0])
+
+
+def _name(session: Session, index: int) -> str:
+    return session.entries[index].path or session.root.name
 
 
 async def _wait_idle(holder: Session) -> bool:
@@ -293,7 +304,7 @@ def commit_file(session: Session, index: int, root: str | None) -> dict[str, obj
     """
     assert session.sink is not None
     rec = session.sink.receiver(index)
-    rec.verify_carried()
+    _report_dropped(session, index, rec.verify_carried())
     missing = rec.missing()
     if missing:
         rec.flush()
@@ -331,12 +342,15 @@ class SentSource(FileSource):
 
     def __init__(self, path: Path, entry: FileEntry) -> None:
         super().__init__(path, entry)
-        self.digests: dict[int, bytes] = {}
         self._ctime_ns = os.fstat(self._fd).st_ctime_ns
+        count = self.layout.count
+        self._digests = bytearray(count * DIGEST_SIZE)  # 8 MiB for 1 TiB in 4 MiB blocks
+        self._seen = bytearray(count)
 
     def read_block(self, index: int) -> tuple[bytes | bytearray, bytes]:
         data, digest = super().read_block(index)
-        self.digests[index] = digest
+        self._digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
+        self._seen[index] = 1
         return data, digest
 
     def check_unchanged(self) -> None:
@@ -350,10 +364,12 @@ class SentSource(FileSource):
         self.check_unchanged()
         count = self.layout.count
         for b in range(count):
-            if b not in self.digests:
+            if not self._seen[b]:
                 self.read_block(b)
         self.check_unchanged()
-        return file_digest(self.entry.block_size, self.entry.size, (self.digests[b] for b in range(count)))
+        d = bytes(self._digests)
+        return file_digest(self.entry.block_size, self.entry.size,
+                           (d[b * DIGEST_SIZE:(b + 1) * DIGEST_SIZE] for b in range(count)))
 
 
 def open_sources(session: Session) -> BlockFeed:

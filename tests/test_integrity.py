@@ -50,7 +50,9 @@ from tests.test_resume import (
 from transport.blocks import envelope as env
 from transport.blocks.digest import digest_path
 from transport.blocks.plan import resume_samples
-from transport.blocks.receiver import partial_path
+from transport.blocks.receiver import FileReceiver, partial_path
+from transport.blocks.source import FileSource, entry_for
+from transport.errors import IntegrityError
 
 MODES = ["attrs", "sparse", "full"]
 PASS = "Corr3ct-Horse-Battery-Staple"
@@ -209,6 +211,35 @@ def test_corrupted_plaintext_partial_is_fetched_again_on_decrypting_download(
     assert res["checksums"] == {"secret.bin": digest_path(dd.pristine, BS)}
     assert res["skipped_bytes"] == (len(held) - 1) * BS
     assert leftovers(dd.target.parent) == []
+
+
+def test_damaged_blocks_leave_the_journal_on_disk(tmp_path: Path) -> None:
+    """A partial cut short and one byte flipped: the receiver drops exactly those blocks,
+    from the journal file too (a crash right after must not bring them back), refuses to
+    publish until they are received again, then publishes the right bytes."""
+    src = make_file(tmp_path / "f.bin", 8 * BS, seed=25)
+    entry = entry_for(src, "", BS)
+    target = tmp_path / "out" / "f.bin"
+    target.parent.mkdir()
+    source = FileSource(src, entry)
+    rec = FileReceiver(target, entry)
+    for b in range(8):
+        rec.write_block(b, *source.read_block(b))
+    rec.close()
+    flip(partial_path(target), 2 * BS + 9)
+    os.truncate(partial_path(target), 6 * BS + 100)  # blocks 6 and 7 gone or cut short
+    rec = FileReceiver(target, entry, resume=True)
+    assert rec.unverified == 8 and rec.missing() == []
+    with pytest.raises(IntegrityError, match="3 blocks kept from an earlier run no longer match"):
+        rec.commit(digest_path(src, BS))
+    assert sorted(journaled(target)) == [0, 1, 3, 4, 5] and rec.missing() == [2, 6, 7]
+    assert not target.exists() and rec.unverified == 0
+    for b in rec.missing():
+        rec.write_block(b, *source.read_block(b))
+    rec.commit(digest_path(src, BS))
+    source.close()
+    assert sha256(target) == sha256(src)
+    assert leftovers(target.parent) == []
 
 
 # -- 2. a stale partial: the source edited with its mtime set back -----------------------------------

@@ -433,6 +433,7 @@ class FileReceiver:
     def _close(self, *, remove_journal: bool) -> None:
         with self._lock:
             self._open = False
+            self._unverified.clear()  # nothing closed will be committed
             while self._active:
                 self._idle.wait()
         self._journal.close(remove=remove_journal)
