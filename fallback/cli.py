@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fallback.errors import FallbackError, TransferError, UsageError
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
+from transport.blocks.plan import DEFAULT_RESUME, RESUME_MODES
 from transport.errors import TransportError
 
 
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("dst")
     t.add_argument("--transport", default="auto", choices=["auto", "udp", "http", "https"])
     t.add_argument("--streams", type=int, default=4, help="parallel HTTP streams (default 4)")
-    t.add_argument("--resume", default="sparse", choices=["none", "attrs", "sparse", "full"])
+    t.add_argument("--resume", default=DEFAULT_RESUME, choices=list(RESUME_MODES),
+                   help="resume check (default full: every kept block compared with the source)")
     t.add_argument("--overwrite", default="diff", choices=["never", "always", "diff", "older"])
     t.add_argument("--cacert", help="CA certificate file to verify the daemon's certificate")
     t.add_argument("--fingerprint", help="pin the daemon's certificate by its SHA-256 fingerprint")
@@ -150,6 +152,11 @@ def cmd_transfer(a: argparse.Namespace) -> int:
               f"({result.sent_bytes} sent, {result.skipped_bytes} skipped) in "
               f"{result.seconds:.2f} s, {result.rate_mbps:.1f} Mbit/s over "
               f"{','.join(result.transports)}")
+        if result.verified != "full":
+            n = len(result.verified_files)
+            print(f"verification sampled for {n} file{'s' if n != 1 else ''}: the resume trusted "
+                  "blocks kept from an earlier run without comparing them with the source "
+                  "(--resume full compares every one)")
     return 0
 
 

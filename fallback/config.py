@@ -40,12 +40,36 @@ from fallback.confxml import (  # noqa: F401 - Problem is re-exported
     _suffix,
     _user_name,
 )
+from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
+from transport.blocks.receiver import JOURNAL_SUFFIX
 
 __all__ = ["Config", "ConfigError", "FlowConfig", "Problem", "UserConfig", "embedded_defaults",
            "load_config", "validate_main"]
 
 
 
+
+_RESERVED_SUFFIXES = ((JOURNAL_SUFFIX, "journal", "a journal"),
+                      (ENVELOPE_SUFFIX, "envelope", "an encrypted file"))
+
+
+def _partial_suffix(name: str, text: str, base: Path) -> str:
+    """A suffix for partial files that can never name another file the daemon keeps.
+
+    The partial of ``T`` is ``.T<suffix>`` and the journal ``.T.fallback-journal``;
+    when one suffix ends the other, some file's partial *is* some file's journal
+    (suffix ``journal``: the partial of ``x.fallback-`` is the journal of ``x``),
+    and a resumed transfer writes blocks into its own journal. The same holds
+    for the envelope suffix ``.fallback-env`` (an encrypted upload of ``.x`` is
+    stored as ``.x.fallback-env``).
+    """
+    text = _suffix(name, text, base)
+    for reserved, what, victim in _RESERVED_SUFFIXES:
+        if text.endswith(reserved) or reserved.endswith(text):
+            raise _Bad(f"{name}: {_q(text)} collides with the {what} suffix {_q(reserved)} "
+                       f"(a partial file could take the name of {victim}); choose another, "
+                       "e.g. the default .fallback-partial")
+    return text
 
 
 class ConfigError(Exception):
@@ -191,7 +215,7 @@ _SCHEMA: _Schema = {
     },
     "file_system": {
         "block_size": _Leaf(_block_size, 4 * 1024 * 1024),
-        "partial_file_suffix": _Leaf(_suffix, ".fallback-partial"),
+        "partial_file_suffix": _Leaf(_partial_suffix, ".fallback-partial"),
         "overwrite": _Leaf(_choice("allow", "deny"), "allow"),
         "fsync": _Leaf(_bool, True),
         "docroot": _Leaf(_existing_dir, None, True),

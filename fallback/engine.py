@@ -28,14 +28,17 @@ from transport.blocks.digest import digest_path, file_digest
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.blocks.manifest import FileEntry
 from transport.blocks.plan import (
+    DEFAULT_RESUME,
     OVERWRITE_MODES,
     RESUME_MODES,
     TargetState,
+    batches,
     overwrite_action,
     resumable,
     resume_ok,
     resume_samples,
     to_ranges,
+    trusted_blocks,
 )
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
@@ -46,13 +49,16 @@ from transport.errors import BadPassphrase, ConnectionLost, IntegrityError, Tran
 from transport.http.client import download_stream, upload_stream
 
 MAX_ROUNDS = 6
+DIGEST_BATCH = 32
+"""Blocks per ``/digests`` call: the daemon reads them within one request (32 x 4 MiB
+is well under a second of disk), so no call nears the client's read timeout."""
 
 
 @dataclass(frozen=True, slots=True)
 class Options:
     transport: str = "auto"
     streams: int = 4
-    resume: str = "sparse"
+    resume: str = DEFAULT_RESUME
     overwrite: str = "diff"
     cacert: str | None = None
     fingerprint: str | None = None
@@ -149,6 +155,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
     sources: dict[int, FileSource] = {}
     actions: dict[int, dict[str, Any]] = {}
     plain_roots: dict[int, str] = {}
+    trusted: dict[int, set[int]] = {}  # journaled blocks kept without comparing them with the source
     reads: set[asyncio.Task[Any]] = set()
     try:
         for i in files:
@@ -182,15 +189,17 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                 fresh = {b: (await loop.run_in_executor(executor, src_file.read_block, b))[1]
                          for b in samples}
                 resume = resume_ok(opts.resume, entry, state, fresh)
+            trusted[i] = trusted_blocks(state.have, opts.resume) if resume else set()
             actions[i] = {"file": i, "action": "resume" if resume else "fresh",
                           "entry": entry.to_json()}
         planned = await remote.call("POST", remote.session_url("/plan"),
                                     {"files": list(actions.values())})
         feed = BlockFeed(sources, executor)
         missing = {int(k): _expand(v) for k, v in planned["missing"].items()}
+        kept: dict[int, set[int]] = {}  # blocks counted as skipped
         for i, blocks in missing.items():
-            have = set(range(sources[i].layout.count)) - set(blocks)
-            progress.skip(sum(_plain_len(entries[i], b) for b in have))
+            kept[i] = set(range(sources[i].layout.count)) - set(blocks)
+            progress.skip(sum(_plain_len(entries[i], b) for b in kept[i]))
             feed.add((i, b) for b in blocks)
         digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
         for i, blocks in missing.items():
@@ -200,14 +209,16 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
             unseen = set(range(sources[i].layout.count)) - set(blocks) - digests[i].keys()
             for b in sorted(unseen):
                 digests[i][b] = (await loop.run_in_executor(executor, sources[i].read_block, b))[1]
+            trusted[i] -= unseen
         feed.on_progress = lambda f, n: progress.carry(_plain_share(entries[f], n),
                                                        _shown(name, entries[f].path))
-        _record_digests(feed, digests, reads)
+        _record_digests(feed, digests, reads, trusted)
         rounds = 0
         while True:
-            await _run_streams(lambda: upload_stream(
-                remote.http, remote.session_url("/blocks"), feed,
-                headers=remote.stream_headers, ssl=remote.ssl), streams, feed)
+            if feed.pending:
+                await _run_streams(lambda: upload_stream(
+                    remote.http, remote.session_url("/blocks"), feed,
+                    headers=remote.stream_headers, ssl=remote.ssl), streams, feed)
             roots = {i: file_digest(entries[i].block_size, entries[i].size,
                                     (digests[i].get(b, b"") for b in range(sources[i].layout.count)))
                      for i in sources}
@@ -216,6 +227,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
             committed = await remote.call("POST", remote.session_url("/commit"), {
                 "files": [{"file": i, "root": roots[i]} for i in sources if i not in plain_roots]})
             again: list[tuple[int, int]] = []
+            verifying = False
             for k, r in committed["results"].items():
                 i = int(k)
                 if "error" in r:
@@ -225,9 +237,17 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                     shown = _shown(name, tree.entries[i].path)
                     result.checksums[shown] = r["root"] if not opts.encrypt else \
                         await loop.run_in_executor(executor, sources[i].plain_root)
+                    result.mark_verified(shown, "sampled" if trusted.get(i) else "full")
+                elif r.get("verifying"):
+                    verifying = True  # the daemon is still re-reading its partial: ask again
                 else:
                     again.extend((i, b) for b in r["missing"])
+                    for b in set(r["missing"]) & kept.get(i, set()):  # dropped at the daemon
+                        kept[i].discard(b)
+                        progress.unskip(_plain_len(entries[i], b))
             if not again:
+                if verifying:
+                    continue
                 break
             rounds += 1
             if rounds >= MAX_ROUNDS:
@@ -274,8 +294,9 @@ def _with_header(entry: FileEntry, t: BlockTransform) -> FileEntry:
 
 
 def _record_digests(feed: BlockFeed, digests: dict[int, dict[int, bytes]],
-                    reads: set[asyncio.Task[Any]]) -> None:
-    """Remember each block's digest as it is read, for the whole-file digest at commit.
+                    reads: set[asyncio.Task[Any]], trusted: dict[int, set[int]]) -> None:
+    """Remember each block's digest as it is read, for the whole-file digest at commit
+    (a block read from the source is no longer one trusted from the journal).
 
     Reads run as tasks (a stream reads one block ahead); ``reads`` holds those
     still running, and an error of one that nobody awaits any more (its stream
@@ -295,6 +316,7 @@ def _record_digests(feed: BlockFeed, digests: dict[int, dict[int, bytes]],
             task.add_done_callback(settled)
         data, d = await original(item)
         digests[item[0]][item[1]] = d
+        trusted.get(item[0], set()).discard(item[1])
         return data, d
 
     feed.read = read  # type: ignore[method-assign]
@@ -369,16 +391,11 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                 remote.http, remote.session_url("/blocks"), sink,
                 headers=remote.stream_headers, ssl=remote.ssl), streams, None)
         await sink.flush()
-        for i, rec in list(receivers.items()):
-            plain = await loop.run_in_executor(executor, rec.plain_root) if i in transforms else None
-            digest = await loop.run_in_executor(executor, rec.commit, None)
-            del receivers[i]
-            if plain is not None:  # the plaintext's digest, as `fallback checksum` gives it
-                digest = plain
-            elif entries[i].header:  # an envelope kept as it is: the digest of the file we wrote
-                digest = await loop.run_in_executor(executor, digest_path, targets[i],
-                                                    DEFAULT_BLOCK_SIZE)
-            result.checksums[_display(name, entries[i], i in transforms)] = digest
+        failed = await _commit_downloads(remote, receivers, entries, targets, transforms, name,
+                                         executor, result)
+        if failed:
+            raise failed[0] if len(failed) == 1 else IntegrityError(
+                f"{len(failed)} files failed their final check, e.g. {failed[0].message}")
         for i in reversed(range(len(entries))):
             if entries[i].is_dir:
                 path = target_for(root, entries[i].path)
@@ -426,18 +443,83 @@ async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: 
         progress.skip(entry.size)
         return
     resume = False
+    compared: set[int] = set()  # journaled blocks compared with the daemon's current bytes
     if resumable(entry, state) and opts.resume != "none":
         samples = resume_samples(state.have, opts.resume)
-        got = await remote.call("POST", remote.session_url("/digests"),
-                                {"file": i, "blocks": samples, "root": False}) if samples else {}
-        fresh = {int(b): bytes.fromhex(h) for b, h in got.get("digests", {}).items()}
+        fresh = await _source_digests(remote, i, samples)
+        compared = set(samples)
         resume = resume_ok(opts.resume, entry, state, fresh)
     target.parent.mkdir(parents=True, exist_ok=True)
     rec = await loop.run_in_executor(executor, lambda: FileReceiver(
         target, entry, resume=resume, decode=transform, fsync=opts.fsync))
     receivers[i] = rec
+    if rec.unverified:
+        # Kept from an earlier run: the partial's bytes must still match the journal (read back
+        # here, local), and the journal the daemon's current bytes (blocks the resume check did
+        # not sample are compared now, so a stale partial costs only its changed blocks).
+        await loop.run_in_executor(executor, rec.verify_carried)
+        kept = rec.have()
+        current = await _source_digests(remote, i, sorted(set(kept) - compared))
+        stale = sorted(b for b, d in current.items() if kept.get(b) != d)
+        await loop.run_in_executor(executor, rec.drop_blocks, stale)
     have = set(rec.have())
     progress.skip(sum(_plain_len(entry, b) for b in have))
+
+
+async def _source_digests(remote: Remote, file: int, blocks: list[int]) -> dict[int, bytes]:
+    """The daemon's digests of some blocks of a download's source, over its current bytes."""
+    out: dict[int, bytes] = {}
+    for part in batches(blocks, DIGEST_BATCH):
+        got = await remote.call("POST", remote.session_url("/digests"),
+                                {"file": file, "blocks": part, "root": False})
+        out.update({int(b): bytes.fromhex(h) for b, h in got.get("digests", {}).items()})
+    return out
+
+
+async def _commit_downloads(remote: Remote, receivers: dict[int, FileReceiver],
+                            entries: list[FileEntry], targets: dict[int, Path],
+                            transforms: dict[int, BlockTransform], name: str,
+                            executor: ThreadPoolExecutor,
+                            result: TransferResult) -> list[TransportError]:
+    """Publish every received file whose whole-file digest equals the daemon's; return the failures.
+
+    The daemon computes each root over its file's current bytes from the digests
+    of the blocks it read this session (it reads only blocks it had not: none
+    when this run fetched or compared every block). The client's root comes
+    from its journal, every record of which was checked against the partial's
+    bytes. A file whose roots differ, or whose source changed during the
+    session, is not published (its failure is returned); the others are.
+    """
+    loop = asyncio.get_running_loop()
+    failed: list[TransportError] = []
+    roots: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for part in batches(sorted(receivers), DIGEST_BATCH * 32):
+        got = await remote.call("POST", remote.session_url("/digests"), {"roots": part})
+        roots.update(got.get("roots", {}))
+        errors.update(got.get("errors", {}))
+    for i, rec in list(receivers.items()):
+        shown = _display(name, entries[i], i in transforms)
+        expected = roots.get(str(i))
+        if expected is None:
+            why = errors.get(str(i)) or f"{shown}: the daemon gave no whole-file digest"
+            failed.append(IntegrityError(f"{why}; not published, run again"))
+            continue
+        try:
+            plain = await loop.run_in_executor(executor, rec.plain_root) if i in transforms else None
+            digest = await loop.run_in_executor(executor, rec.commit, expected)
+        except IntegrityError as exc:
+            failed.append(IntegrityError(f"{exc.message}; not published, run again"))
+            continue
+        del receivers[i]
+        if plain is not None:  # the plaintext's digest, as `fallback checksum` gives it
+            digest = plain
+        elif entries[i].header:  # an envelope kept as it is: the digest of the file we wrote
+            digest = await loop.run_in_executor(executor, digest_path, targets[i],
+                                                DEFAULT_BLOCK_SIZE)
+        result.checksums[shown] = digest
+        result.mark_verified(shown, "full")
+    return failed
 
 
 # -- shared -------------------------------------------------------------------------------------------

@@ -30,6 +30,23 @@ class ProgressEvent:
 
 @dataclass(slots=True)
 class TransferResult:
+    """What a transfer did; ``to_json`` gives the CLI's ``--json`` object.
+
+    ``ok`` with ``checksums[path]`` means the file at the destination holds the
+    source's bytes, read back and checked. How far that check went is
+    ``verified``: ``"full"`` when every block of every file in ``checksums`` was
+    checked against the source's current bytes this run (a fresh transfer; a
+    resume in mode ``full``, where the sender re-read every block the receiver
+    kept; every download, whose final check covers the daemon's current bytes;
+    a file skipped by ``--overwrite diff`` because its digest matched);
+    ``"sampled"`` when at least one file was resumed by ``attrs`` or ``sparse``
+    trusting blocks it did not compare with the source (an upload only). It is
+    the weakest over all files; ``verified_files`` names each file below
+    ``"full"`` with its level (``{}`` when ``verified`` is ``"full"``). Files
+    skipped because they exist (``never``, ``older``) are not in ``checksums``
+    and not counted.
+    """
+
     ok: bool = False
     direction: str = ""
     transports: list[str] = field(default_factory=list)
@@ -42,6 +59,16 @@ class TransferResult:
     skipped_files: dict[str, str] = field(default_factory=dict)  # path -> reason
     content: dict[str, str] = field(default_factory=dict)  # path -> plain|envelope|decrypted
     error: str | None = None
+    verified: str = "full"  # "full" | "sampled": the weakest over the files in checksums
+    verified_files: dict[str, str] = field(default_factory=dict)  # path -> level, below "full" only
+
+    def mark_verified(self, path: str, level: str) -> None:
+        """Record how far ``path``'s check went (``"full"`` or ``"sampled"``)."""
+        if level == "full":
+            self.verified_files.pop(path, None)
+        else:
+            self.verified_files[path] = level
+        self.verified = "sampled" if self.verified_files else "full"
 
     @property
     def rate_mbps(self) -> float:
@@ -62,6 +89,8 @@ class TransferResult:
             "direction": self.direction,
             "skipped_files": dict(self.skipped_files),
             "content": dict(self.content),
+            "verified": self.verified,
+            "verified_files": dict(self.verified_files),
         }
 
 
@@ -86,6 +115,11 @@ class Progress:
 
     def skip(self, n: int) -> None:
         self.skipped += n
+
+    def unskip(self, n: int) -> None:
+        """Take back bytes counted as already there that must be carried after all
+        (a kept block failed re-verification at the receiver)."""
+        self.skipped -= n
 
     def carry(self, n: int, file: str = "") -> None:
         self.carried += n

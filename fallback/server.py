@@ -7,7 +7,7 @@ everything else is the user's docroot as plain HTTP):
 * ``POST   /.fallback/v1/session/{id}/plan``     upload: skip/fresh/resume per file -> missing blocks
 * ``PUT    /.fallback/v1/session/{id}/blocks``   upload stream (chunked body of frames)
 * ``POST   /.fallback/v1/session/{id}/commit``   upload: verify and publish files
-* ``POST   /.fallback/v1/session/{id}/digests``  download: source digests for the resume check
+* ``POST   /.fallback/v1/session/{id}/digests``  download: source digests (resume check, final check)
 * ``POST   /.fallback/v1/session/{id}/want``     download: queue blocks
 * ``GET    /.fallback/v1/session/{id}/blocks``   download stream
 * ``DELETE /.fallback/v1/session/{id}``          close (logs the session line)
@@ -356,25 +356,50 @@ async def commit(request: web.Request) -> web.Response:
 
 
 async def _commit(request: web.Request, session: S.Session, body: dict[str, Any]) -> web.Response:
+    """Per file: ``{ok, root}``, ``{missing}`` (send these again), ``{verifying: n}`` (carried-over
+    blocks still being re-read: call again) or ``{error, status}``."""
     assert session.sink is not None
     await session.sink.flush()
+    deadline = time.monotonic() + S.COMMIT_WAIT
     results: dict[str, Any] = {}
     for item in body.get("files", []):
         i = int(item["file"])
         try:
+            left = await S.verify_for_commit(session, i, deadline)
+            if left:
+                results[str(i)] = {"verifying": left}
+                continue
             results[str(i)] = await _run(request, S.commit_file, session, i, item.get("root"))
         except TransportError as exc:
             results[str(i)] = {"error": exc.message, "status": exc.status}
+        except OSError as exc:  # e.g. the partial cannot be read back
+            name = session.entries[i].path or session.root.name
+            results[str(i)] = {"error": f"{name}: {exc.strerror or exc}", "status": 500}
     if not session.sink.receivers:
         await _run(request, S.finish_dirs, session)
     return web.json_response({"results": results})
 
 
 async def digests(request: web.Request) -> web.Response:
+    """``{file, blocks, root}``: digests of source blocks (and the file's root); or
+    ``{roots: [file, ...]}``: whole-file digests over current bytes, for the client's
+    check before it publishes downloaded files."""
     session = _session(request)
+    if session.feed is None:
+        raise ProtocolError("not a download session", status=409)
     body = await _json(request)
-    out = await _run(request, S.source_digests, session, int(body.get("file", -1)),
-                     [int(b) for b in body.get("blocks", [])], bool(body.get("root")))
+    if "roots" in body:
+        try:
+            files = [int(f) for f in body["roots"]]
+        except (TypeError, ValueError):
+            raise ProtocolError("'roots' must be a list of file numbers") from None
+        return web.json_response(await _run(request, S.source_roots, session, files))
+    try:
+        blocks = [int(b) for b in body.get("blocks", [])]
+        index = int(body.get("file", -1))
+    except (TypeError, ValueError):
+        raise ProtocolError("'file' and 'blocks' must be numbers") from None
+    out = await _run(request, S.source_digests, session, index, blocks, bool(body.get("root")))
     return web.json_response(out)
 
 

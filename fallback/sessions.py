@@ -18,6 +18,7 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fallback.paths import confine, relpath_in
 from transport.blocks.digest import digest_path, file_digest
@@ -27,9 +28,23 @@ from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource, SourceWindow
 from transport.blocks.tree import target_for
-from transport.errors import ConflictError, PathError, ProtocolError
+from transport.errors import ConflictError, PathError, ProtocolError, SourceChanged
 
 log = logging.getLogger("fallback.daemon")
+
+VERIFY_BATCH = 64 << 20
+"""Bytes of a partial re-read per executor job when carried-over blocks are
+re-verified (``FileReceiver.verify_carried``): a long re-read never holds one of
+the daemon's I/O threads for more than a fraction of a second."""
+
+COMMIT_WAIT = 20.0
+"""Seconds a commit call waits for re-verification before answering
+``{"verifying": n}`` (the client calls again): well under the client's
+120-second read timeout whatever the size of the partial."""
+
+MAX_DIGEST_BLOCKS = 4096
+"""Most block digests (or file roots) one ``/digests`` call may ask for; the
+client batches far below this."""
 
 IDLE_TAKEOVER = 2.0
 """Seconds without a request or an open stream after which a session's
@@ -58,6 +73,7 @@ class Session:
     streams: int = 0
     sink: BlockSink | None = None
     feed: BlockFeed | None = None
+    verifier: asyncio.Task[None] | None = None
     committed: int = 0
     skipped: int = 0
     error: str | None = None
@@ -129,6 +145,8 @@ class SessionTable:
         s.closed = True
         if error and s.error is None:
             s.error = error
+        if s.verifier is not None:
+            s.verifier.cancel()
         if s.sink is not None:
             await s.sink.close()
         if s.feed is not None:
@@ -221,7 +239,53 @@ async def open_receivers(
             rec.close()
         raise
     session.sink = BlockSink(receivers, session.executor)
+    if any(r.unverified for r in receivers.values()):
+        session.verifier = asyncio.ensure_future(_verify_in_background(session))
     return {i: r.missing() for i, r in receivers.items()}
+
+
+async def _verify_in_background(session: Session) -> None:
+    """Re-read carried-over blocks while the new ones stream in, one file after another.
+
+    Only a head start: the commit re-verifies whatever is left and reports
+    errors; here a failure is logged and the rest left to the commit. Blocks
+    that fail are dropped from their receiver and show up as missing at commit.
+    """
+    assert session.sink is not None
+    for i, rec in list(session.sink.receivers.items()):
+        try:
+            while rec.unverified and not session.closed:
+                await _verify_batch(session, i, rec)
+        except OSError as exc:
+            log.warning("session %s: re-verifying %s: %s", session.id[:8], _name(session, i),
+                        exc.strerror or exc)
+
+
+async def verify_for_commit(session: Session, index: int, deadline: float) -> int:
+    """Re-verify file ``index``'s carried-over blocks until done or ``deadline``
+    (``time.monotonic``); returns how many are still unverified."""
+    assert session.sink is not None
+    rec = session.sink.receiver(index)
+    while rec.unverified and time.monotonic() < deadline:
+        await _verify_batch(session, index, rec)
+    return rec.unverified
+
+
+async def _verify_batch(session: Session, index: int, rec: FileReceiver) -> None:
+    loop = asyncio.get_running_loop()
+    _report_dropped(session, index, await loop.run_in_executor(
+        session.executor, rec.verify_carried, VERIFY_BATCH))
+
+
+def _report_dropped(session: Session, index: int, bad: list[int]) -> None:
+    if bad:
+        log.warning("session %s: %s: %d blocks of the partial failed re-verification (first: "
+                    "block %d); asking for them again", session.id[:8], _name(session, index),
+                    len(bad), bad[0])
+
+
+def _name(session: Session, index: int) -> str:
+    return session.entries[index].path or session.root.name
 
 
 async def _wait_idle(holder: Session) -> bool:
@@ -241,9 +305,15 @@ async def _wait_idle(holder: Session) -> bool:
 
 
 def commit_file(session: Session, index: int, root: str | None) -> dict[str, object]:
-    """Commit one received file (worker thread): ok, or what is missing."""
+    """Commit one received file (worker thread): ok, or what is missing.
+
+    Blocks carried over from an earlier run are re-read first
+    (``verify_for_commit`` normally did it already); any that fail are dropped
+    and answered as missing, so the client's next round sends them again.
+    """
     assert session.sink is not None
     rec = session.sink.receiver(index)
+    _report_dropped(session, index, rec.verify_carried())
     missing = rec.missing()
     if missing:
         rec.flush()
@@ -276,6 +346,41 @@ files that a session's streams read in parallel (they take blocks in manifest or
 more would only hold descriptors that an abandoned session keeps until its timeout."""
 
 
+class SentSource(FileSource):
+    """A daemon-side source that remembers the digest of every block it read this session.
+
+    The client asks for the whole-file digest over the source's current bytes
+    before it publishes a download (``source_roots``); with these digests the
+    daemon reads only blocks it has not read this session (none, when the
+    client fetched or compared every block). They stay valid while the file is
+    unchanged, which ``FileSource`` checks after every read (size, mtime, and
+    the inode's ctime: an edit whose mtime was set back still moves the ctime).
+    Memory: one 32-byte digest per block *read* (a dict filled as blocks go out),
+    so a session costs nothing for blocks it never sends.
+    """
+
+    def __init__(self, path: Path, entry: FileEntry, **kw: Any) -> None:
+        super().__init__(path, entry, **kw)
+        self._digests: dict[int, bytes] = {}
+
+    def read_block(self, index: int) -> tuple[bytes | bytearray, bytes]:
+        data, digest = super().read_block(index)
+        self._digests[index] = digest
+        return data, digest
+
+    def root(self) -> str:
+        """Whole-file digest of the current bytes: recorded digests, reading only the rest.
+        Raises ``SourceChanged`` when the file changed since the session opened."""
+        self.check_unchanged()
+        count = self.layout.count
+        for b in range(count):
+            if b not in self._digests:
+                self.read_block(b)
+        self.check_unchanged()
+        return file_digest(self.entry.block_size, self.entry.size,
+                           (self._digests[b] for b in range(count)))
+
+
 def open_sources(session: Session) -> BlockFeed:
     """The feed of a download session (worker thread): one lazily opened source per file.
 
@@ -283,21 +388,32 @@ def open_sources(session: Session) -> BlockFeed:
     409, if it changed since the walk); no descriptor is opened until a block is read.
     """
     window = SourceWindow(SOURCE_WINDOW)
-    sources = {}
+    sources: dict[int, FileSource] = {}
     for i in session.file_indices():
-        sources[i] = FileSource(session.target(i), session.entries[i], window=window,
+        sources[i] = SentSource(session.target(i), session.entries[i], window=window,
                                 where="on the server")
     feed = BlockFeed(sources, session.executor)
     session.feed = feed
     return feed
 
 
-def source_digests(session: Session, index: int, blocks: list[int], root: bool) -> dict[str, object]:
-    """Digests of some source blocks, and optionally the whole-file digest (worker thread)."""
+def _source(session: Session, index: int) -> SentSource:
     assert session.feed is not None
     src = session.feed.sources.get(index)
-    if src is None:
+    if not isinstance(src, SentSource):
         raise ProtocolError(f"unknown file index {index}")
+    return src
+
+
+def source_digests(session: Session, index: int, blocks: list[int], root: bool) -> dict[str, object]:
+    """Digests of some source blocks, and optionally the whole-file digest (worker thread).
+
+    Every block read is recorded (``SentSource``), so a later ``root`` does not
+    read it again. At most ``MAX_DIGEST_BLOCKS`` blocks per call.
+    """
+    src = _source(session, index)
+    if len(blocks) > MAX_DIGEST_BLOCKS:
+        raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} blocks per digests call")
     out: dict[str, object] = {}
     count = src.layout.count
     digests = {}
@@ -307,6 +423,22 @@ def source_digests(session: Session, index: int, blocks: list[int], root: bool) 
         digests[b] = src.read_block(b)[1]
     out["digests"] = {str(b): d.hex() for b, d in digests.items()}
     if root:
-        all_d = [digests.get(b) or src.read_block(b)[1] for b in range(count)]
-        out["root"] = file_digest(src.entry.block_size, src.entry.size, all_d)
+        out["root"] = src.root()
     return out
+
+
+def source_roots(session: Session, files: list[int]) -> dict[str, object]:
+    """Whole-file digests over the current bytes of some files (worker thread), for the
+    client's check before it publishes them: ``{roots: {file: root}, errors: {file: message}}``.
+    A file changed since the session opened is an error for that file only."""
+    if len(files) > MAX_DIGEST_BLOCKS:
+        raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} files per digests call")
+    roots: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for i in files:
+        src = _source(session, i)
+        try:
+            roots[str(i)] = src.root()
+        except SourceChanged as exc:
+            errors[str(i)] = exc.message
+    return {"roots": roots, "errors": errors}

@@ -8,6 +8,14 @@ source is, with ascp's meanings:
 * resume ``none`` (start over) | ``attrs`` (size and mtime unchanged)
   | ``sparse`` (attrs + a sample of block digests match) | ``full`` (attrs +
   every journaled block digest matches).
+
+What a resume check compares is the journal's digests with the source's
+current bytes. Whether the partial's *bytes* still match the journal is the
+receiver's own check (``FileReceiver.verify_carried``), made in every mode.
+A resumed file is verified ``full`` when every journaled block it keeps was
+compared with the source this run, ``sampled`` when some were trusted on the
+strength of size, mtime and a sample (``trusted_blocks``): the result of a
+transfer says which.
 """
 
 from __future__ import annotations
@@ -20,6 +28,14 @@ from transport.blocks.manifest import FileEntry
 from transport.errors import ProtocolError
 
 RESUME_MODES = ("none", "attrs", "sparse", "full")
+DEFAULT_RESUME = "full"
+"""Every journaled block is compared with the source: the sender re-reads the
+blocks the receiver kept, which is local disk work, cheap beside sending them,
+and the result can say ``verified: full``."""
+VERIFIED_LEVELS = ("full", "sampled")
+"""A file's verification, strongest first: ``full`` (every block of the published
+file was checked against the source's bytes this run), ``sampled`` (a resume
+trusted journaled blocks it did not compare)."""
 OVERWRITE_MODES = ("never", "always", "diff", "older")
 SPARSE_SAMPLES = 16
 
@@ -88,6 +104,24 @@ def resume_samples(have: Iterable[int], mode: str) -> list[int]:
     # Evenly spread, always including the first and the last held block.
     step = (len(held) - 1) / (SPARSE_SAMPLES - 1)
     return sorted({held[round(k * step)] for k in range(SPARSE_SAMPLES)})
+
+
+def trusted_blocks(have: Iterable[int], mode: str) -> set[int]:
+    """Journaled blocks a resume in ``mode`` keeps without comparing them with the
+    source: empty for ``full`` (and for partials of at most ``SPARSE_SAMPLES``
+    blocks under ``sparse``), every journaled block for ``attrs``."""
+    held = set(have)
+    return held - set(resume_samples(held, mode)) if mode != "none" else set()
+
+
+def batches(items: Iterable[int], size: int) -> list[list[int]]:
+    """``items`` in lists of at most ``size`` (one control call each)."""
+    out: list[list[int]] = []
+    for i in items:
+        if not out or len(out[-1]) >= size:
+            out.append([])
+        out[-1].append(i)
+    return out
 
 
 def to_ranges(indices: Iterable[int]) -> list[tuple[int, int]]:

@@ -10,6 +10,15 @@ The file appears under its real name only in ``commit``: all blocks present,
 whole-file digest equal to the sender's, data synced, mtime and mode set, then
 one ``rename`` (or ``link`` when replacing is not allowed, which fails instead
 of clobbering a file that appeared meanwhile).
+
+The whole-file digest is built from the journal's block digests, so it is only
+worth something if every digest describes the bytes in the partial. Blocks
+written this run were hashed as they arrived; blocks *carried over* from an
+earlier run were hashed by that run, and the partial may have changed since (a
+disk error, a stray write, an edit). ``verify_carried`` reads those back and
+re-hashes them before any digest is computed; a block that fails is dropped
+from the journal and reported missing, so the sender sends it again and it is
+never published.
 """
 
 from __future__ import annotations
@@ -113,6 +122,10 @@ class FileReceiver:
             raise
         self._open = True
         self._received: set[int] = set(self._journal.have)
+        self._unverified: set[int] = set(self._journal.have)
+        """Blocks carried over from an earlier run, not yet re-read (``verify_carried``)."""
+        self._header_checked = not self._unverified
+        self._verify_lock = threading.Lock()
         self.bytes_written = 0
         self.plain_digests: dict[int, bytes] = {}
         """Digests of decoded (plaintext) blocks written this run: the output
@@ -198,26 +211,172 @@ class FileReceiver:
                 _sync(self.partial, data_only=True)
             self._journal.append(records, sync=self._fsync)
 
+    # -- re-verifying what an earlier run left ---------------------------------
+    @property
+    def unverified(self) -> int:
+        """How many carried-over blocks are still to be re-read (0: every journaled
+        digest describes the partial's bytes)."""
+        with self._lock:
+            return len(self._unverified)
+
+    def verify_carried(self, max_bytes: int | None = None) -> list[int]:
+        """Re-read blocks carried over from an earlier run and check them against the journal.
+
+        Each block is read back from the partial (one block in memory at a time),
+        hashed in its wire form and compared with its journal record. For a
+        decoded partial (a decrypted download) the partial holds plaintext while
+        the journal holds the digest of the ciphertext that arrived: the block is
+        re-encoded with the receiver's transform, which is deterministic per
+        (index, plaintext) (``BlockTransform``; the envelope derives its nonce from
+        the plaintext), and the result hashed, so one changed plaintext byte
+        changes the ciphertext and fails the check. The plaintext digest is kept
+        for ``plain_root``. A stored header (an envelope kept as it is) is
+        compared with the entry's and rewritten if it differs.
+
+        A block that fails is dropped: its journal record is removed (the journal
+        is rewritten durably without it) and it becomes missing, so the sender
+        sends it again. Blocks written this run were hashed as they arrived and
+        are never re-read. ``max_bytes`` bounds the bytes read by one call (None:
+        all); call until ``unverified`` is 0. Returns the dropped block numbers.
+        Thread-safe; a closed receiver returns ``[]``. Raises ``OSError`` when the
+        partial cannot be read.
+        """
+        with self._verify_lock:
+            with self._lock:
+                if not self._open or not self._unverified:
+                    return []
+                todo = sorted(self._unverified)
+                expected = {i: self._journal.have[i] for i in todo}
+                self._active += 1  # _close waits for us: the journal stays open meanwhile
+            try:
+                checked: list[int] = []
+                bad: list[int] = []
+                budget = max_bytes
+                fd = os.open(self.partial, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    if not self._header_checked:
+                        self._check_header(fd)
+                    for i in todo:
+                        good, nbytes = self._check_block(fd, i, expected[i])
+                        checked.append(i)
+                        if not good:
+                            bad.append(i)
+                        if budget is not None:
+                            budget -= nbytes
+                            if budget <= 0:
+                                break
+                finally:
+                    os.close(fd)
+                if bad:
+                    self.drop_blocks(bad)
+                with self._lock:
+                    self._unverified.difference_update(checked)
+                return bad
+            finally:
+                with self._lock:
+                    self._active -= 1
+                    self._idle.notify_all()
+
+    def _check_header(self, fd: int) -> None:
+        header = self.entry.header if self._decode is None else b""
+        if header and _pread_full(fd, len(header), 0) != header:
+            _pwrite_all(fd, header, 0)
+            if self._fsync:
+                os.fdatasync(fd)
+        self._header_checked = True
+
+    def _check_block(self, fd: int, index: int, digest: bytes) -> tuple[bool, int]:
+        """(block matches its journal digest, bytes read)."""
+        if self._decode is None:
+            offset, length = self.layout.stored_range(index)
+        else:
+            offset, length = self.out_layout.plain_range(index)
+        data = _pread_full(fd, length, offset)
+        if len(data) != length:  # the partial was cut short
+            return False, len(data)
+        if self._decode is None:
+            return block_digest(data) == digest, length
+        if block_digest(self._decode.encode(index, data)) != digest:
+            return False, length
+        self.plain_digests[index] = block_digest(data)
+        return True, length
+
+    def drop_blocks(self, bad: list[int]) -> None:
+        """Forget journaled blocks (their bytes failed re-verification, or the
+        source's differ): they become missing, to be received again.
+
+        The journal is rewritten in place (its lock lives on this inode) with the
+        records that remain; a crash in between leaves fewer records, never a
+        record for bad bytes.
+        """
+        gone = set(bad)
+        if not gone:
+            return
+        with self._flush_lock:
+            kept = [(i, d) for i, d in self._journal.have.items() if i not in gone]
+            self._journal.reset(self._journal.meta)
+            self._journal.append(kept, sync=self._fsync)
+            with self._lock:
+                self._pending = [(i, d) for i, d in self._pending if i not in gone]
+                self._received.difference_update(gone)
+                self._unverified.difference_update(gone)
+                for i in gone:
+                    self.plain_digests.pop(i, None)
+
     # -- end ------------------------------------------------------------------
     def root(self) -> str:
+        """Whole-file (wire) digest of what the partial holds, as ``algo:hex``.
+
+        Built from the journal's digests after every carried-over block was
+        re-read (``verify_carried``), so it describes the bytes on disk. Raises
+        ``IntegrityError`` when blocks are missing (also when re-verification
+        just dropped some: they must be sent again). Flush first: records still
+        pending are not in the journal yet.
+        """
+        self._verify_or_fail()
         have = self.have()
+        lost = self.layout.count - sum(1 for i in range(self.layout.count) if i in have)
+        if lost:
+            raise IntegrityError(f"{self.entry.path or self.target.name}: "
+                                 f"{lost} blocks missing at commit")
         return file_digest(self.entry.block_size, self.entry.size, (have[i] for i in range(self.layout.count)))
 
     def plain_root(self) -> str:
-        """Whole-file digest of the decoded output; reads only blocks resumed from a
-        previous run (their plaintext digests are not journaled). Call before ``commit``."""
+        """Whole-file digest of the decoded output (``fallback checksum`` of the file written).
+
+        Plaintext digests come from blocks written this run and from the
+        re-verification of carried-over blocks, so normally nothing is read here.
+        Call before ``commit``; raises like ``root``.
+        """
+        self._verify_or_fail()
         layout = self.out_layout
         with open(self.partial, "rb", buffering=0) as f:
             for i in range(layout.count):
                 if i not in self.plain_digests:
                     offset, length = layout.plain_range(i)
-                    self.plain_digests[i] = block_digest(os.pread(f.fileno(), length, offset))
+                    self.plain_digests[i] = block_digest(_pread_full(f.fileno(), length, offset))
         return file_digest(self.entry.block_size, self.entry.size,
                            (self.plain_digests[i] for i in range(layout.count)))
 
+    def _verify_or_fail(self) -> None:
+        bad = self.verify_carried()
+        if bad:
+            raise IntegrityError(
+                f"{self.entry.path or self.target.name}: {len(bad)} blocks kept from an earlier "
+                f"run no longer match their digests (first: block {bad[0]}); they must be sent again"
+            )
+
     def commit(self, expected_root: str | None, *, replace: bool = True) -> str:
-        """Verify the whole file and publish it atomically; returns the wire root."""
+        """Verify the whole file and publish it atomically; returns the wire root.
+
+        Carried-over blocks are re-read first (``verify_carried``); any that fail
+        are dropped and ``IntegrityError`` is raised with nothing published (the
+        partial stays, minus those blocks, for the sender to fill). A whole-file
+        digest different from ``expected_root`` discards the partial and raises
+        ``IntegrityError``.
+        """
         self.flush()
+        self._verify_or_fail()
         missing = self.missing()
         if missing:
             raise IntegrityError(
@@ -274,6 +433,7 @@ class FileReceiver:
     def _close(self, *, remove_journal: bool) -> None:
         with self._lock:
             self._open = False
+            self._unverified.clear()  # nothing closed will be committed
             while self._active:
                 self._idle.wait()
         self._journal.close(remove=remove_journal)
@@ -285,6 +445,17 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def _pread_full(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset``, fewer only at end of file (short reads are legal)."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _sync(path: Path, *, data_only: bool) -> None:
