@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fallback.answers import confine_download, download_answer, plain_name
 from fallback.errors import TransferError, UsageError
 from fallback.remote import Remote, Url, is_url, parse_url
 from fallback.result import Progress, ProgressCallback, TransferResult
@@ -130,6 +131,9 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
     loop = asyncio.get_running_loop()
     tree = await loop.run_in_executor(executor, walk_source, src, opts.block_size)
     name = src.resolve().name
+    for why in tree.skipped:  # special files, unreadable folders: reported, the rest goes on
+        rel, _, reason = why.partition(": ")
+        result.skipped_files[_shown(name, rel)] = reason
     entries = list(tree.entries)
     if opts.encrypt:
         entries = [_encrypted_placeholder(e) for e in entries]
@@ -306,14 +310,15 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                     progress_cb: ProgressCallback | None) -> None:
     loop = asyncio.get_running_loop()
     opened = await remote.open({"direction": "download", "path": url.path})
-    entries = [FileEntry.from_json(e) for e in opened["entries"]]
-    name = str(opened.get("name") or "download")
-    for why in opened.get("skipped", []):  # e.g. symlinks leading out of the docroot
-        rel, _, reason = str(why).partition(": ")
+    answer = download_answer(opened)  # the daemon's names and sizes, checked before any use
+    entries, name = answer.entries, answer.name
+    for why in answer.skipped:  # e.g. symlinks leading out of the docroot
+        rel, _, reason = why.partition(": ")
         result.skipped_files[_shown(name, rel)] = reason or "skipped by the daemon"
     files = [i for i, e in enumerate(entries) if not e.is_dir]
-    streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
+    streams = max(1, min(opts.streams, answer.streams_max or opts.streams))
     root = dst / name if (into or dst.is_dir()) else dst
+    anchor = root.parent  # the folder the user named, or the one the named root goes in
     if entries[0].is_dir is False and root.is_dir():
         root = root / name
     result.files = len(files)
@@ -340,8 +345,10 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                     f"File decryption error, bad passphrase: {_shown(name, e.path)}") from None
             del result.content[_display(name, e, False)]
             result.content[_display(name, e, True)] = "decrypted"
-            target = target.with_name(target.name.removesuffix(env.SUFFIX))
+            target = target.with_name(plain_name(target.name, env.SUFFIX))
         targets[i] = target
+    confine_download(anchor, [targets[i] if i in targets else target_for(root, e.path)
+                              for i, e in enumerate(entries)])
     for e in entries:
         if e.is_dir:
             path = target_for(root, e.path)

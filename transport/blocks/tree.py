@@ -71,7 +71,7 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
                         tree.skipped.append(f"{relname}: symlink leads outside")
                         continue
                     lst = os.stat(path)
-            except (OSError, PathError) as exc:
+            except (OSError, TransportError) as exc:  # one odd name skips one entry, not all
                 tree.skipped.append(f"{relname}: {getattr(exc, 'strerror', None) or exc}")
                 continue
             if stat.S_ISDIR(lst.st_mode):
