@@ -6,7 +6,9 @@ on the path of a plain-HTTP transfer, could name files outside the destination
 sizes that make the client allocate without bound. ``download_answer`` checks
 a download session's answer the way the daemon checks a client's upload
 (``FileEntry.from_json``, ``check_tree``), and ``confine_download`` checks the
-local paths it leads to against symlinks that already exist there.
+local paths it leads to against symlinks that already exist there. The other
+answers (upload states, plan, commit, digests) are checked for their shapes and
+bounded by what the client itself sent. Everything raises ``ProtocolError``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from fallback.paths import confine
 from transport.blocks.manifest import FileEntry, check_name, check_tree
+from transport.blocks.plan import TargetState
 from transport.errors import ConflictError, ProtocolError
 
 MAX_ENTRIES = 1_000_000
@@ -66,11 +69,94 @@ def download_answer(opened: dict[str, Any]) -> DownloadAnswer:
     if not isinstance(skipped, list) or len(skipped) > MAX_ENTRIES \
             or not all(isinstance(s, str) for s in skipped):
         raise ProtocolError("refused the daemon's answer: 'skipped' is not a list of strings")
-    streams_max = opened.get("streams_max")
-    if streams_max is not None and (not isinstance(streams_max, int)
-                                    or isinstance(streams_max, bool) or streams_max < 1):
-        raise ProtocolError(f"refused the daemon's answer: bad streams_max {streams_max!r}")
-    return DownloadAnswer(name, entries, skipped, streams_max)
+    return DownloadAnswer(name, entries, skipped, streams_cap(opened))
+
+
+def streams_cap(opened: dict[str, Any]) -> int | None:
+    """The daemon's ``streams_max`` (an int >= 1) or None when absent; ``ProtocolError``."""
+    cap = opened.get("streams_max")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        raise ProtocolError(f"refused the daemon's answer: bad streams_max {cap!r}")
+    return cap
+
+
+def upload_states(opened: dict[str, Any], count: int) -> list[TargetState]:
+    """An upload answer's ``states``: one ``TargetState`` per manifest entry."""
+    raw = opened.get("states")
+    if not isinstance(raw, list) or len(raw) != count:
+        raise ProtocolError(f"refused the daemon's answer: 'states' is not a list of {count}")
+    return [TargetState.from_json(s) for s in raw]
+
+
+def planned_missing(planned: Any, counts: dict[int, int]) -> dict[int, list[int]]:
+    """The ``missing`` of a ``/plan`` answer: file -> block numbers, each file one we
+    plan to send (``counts``: its block count) and each range inside that file, so
+    the list is at most as long as the files themselves."""
+    raw = planned.get("missing") if isinstance(planned, dict) else None
+    if not isinstance(raw, dict):
+        raise ProtocolError("refused the daemon's plan: no 'missing' object")
+    out: dict[int, list[int]] = {}
+    for k, ranges in raw.items():
+        i = _int(k, "file")
+        if i not in counts or not isinstance(ranges, list):
+            raise ProtocolError(f"refused the daemon's plan: file {k!r}")
+        blocks: list[int] = []
+        for r in ranges:
+            if not isinstance(r, list) or len(r) != 2:
+                raise ProtocolError(f"refused the daemon's plan: range {r!r}")
+            a, z = _int(r[0], "block"), _int(r[1], "block")
+            if not 0 <= a < z <= counts[i] or len(blocks) + z - a > counts[i]:
+                raise ProtocolError(f"refused the daemon's plan: range {r!r} of file {i}")
+            blocks.extend(range(a, z))
+        out[i] = blocks
+    return out
+
+
+def commit_results(committed: Any, counts: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """The ``results`` of a ``/commit`` answer, each ``{ok, root: str}``,
+    ``{missing: [block...]}`` (inside the file) or ``{error: str, status: int}``."""
+    raw = committed.get("results") if isinstance(committed, dict) else None
+    if not isinstance(raw, dict):
+        raise ProtocolError("refused the daemon's commit answer: no 'results' object")
+    out: dict[int, dict[str, Any]] = {}
+    for k, r in raw.items():
+        i = _int(k, "file")
+        if i not in counts or not isinstance(r, dict):
+            raise ProtocolError(f"refused the daemon's commit answer: file {k!r}")
+        if "error" in r:
+            ok = isinstance(r["error"], str) and isinstance(r.get("status", 500), int)
+        elif r.get("ok"):
+            ok = isinstance(r.get("root"), str)
+        else:
+            m = r.get("missing")
+            ok = isinstance(m, list) and len(m) <= counts[i] and all(
+                isinstance(b, int) and 0 <= b < counts[i] for b in m)
+        if not ok:
+            raise ProtocolError(f"refused the daemon's commit answer for file {i}: {r!r:.200}")
+        out[i] = r
+    return out
+
+
+def digests_answer(got: Any) -> tuple[dict[int, bytes], str | None]:
+    """A ``/digests`` answer: block -> 32-byte digest, and the whole-file ``root`` if given."""
+    raw = got.get("digests", {}) if isinstance(got, dict) else None
+    root = got.get("root") if isinstance(got, dict) else None
+    if not isinstance(raw, dict) or not (root is None or isinstance(root, str)):
+        raise ProtocolError("refused the daemon's digests answer")
+    try:
+        out = {int(b): bytes.fromhex(h) for b, h in raw.items()}
+    except (TypeError, ValueError):
+        raise ProtocolError("refused the daemon's digests answer: bad digest") from None
+    return out, root
+
+
+def _int(v: Any, what: str) -> int:
+    """A JSON number, or a JSON object's key holding one (``"12"``)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 20:
+        return int(v)
+    raise ProtocolError(f"refused the daemon's answer: bad {what} number {v!r:.50}")
 
 
 def confine_download(anchor: Path, targets: Sequence[Path]) -> None:

@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fallback.answers import confine_download, download_answer, plain_name
+from fallback.answers import (
+    commit_results,
+    confine_download,
+    digests_answer,
+    download_answer,
+    plain_name,
+    planned_missing,
+    streams_cap,
+    upload_states,
+)
 from fallback.errors import TransferError, UsageError
 from fallback.remote import Remote, Url, is_url, parse_url
 from fallback.result import Progress, ProgressCallback, TransferResult
@@ -147,8 +156,8 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
         "encrypt": opts.encrypt,
         "strong_pass": bool(opts.encrypt and opts.passphrase and strong_passphrase(opts.passphrase)),
     })
-    states = [TargetState.from_json(s) for s in opened["states"]]
-    streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
+    states = upload_states(opened, len(entries))
+    streams = max(1, min(opts.streams, streams_cap(opened) or opts.streams))
     progress = Progress(result.bytes, remote.scheme, progress_cb)
     sources: dict[int, FileSource] = {}
     actions: dict[int, dict[str, Any]] = {}
@@ -191,7 +200,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
         planned = await remote.call("POST", remote.session_url("/plan"),
                                     {"files": list(actions.values())})
         feed = BlockFeed(sources, executor)
-        missing = {int(k): _expand(v) for k, v in planned["missing"].items()}
+        missing = planned_missing(planned, {i: s.layout.count for i, s in sources.items()})
         for i, blocks in missing.items():
             have = set(range(sources[i].layout.count)) - set(blocks)
             progress.skip(sum(_plain_len(entries[i], b) for b in have))
@@ -220,8 +229,8 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
             committed = await remote.call("POST", remote.session_url("/commit"), {
                 "files": [{"file": i, "root": roots[i]} for i in sources if i not in plain_roots]})
             again: list[tuple[int, int]] = []
-            for k, r in committed["results"].items():
-                i = int(k)
+            results = commit_results(committed, {i: s.layout.count for i, s in sources.items()})
+            for i, r in results.items():
                 if "error" in r:
                     raise TransportError(r["error"], status=int(r.get("status", 500)))
                 if r.get("ok"):
@@ -425,7 +434,7 @@ async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: 
             local = await loop.run_in_executor(executor, digest_path, target, entry.block_size)
             remote_d = await remote.call("POST", remote.session_url("/digests"),
                                          {"file": i, "blocks": [], "root": True})
-            action = "skip" if local == remote_d.get("root") else "transfer"
+            action = "skip" if local == digests_answer(remote_d)[1] else "transfer"
             if action == "skip":
                 result.checksums[shown] = local
     if action == "skip":
@@ -437,7 +446,7 @@ async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: 
         samples = resume_samples(state.have, opts.resume)
         got = await remote.call("POST", remote.session_url("/digests"),
                                 {"file": i, "blocks": samples, "root": False}) if samples else {}
-        fresh = {int(b): bytes.fromhex(h) for b, h in got.get("digests", {}).items()}
+        fresh = digests_answer(got)[0]
         resume = resume_ok(opts.resume, entry, state, fresh)
     target.parent.mkdir(parents=True, exist_ok=True)
     rec = await loop.run_in_executor(executor, lambda: FileReceiver(
@@ -469,10 +478,6 @@ async def _run_streams(make: Any, n: int, feed: BlockFeed | None) -> None:
         await _run_streams(make, max(1, n - len(errors)), feed)
 
 
-
-
-def _expand(ranges: list[list[int]]) -> list[int]:
-    return [b for a, z in ranges for b in range(int(a), int(z))]
 
 
 def _plain_len(entry: FileEntry, block: int) -> int:

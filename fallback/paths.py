@@ -51,8 +51,9 @@ def urlpath_of(raw_path: str) -> str:
     (PEP 383 ``surrogateescape``, as ``os.fsdecode`` gives them), so a plain PUT
     or GET of a non-UTF-8 name reaches the same file as the control API, never
     a file literally named ``%FF``. aiohttp's own decoding keeps such escapes.
+    Returns the path after its leading '/', as the route's ``{path}`` holds it.
     """
-    return unquote(raw_path, errors="surrogateescape")
+    return unquote(raw_path, errors="surrogateescape").removeprefix("/")
 
 
 def resolve(docroot: Path, urlpath: str) -> Path:

@@ -35,7 +35,7 @@ from fallback.auth import CredentialCache, parse_basic
 from fallback.config import Config, UserConfig
 from fallback.paths import confine, relpath_in, resolve, split_urlpath, urlpath_of
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
-from transport.blocks.manifest import FileEntry, check_relpath
+from transport.blocks.manifest import FileEntry, check_relpath, check_tree
 from transport.blocks.plan import OVERWRITE_MODES, to_ranges
 from transport.blocks.receiver import FileReceiver
 from transport.blocks.tree import describe_envelopes, walk_source
@@ -181,8 +181,7 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
     if not isinstance(raw, list) or not raw:
         raise ProtocolError("upload needs a non-empty 'entries' list")
     entries = [FileEntry.from_json(e) for e in raw]
-    if entries[0].path != "":
-        raise ProtocolError("the first entry must be the transfer root")
+    check_tree(entries)  # root first, parents before children, no path twice
     if st.config.content_protection_required:
         plain = [e.path or "(root)" for e in entries if not e.is_dir and e.transform == "identity"]
         if plain:

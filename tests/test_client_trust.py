@@ -21,10 +21,12 @@ import io
 import json
 import os
 import stat
+import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +70,10 @@ class FakeDaemon:
     malformed answers) and serves every listed file's blocks, so a client that
     accepts the answer really writes where the manifest says."""
 
-    def __init__(self, opened: dict[str, Any] | bytes | Callable[..., Any]) -> None:
+    def __init__(self, opened: dict[str, Any] | bytes | Callable[..., Any],
+                 **answers: Any) -> None:
         self.opened = opened
+        self.answers = answers  # plan, commit, digests: what those calls answer
         self.queue: list[tuple[int, int]] = []
         self.calls: list[str] = []
         self.port = free_port()
@@ -113,7 +117,21 @@ class FakeDaemon:
 
     async def digests(self, request: web.Request) -> web.StreamResponse:
         self.calls.append("digests")
-        return web.json_response({"digests": {}, "root": "b3blocks:" + "00" * 32})
+        return web.json_response(self.answers.get(
+            "digests", {"digests": {}, "root": "b3blocks:" + "00" * 32}))
+
+    async def plan(self, request: web.Request) -> web.StreamResponse:
+        self.calls.append("plan")
+        return web.json_response(self.answers["plan"])
+
+    async def put_blocks(self, request: web.Request) -> web.StreamResponse:
+        self.calls.append("put")
+        n = len(await request.read())
+        return web.json_response({"received": n})
+
+    async def commit(self, request: web.Request) -> web.StreamResponse:
+        self.calls.append("commit")
+        return web.json_response(self.answers["commit"])
 
     async def close(self, request: web.Request) -> web.StreamResponse:
         self.calls.append("close")
@@ -127,6 +145,9 @@ class FakeDaemon:
         app.router.add_post(f"{p}/session/{{sid}}/want", self.want)
         app.router.add_post(f"{p}/session/{{sid}}/digests", self.digests)
         app.router.add_get(f"{p}/session/{{sid}}/blocks", self.blocks)
+        app.router.add_post(f"{p}/session/{{sid}}/plan", self.plan)
+        app.router.add_put(f"{p}/session/{{sid}}/blocks", self.put_blocks)
+        app.router.add_post(f"{p}/session/{{sid}}/commit", self.commit)
         app.router.add_delete(f"{p}/session/{{sid}}", self.close)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
@@ -320,6 +341,57 @@ async def test_well_formed_answer_from_the_fake_downloads(place: Path) -> None:
     assert result.skipped_files == {"pkg/odd": "skipped by the fake"}
 
 
+async def test_hostile_digests_answer_is_refused(place: Path) -> None:
+    """overwrite=diff on an existing file of the same size asks for the daemon's digest."""
+    (place / "dest" / "pkg").mkdir()
+    (place / "dest" / "pkg" / "a").write_bytes(b"x" * len(CONTENT))
+    before = snapshot(place)
+    async with FakeDaemon(answer("pkg", [d(""), f("a")]), digests=["not", "an", "object"]) as fake:
+        with pytest.raises(TransferError) as info:
+            await download(fake, str(place / "dest") + "/")
+    assert info.value.message == "refused the daemon's digests answer"
+    assert snapshot(place) == before
+
+
+STATE = {"exists": False, "is_dir": False, "size": 0, "mtime_ns": 0, "journal": None, "have": {},
+         "root": None}
+PLAN_OK = {"missing": {"1": [[0, 1]]}}
+UPLOAD_HOSTILE: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "states too short": (answer(None, None, states=[STATE]), {}, "'states' is not a list of 2"),
+    "states not a list": (answer(None, None, states={"0": STATE}), {},
+                          "'states' is not a list of 2"),
+    "plan not an object": (answer(None, None, states=[STATE] * 2), {"plan": [1]},
+                           "no 'missing' object"),
+    "plan names a file not sent": (answer(None, None, states=[STATE] * 2),
+                                   {"plan": {"missing": {"7": [[0, 1]]}}}, "file '7'"),
+    "plan range past the file": (answer(None, None, states=[STATE] * 2),
+                                 {"plan": {"missing": {"1": [[0, 10**12]]}}},
+                                 "range [0, 1000000000000] of file 1"),
+    "commit missing not blocks": (answer(None, None, states=[STATE] * 2),
+                                  {"plan": PLAN_OK, "commit": {"results": {"1": {"missing": ["x"]}}}},
+                                  "refused the daemon's commit answer for file 1"),
+    "commit error status not a number": (
+        answer(None, None, states=[STATE] * 2),
+        {"plan": PLAN_OK, "commit": {"results": {"1": {"error": "boom", "status": "bad"}}}},
+        "refused the daemon's commit answer for file 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(UPLOAD_HOSTILE))
+async def test_hostile_upload_answers_are_refused(tmp_path: Path, case: str) -> None:
+    opened, answers, needle = UPLOAD_HOSTILE[case]
+    src = tmp_path / "pkg"
+    src.mkdir()
+    (src / "a").write_bytes(CONTENT)
+    before = snapshot(tmp_path)
+    async with FakeDaemon(opened, **answers) as fake:
+        with pytest.raises(TransferError) as info:
+            await transfer_async(str(src), fake.url("/in/"),
+                                 Options(transport="http", user="alice", password="x"))
+    assert needle in info.value.message, info.value.message
+    assert snapshot(tmp_path) == before
+
+
 async def test_cli_exit_code_and_one_line_for_a_hostile_answer(place: Path) -> None:
     before = snapshot(place)
     async with FakeDaemon(answer("../victim_home/.bashrc", [f("")])) as fake:
@@ -477,3 +549,51 @@ def test_a_file_that_cannot_travel_is_skipped_with_a_reason(daemon: Daemon, tmp_
     assert res["skipped_files"] == {"scan/pipe": "not a regular file"}
     got = listing(daemon.docroots["alice"] / "in" / "scan")
     assert got == {k: v for k, v in listing(src).items() if k != b"pipe"}
+
+
+def test_names_are_shown_as_text_on_a_terminal(daemon: Daemon, tmp_path: Path) -> None:
+    """The progress bar shows 'pkg/x[/]y' as text: rich markup in a name (a folder 'x['
+    holding ']y') made the bar raise MarkupError and the transfer fail on a terminal."""
+    import pty
+
+    src = tmp_path / "pkg"
+    make_file(src / "x[" / "]y", 300_000, seed=5)
+    make_file(src / "line\nbreak", 1000, seed=6)
+    master, slave = pty.openpty()
+    shown = bytearray()
+
+    def drain() -> None:  # a pty holds only a few KiB: read while the child writes
+        with contextlib.suppress(OSError):  # EIO once the child's side is closed
+            while chunk := os.read(master, 1 << 16):
+                shown.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        p = subprocess.run(
+            daemon.cli_args("transfer", str(src), daemon.url("/in/")),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, timeout=120,
+            env={**os.environ, "FALLBACK_PASSWORD": PASSWORDS["alice"]})
+    finally:
+        os.close(slave)
+        reader.join(10)
+        os.close(master)
+    assert p.returncode == 0, shown.decode(errors="replace")
+    assert b"Traceback" not in shown and b"MarkupError" not in shown
+    assert (daemon.docroots["alice"] / "in" / "pkg" / "x[" / "]y").exists()
+
+
+@pytest.mark.parametrize("entries,needle", [
+    ([d(""), f("x/y")], "manifest lists 'x/y' before its folder 'x'"),
+    ([d(""), f("a"), f("a")], "manifest lists 'a' twice"),
+    ([d(""), f("a"), f("a/b")], "manifest puts 'a/b' inside a file"),
+    ([f(""), f("a")], "a file transfer has exactly one manifest entry"),
+])
+def test_daemon_refuses_an_upload_manifest_that_is_not_a_tree(daemon: Daemon, entries: list[Any],
+                                                               needle: str) -> None:
+    """The daemon checks a client's manifest as the client checks the daemon's."""
+    body = json.dumps({"direction": "upload", "path": "/up/", "into_dir": True, "name": "pkg",
+                       "entries": entries, "overwrite": "diff"}).encode()
+    status, raw = _plain(daemon, "POST", "/.fallback/v1/session", body)
+    assert (status, json.loads(raw)) == (400, {"error": needle})
+    assert not (daemon.docroots["alice"] / "up").exists()
