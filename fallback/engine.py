@@ -20,6 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fallback.answers import (
+    commit_results,
+    confine_download,
+    digests_answer,
+    download_answer,
+    plain_name,
+    planned_missing,
+    streams_cap,
+    upload_states,
+)
 from fallback.errors import TransferError, UsageError
 from fallback.remote import Remote, Url, is_url, parse_url
 from fallback.result import Progress, ProgressCallback, TransferResult
@@ -136,6 +146,9 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
     loop = asyncio.get_running_loop()
     tree = await loop.run_in_executor(executor, walk_source, src, opts.block_size)
     name = src.resolve().name
+    for why in tree.skipped:  # special files, unreadable folders: reported, the rest goes on
+        rel, _, reason = why.partition(": ")
+        result.skipped_files[_shown(name, rel)] = reason
     entries = list(tree.entries)
     if opts.encrypt:
         entries = [_encrypted_placeholder(e) for e in entries]
@@ -149,8 +162,8 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
         "encrypt": opts.encrypt,
         "strong_pass": bool(opts.encrypt and opts.passphrase and strong_passphrase(opts.passphrase)),
     })
-    states = [TargetState.from_json(s) for s in opened["states"]]
-    streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
+    states = upload_states(opened, len(entries))
+    streams = max(1, min(opts.streams, streams_cap(opened) or opts.streams))
     progress = Progress(result.bytes, remote.scheme, progress_cb)
     sources: dict[int, FileSource] = {}
     actions: dict[int, dict[str, Any]] = {}
@@ -195,7 +208,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
         planned = await remote.call("POST", remote.session_url("/plan"),
                                     {"files": list(actions.values())})
         feed = BlockFeed(sources, executor)
-        missing = {int(k): _expand(v) for k, v in planned["missing"].items()}
+        missing = planned_missing(planned, {i: s.layout.count for i, s in sources.items()})
         kept: dict[int, set[int]] = {}  # blocks counted as skipped
         for i, blocks in missing.items():
             kept[i] = set(range(sources[i].layout.count)) - set(blocks)
@@ -228,8 +241,8 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                 "files": [{"file": i, "root": roots[i]} for i in sources if i not in plain_roots]})
             again: list[tuple[int, int]] = []
             verifying = False
-            for k, r in committed["results"].items():
-                i = int(k)
+            results = commit_results(committed, {i: s.layout.count for i, s in sources.items()})
+            for i, r in results.items():
                 if "error" in r:
                     raise TransportError(r["error"], status=int(r.get("status", 500)))
                 if r.get("ok"):
@@ -328,14 +341,15 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                     progress_cb: ProgressCallback | None) -> None:
     loop = asyncio.get_running_loop()
     opened = await remote.open({"direction": "download", "path": url.path})
-    entries = [FileEntry.from_json(e) for e in opened["entries"]]
-    name = str(opened.get("name") or "download")
-    for why in opened.get("skipped", []):  # e.g. symlinks leading out of the docroot
-        rel, _, reason = str(why).partition(": ")
+    answer = download_answer(opened)  # the daemon's names and sizes, checked before any use
+    entries, name = answer.entries, answer.name
+    for why in answer.skipped:  # e.g. symlinks leading out of the docroot
+        rel, _, reason = why.partition(": ")
         result.skipped_files[_shown(name, rel)] = reason or "skipped by the daemon"
     files = [i for i, e in enumerate(entries) if not e.is_dir]
-    streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
+    streams = max(1, min(opts.streams, answer.streams_max or opts.streams))
     root = dst / name if (into or dst.is_dir()) else dst
+    anchor = root.parent  # the folder the user named, or the one the named root goes in
     if entries[0].is_dir is False and root.is_dir():
         root = root / name
     result.files = len(files)
@@ -362,8 +376,10 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                     f"File decryption error, bad passphrase: {_shown(name, e.path)}") from None
             del result.content[_display(name, e, False)]
             result.content[_display(name, e, True)] = "decrypted"
-            target = target.with_name(target.name.removesuffix(env.SUFFIX))
+            target = target.with_name(plain_name(target.name, env.SUFFIX))
         targets[i] = target
+    confine_download(anchor, [targets[i] if i in targets else target_for(root, e.path)
+                              for i, e in enumerate(entries)])
     for e in entries:
         if e.is_dir:
             path = target_for(root, e.path)
@@ -435,7 +451,7 @@ async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: 
             local = await loop.run_in_executor(executor, digest_path, target, entry.block_size)
             remote_d = await remote.call("POST", remote.session_url("/digests"),
                                          {"file": i, "blocks": [], "root": True})
-            action = "skip" if local == remote_d.get("root") else "transfer"
+            action = "skip" if local == digests_answer(remote_d)[1] else "transfer"
             if action == "skip":
                 result.checksums[shown] = local
     if action == "skip":
@@ -472,7 +488,7 @@ async def _source_digests(remote: Remote, file: int, blocks: list[int]) -> dict[
     for part in batches(blocks, DIGEST_BATCH):
         got = await remote.call("POST", remote.session_url("/digests"),
                                 {"file": file, "blocks": part, "root": False})
-        out.update({int(b): bytes.fromhex(h) for b, h in got.get("digests", {}).items()})
+        out.update(digests_answer(got)[0])
     return out
 
 
@@ -544,10 +560,6 @@ async def _run_streams(make: Any, n: int, feed: BlockFeed | None) -> None:
         await _run_streams(make, max(1, n - len(errors)), feed)
 
 
-
-
-def _expand(ranges: list[list[int]]) -> list[int]:
-    return [b for a, z in ranges for b in range(int(a), int(z))]
 
 
 def _plain_len(entry: FileEntry, block: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote
 
 from transport.errors import PathError
 
@@ -26,16 +27,33 @@ def split_urlpath(urlpath: str) -> list[str]:
     return parts
 
 
-def confine(docroot: Path, path: Path) -> Path:
-    """Raise ``PathError`` unless ``path`` resolves (through symlinks) inside ``docroot``."""
+def confine(docroot: Path, path: Path, *, within: str = "the docroot") -> Path:
+    """Raise ``PathError`` unless ``path`` resolves (through symlinks) inside ``docroot``.
+
+    The deepest part of ``path`` that exists is resolved with ``realpath``; the
+    rest will be created as plain folders and files. ``within`` names the root
+    in the message (a client confines a download to "the destination").
+    """
     root = Path(os.path.realpath(docroot))
     probe = path
     while not os.path.lexists(probe) and probe != probe.parent:
         probe = probe.parent
     real = Path(os.path.realpath(probe))
     if real != root and root not in real.parents:
-        raise PathError(f"{_show(docroot, path)}: refused, it leads outside the docroot")
+        raise PathError(f"{_show(docroot, path)}: refused, it leads outside {within}")
     return path
+
+
+def urlpath_of(raw_path: str) -> str:
+    """Decode a raw (still percent-encoded) URL path the way file names are carried.
+
+    Percent-escapes that are not UTF-8 (``%FF``) become the bytes they encode
+    (PEP 383 ``surrogateescape``, as ``os.fsdecode`` gives them), so a plain PUT
+    or GET of a non-UTF-8 name reaches the same file as the control API, never
+    a file literally named ``%FF``. aiohttp's own decoding keeps such escapes.
+    Returns the path after its leading '/', as the route's ``{path}`` holds it.
+    """
+    return unquote(raw_path, errors="surrogateescape").removeprefix("/")
 
 
 def resolve(docroot: Path, urlpath: str) -> Path:

@@ -27,7 +27,7 @@ class ProgressPrinter:
 
         self._bar = Progress(TextColumn("[bold]{task.fields[transport]}"), BarColumn(),
                              DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                             TextColumn("{task.fields[file]}"),
+                             TextColumn("{task.fields[file]}", markup=False),  # a name is text
                              console=Console(file=stream), transient=False)
         self._bar.start()
 
@@ -36,11 +36,19 @@ class ProgressPrinter:
             return
         if self._task is None:
             self._task = self._bar.add_task("transfer", total=ev.bytes_total,
-                                            transport=ev.transport, file=ev.file)
+                                            transport=ev.transport, file="")
         self._bar.update(self._task, completed=ev.bytes_done, transport=ev.transport,
-                         file=ev.file[-40:])
+                         file=_printable(ev.file)[-40:])
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _printable(name: str) -> str:
+    """A file name for one terminal line: control characters and undecodable bytes escaped
+    (``\\n``, ``\\udcff``), so a name cannot move the cursor or break the bar."""
+    if name.isprintable():
+        return name
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)

@@ -21,7 +21,7 @@ import aiohttp
 
 from fallback.errors import UsageError
 from fallback.tls import client_ssl
-from transport.errors import ConnectionLost, RemoteError, TransportError
+from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from transport.http.client import SSLArg, describe, error_text
 
 PREFIX = "/.fallback/v1"
@@ -58,6 +58,15 @@ def is_url(s: str) -> bool:
 
 
 def parse_url(s: str) -> Url:
+    """Split ``http(s)://[user[:password]@]host[:port]/path``; raises ``UsageError``.
+
+    The path is percent-decoded as file names are carried (PEP 383
+    ``surrogateescape`` for escapes that are not UTF-8, see ``fallback.paths``).
+    A raw ``?`` or ``#`` is refused: a URL parser takes what follows for a query
+    or a fragment, so ``/hs/report#2.txt`` would name ``/hs/report``; the hint
+    says to write ``%3F`` and ``%23`` (RFC 3986 section 3.3: a path ends at the
+    first ``?`` or ``#``).
+    """
     try:
         u = urlsplit(s)
         port = u.port
@@ -65,11 +74,19 @@ def parse_url(s: str) -> Url:
         raise UsageError(f"bad URL {s!r}: {exc}") from None
     if u.scheme not in ("http", "https") or not u.hostname:
         raise UsageError(f"bad URL {s!r}: expected http(s)://[user@]host[:port]/path")
+    for raw, code in (("?", "%3F"), ("#", "%23")):
+        if raw in s:
+            raise UsageError(f"bad URL {s!r}: a raw {raw!r} would end the path there "
+                             f"(it starts a URL {'query' if raw == '?' else 'fragment'}); "
+                             f"write it as {code}")
+    path = unquote(u.path, errors="surrogateescape") or "/"
+    if "\x00" in path:
+        raise UsageError(f"bad URL {s!r}: the path contains a NUL byte (%00)")
     return Url(
         scheme=u.scheme,
         host=u.hostname,
         port=port or DEFAULT_PORTS[u.scheme],
-        path=unquote(u.path) or "/",
+        path=path,
         user=unquote(u.username) if u.username else None,
         password=unquote(u.password) if u.password else None,
     )
@@ -129,17 +146,17 @@ class Remote:
             info = await _info(url, ssl)
             if transport == "auto":
                 if url.scheme == "http" and info.get("enable_https"):
-                    scheme, port = "https", int(info["https_port"])
+                    scheme, port = "https", _port(info, "https_port", url)
                     if not await _reachable(url.host, port):
                         scheme, port = "http", url.port
             elif transport == "https":
                 if not info.get("enable_https"):
                     raise TransportError("the daemon does not offer HTTPS", status=400)
-                scheme, port = "https", int(info["https_port"])
+                scheme, port = "https", _port(info, "https_port", url)
             elif transport == "http":
                 if not info.get("enable_http"):
                     raise TransportError("the daemon does not offer plain HTTP", status=400)
-                scheme, port = "http", int(info["http_port"])
+                scheme, port = "http", _port(info, "http_port", url)
         return cls(url, user=name, password=pw, ssl=ssl, scheme=scheme, port=port, streams=streams)
 
     # -- control calls --------------------------------------------------------
@@ -159,10 +176,10 @@ class Remote:
         try:
             async with self.http.request(method, url, json=body or {}, headers=self._headers(),
                                          ssl=self.ssl) as resp:
-                raw = await resp.read()
+                raw = await read_bounded(resp, self.base)
                 if resp.status != 200:
                     raise RemoteError(error_text(raw, resp.status), status=resp.status)
-                return json.loads(raw)
+                return parse_answer(raw, self.base)
         except TransportError:
             raise
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -174,8 +191,15 @@ class Remote:
             raise ConnectionLost(f"cannot reach {self.base}: {describe(exc)}") from None
 
     async def open(self, body: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = await self.call("POST", f"{self.base}{PREFIX}/session", body)
-        self.sid, self.token = out["id"], out["token"]
+        out = await self.call("POST", f"{self.base}{PREFIX}/session", body)
+        if not isinstance(out, dict):
+            raise ProtocolError(f"{self.base}: the session answer is not a JSON object")
+        sid, token = out.get("id"), out.get("token")
+        # Both go into later requests (the URL path, the Authorization header).
+        if not isinstance(sid, str) or not _SESSION_ID.fullmatch(sid) \
+                or not isinstance(token, str) or not _TOKEN.fullmatch(token):
+            raise ProtocolError(f"{self.base}: the session answer has no valid id and token")
+        self.sid, self.token = sid, token
         return out
 
     async def close(self, error: str | None = None) -> None:
@@ -196,7 +220,9 @@ async def _info(url: Url, ssl: Any) -> dict[str, Any]:
                 if resp.status != 200:
                     raise RemoteError(f"{url.base()} is not a fallback daemon (HTTP {resp.status})",
                                       status=resp.status)
-                info: dict[str, Any] = await resp.json()
+                info = parse_answer(await read_bounded(resp, url.base()), url.base())
+                if not isinstance(info, dict):
+                    raise ProtocolError(f"{url.base()} is not a fallback daemon (bad /info answer)")
                 return info
     except TransportError:
         raise
@@ -209,6 +235,38 @@ async def _info(url: Url, ssl: Any) -> dict[str, Any]:
         raise ConnectionLost(f"cannot reach {url.base()}: {describe(exc)}") from None
 
 
+MAX_ANSWER = 64 << 20
+"""Largest control answer the client reads, in bytes: the daemon's own cap on a
+control request (``fallback.server.MAX_CONTROL_BODY``). A download's manifest
+is one answer, so a folder of up to about 500,000 entries can be downloaded."""
+
+_SESSION_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")
+_TOKEN = re.compile(r"[0-9A-Za-z_.~+/=-]{1,512}")
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, base: str, limit: int = MAX_ANSWER) -> bytes:
+    """A control answer's body, refusing (``ProtocolError``) more than ``limit`` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ProtocolError(f"{base}: answer of {resp.content_length} bytes is larger than "
+                            f"{limit} bytes")
+    body = bytearray()
+    while chunk := await resp.content.read(1 << 20):
+        body += chunk
+        if len(body) > limit:
+            raise ProtocolError(f"{base}: answer larger than {limit} bytes")
+    return bytes(body)
+
+
+def parse_answer(raw: bytes, base: str) -> Any:
+    """JSON of a control answer; ``ProtocolError`` when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        raise ProtocolError(f"{base}: the daemon's answer is not valid JSON") from None
+    except RecursionError:
+        raise ProtocolError(f"{base}: the daemon's answer is nested too deeply") from None
+
+
 async def _reachable(host: str, port: int) -> bool:
     try:
         _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
@@ -216,6 +274,13 @@ async def _reachable(host: str, port: int) -> bool:
         return False
     w.close()
     return True
+
+
+def _port(info: dict[str, Any], key: str, url: Url) -> int:
+    port = info.get(key)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ProtocolError(f"{url.base()}: bad {key} {port!r} in the /info answer")
+    return port
 
 
 def _basic(user: str, password: str) -> str:

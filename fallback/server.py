@@ -34,11 +34,11 @@ from fallback import plainhttp
 from fallback import sessions as S
 from fallback.auth import ChecksBusy, PasswordChecker, parse_basic
 from fallback.config import Config, UserConfig
-from fallback.paths import confine, relpath_in, resolve, split_urlpath
+from fallback.paths import confine, relpath_in, resolve, split_urlpath, urlpath_of
 from fallback.ratelog import RateLimitedLog
 from fallback.throttle import LoginThrottle
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
-from transport.blocks.manifest import FileEntry, check_relpath
+from transport.blocks.manifest import FileEntry, check_relpath, check_tree
 from transport.blocks.plan import OVERWRITE_MODES, to_ranges
 from transport.blocks.receiver import FileReceiver
 from transport.blocks.tree import describe_envelopes, walk_source
@@ -216,8 +216,7 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
     if not isinstance(raw, list) or not raw:
         raise ProtocolError("upload needs a non-empty 'entries' list")
     entries = [FileEntry.from_json(e) for e in raw]
-    if entries[0].path != "":
-        raise ProtocolError("the first entry must be the transfer root")
+    check_tree(entries)  # root first, parents before children, no path twice
     if st.config.content_protection_required:
         plain = [e.path or "(root)" for e in entries if not e.is_dir and e.transform == "identity"]
         if plain:
@@ -483,7 +482,7 @@ async def plain_get(request: web.Request) -> web.StreamResponse:
     user = await authenticate(request)
     if not user.read_allowed:
         raise PathError(f"user {user.name} may not read")
-    path = resolve(Path(user.docroot), request.match_info["path"])
+    path = resolve(Path(user.docroot), urlpath_of(request.rel_url.raw_path))
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):  # /file.txt/x: a file where a folder would be
@@ -502,10 +501,10 @@ async def plain_put(request: web.Request) -> web.Response:
     if not user.write_allowed:
         raise PathError(f"user {user.name} may not write")
     docroot = Path(user.docroot)
-    parts = split_urlpath(request.match_info["path"])
+    parts = split_urlpath(urlpath_of(request.rel_url.raw_path))
     if not parts:
         raise PathError("PUT needs a file name", status=400)
-    target = resolve(docroot, request.match_info["path"])
+    target = resolve(docroot, urlpath_of(request.rel_url.raw_path))
     if parts[0] == ".fallback":
         raise PathError("that name is reserved", status=403)
     if target.is_dir():
@@ -592,6 +591,7 @@ def make_app(state: DaemonState) -> web.Application:
     app.router.add_post(f"{PREFIX}/session/{{sid}}/want", want)
     app.router.add_get(f"{PREFIX}/session/{{sid}}/blocks", download_blocks, allow_head=False)
     app.router.add_delete(f"{PREFIX}/session/{{sid}}", close_session)
-    app.router.add_get("/{path:.*}", plain_get)
-    app.router.add_put("/{path:.*}", plain_put, expect_handler=_expect_authenticated)
+    # [\s\S], not '.': a file name may hold a newline (%0A), and '.' stops there.
+    app.router.add_get("/{path:[\\s\\S]*}", plain_get)
+    app.router.add_put("/{path:[\\s\\S]*}", plain_put, expect_handler=_expect_authenticated)
     return app

@@ -80,10 +80,10 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
                         tree.skipped.append(f"{relname}: symlink leads outside")
                         continue
                     lst = os.stat(path)
-            except PathError as exc:  # a name this protocol cannot carry
+            except TransportError as exc:  # a name this protocol cannot carry: skip that one
                 tree.skipped.append(f"{relname}: {exc.message}")
                 continue
-            except OSError as exc:
+            except OSError as exc:  # resource errors fail the walk; see _skip_or_raise
                 _skip_or_raise(tree, relname, exc)
                 continue
             if stat.S_ISDIR(lst.st_mode):
