@@ -4,6 +4,14 @@ Folders are walked without following symlinks into other trees: a symlink is
 carried as the file or folder it points to only when that stays inside
 ``within`` (the docroot on a daemon); others are skipped and reported, so a
 download cannot be made to read outside a docroot.
+
+Fallback's own state folders (``transport.blocks.statedir``) never travel: a
+folder named ``.fallback`` that holds our marker is skipped silently wherever
+it is (a local folder that was a download destination has one at its top),
+and so is the ``.fallback`` at the top of ``within`` (a daemon's docroot, whose
+top reserves the name), marker or not. A user's own ``.fallback`` folder
+elsewhere is an ordinary folder. A walk that starts inside a state folder of
+ours is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from pathlib import Path
 
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.source import entry_for
+from transport.blocks.statedir import STATE_DIR, in_state_dir, is_state_dir
 from transport.errors import PathError, TransportError
 
 
@@ -35,6 +44,18 @@ def _inside(real: str, within: str | None) -> bool:
     return within is None or real == within or real.startswith(within.rstrip("/") + "/")
 
 
+def _ours(path: Path, limit: str | None) -> bool:
+    """``path`` (named ``.fallback``, or a symlink) is a state folder of ours, or leads into
+    the one at the top of ``limit``."""
+    if path.name == STATE_DIR and is_state_dir(path):
+        return True
+    if limit is None:
+        return False
+    real = os.path.realpath(path)
+    top = os.path.join(limit, STATE_DIR)
+    return real == top or real.startswith(top + "/")
+
+
 def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> SourceTree:
     """Entries for ``root`` (a file: one entry ``""``; a folder: itself and everything below)."""
     limit = os.path.realpath(within) if within is not None else None
@@ -45,6 +66,8 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
     tree = SourceTree()
     if not _inside(os.path.realpath(root), limit):
         raise PathError(f"{root.name}: refused, it leads outside the docroot")
+    if in_state_dir(root) or _ours(root, limit):
+        raise PathError(f"{root.name or root}: fallback's own state folder, not a source")
     if not stat.S_ISDIR(st.st_mode):
         if not stat.S_ISREG(st.st_mode):
             raise PathError(f"{root.name}: not a regular file", status=400)
@@ -70,7 +93,11 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
                     if not _inside(os.path.realpath(path), limit):
                         tree.skipped.append(f"{relname}: symlink leads outside")
                         continue
+                    if _ours(path, limit):
+                        continue
                     lst = os.stat(path)
+                elif name == STATE_DIR and _ours(path, limit):
+                    continue  # not user data: not sent, not reported
             except (OSError, PathError) as exc:
                 tree.skipped.append(f"{relname}: {getattr(exc, 'strerror', None) or exc}")
                 continue
