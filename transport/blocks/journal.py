@@ -81,7 +81,7 @@ class Journal:
         """Read a journal without locking it (to answer a resume query)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no journal, or no state folder
             return None, {}
         try:
             return _load(fd)

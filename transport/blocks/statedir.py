@@ -148,12 +148,16 @@ class StateDir:
         """
         deadline = time.monotonic() + _SETTLE
         while True:
-            if self.adopt or is_state_dir(self.path):
+            marked = is_state_dir(self.path)
+            if marked or self.adopt:
                 try:
-                    self.parts.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    if not marked:
+                        self.root.mkdir(parents=True, exist_ok=True)
+                        self.path.mkdir(mode=0o700, exist_ok=True)
+                    self.parts.mkdir(mode=0o700, exist_ok=True)
                 except (FileExistsError, NotADirectoryError):
                     raise self._in_the_way("a file of that name") from None
-                if not is_state_dir(self.path):
+                if not marked:
                     _write_marker(self.path)
                 return
             if not os.path.lexists(self.path):

@@ -44,16 +44,15 @@ def _inside(real: str, within: str | None) -> bool:
     return within is None or real == within or real.startswith(within.rstrip("/") + "/")
 
 
-def _ours(path: Path, limit: str | None) -> bool:
-    """``path`` (named ``.fallback``, or a symlink) is a state folder of ours, or leads into
-    the one at the top of ``limit``."""
-    if path.name == STATE_DIR and is_state_dir(path):
-        return True
-    if limit is None:
-        return False
-    real = os.path.realpath(path)
-    top = os.path.join(limit, STATE_DIR)
-    return real == top or real.startswith(top + "/")
+def _ours(folder: Path, name: str, limit: str | None) -> bool:
+    """``folder/name`` (named ``.fallback``) is a state folder of ours (it has the marker),
+    or the one at the top of ``limit`` (marker or not)."""
+    return is_state_dir(folder / name) or limit is not None and os.path.realpath(folder) == limit
+
+
+def _in_top_state(real: str, limit: str | None) -> bool:
+    """A real path leads into the state folder at the top of ``limit``."""
+    return limit is not None and _inside(real, os.path.join(limit, STATE_DIR))
 
 
 def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> SourceTree:
@@ -66,7 +65,7 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
     tree = SourceTree()
     if not _inside(os.path.realpath(root), limit):
         raise PathError(f"{root.name}: refused, it leads outside the docroot")
-    if in_state_dir(root) or _ours(root, limit):
+    if in_state_dir(root) or _in_top_state(os.path.realpath(root), limit):
         raise PathError(f"{root.name or root}: fallback's own state folder, not a source")
     if not stat.S_ISDIR(st.st_mode):
         if not stat.S_ISREG(st.st_mode):
@@ -86,18 +85,19 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
         for name in names:
             path = folder / name
             relname = f"{rel}/{name}" if rel else name
+            if name == STATE_DIR and _ours(folder, name, limit):
+                continue  # not user data: neither sent nor reported
             try:
                 check_relpath(relname)
                 lst = os.lstat(path)
                 if stat.S_ISLNK(lst.st_mode):
-                    if not _inside(os.path.realpath(path), limit):
+                    real = os.path.realpath(path)
+                    if not _inside(real, limit):
                         tree.skipped.append(f"{relname}: symlink leads outside")
                         continue
-                    if _ours(path, limit):
+                    if _in_top_state(real, limit):
                         continue
                     lst = os.stat(path)
-                elif name == STATE_DIR and _ours(path, limit):
-                    continue  # not user data: not sent, not reported
             except (OSError, PathError) as exc:
                 tree.skipped.append(f"{relname}: {getattr(exc, 'strerror', None) or exc}")
                 continue
