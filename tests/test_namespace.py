@@ -16,6 +16,8 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -391,6 +393,50 @@ def test_two_writers_to_one_target_still_conflict(srv: Daemon, tmp_path: Path) -
     out_, err_ = first.communicate(timeout=120)
     assert first.returncode == 0, err_
     assert sha256(local) == sha256(big) and sorted(os.listdir(out)) == ["w.bin"]
+
+
+def test_a_client_tidying_its_state_folder_never_breaks_a_receiver(tmp_path: Path) -> None:
+    """Downloads into one folder at once: one tidies the (empty) state folder while others
+    create it and open journals in it. Every receiver commits, and at the end nothing of
+    ours is left."""
+    src = make_file(tmp_path / "s.bin", 2 * BS, seed=20)
+    entry = entry_for(src, "", BS)
+    out = tmp_path / "out"
+    state = StateDir(out)
+    deadline = time.monotonic() + 0.8
+    errors: list[BaseException] = []
+    done = [0]
+
+    def receive(n: int) -> None:
+        source = FileSource(src, entry)
+        try:
+            while time.monotonic() < deadline:
+                rec = FileReceiver(out / f"t{n}.bin", entry, fsync=False)
+                for b in range(2):
+                    rec.write_block(b, *source.read_block(b))
+                rec.commit(digest_path(src, BS))
+                done[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            source.close()
+
+    def tidy() -> None:
+        while time.monotonic() < deadline:
+            try:
+                state.tidy()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=receive, args=(n,)) for n in range(3)]
+    threads.append(threading.Thread(target=tidy))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and done[0] > 10, (errors, done)
+    assert state.tidy() and sorted(os.listdir(out)) == ["t0.bin", "t1.bin", "t2.bin"]
+    assert all(sha256(out / f"t{n}.bin") == sha256(src) for n in range(3))
 
 
 # -- commit across file systems -------------------------------------------------------------------

@@ -129,7 +129,8 @@ class StateDir:
 
     def holds(self, path: Path) -> bool:
         """Whether ``path`` is the state folder or inside it, by name or through symlinks
-        (the real path of its deepest existing ancestor). ``path`` is absolute."""
+        (the real path of its deepest existing ancestor). ``path`` is spelled like ``root``
+        (both absolute, or both relative to the working folder)."""
         if path == self.path or self.path in path.parents:
             return True
         probe = path
@@ -155,11 +156,15 @@ class StateDir:
                         self.root.mkdir(parents=True, exist_ok=True)
                         self.path.mkdir(mode=0o700, exist_ok=True)
                     self.parts.mkdir(mode=0o700, exist_ok=True)
+                    if not marked:
+                        _write_marker(self.path)
+                    return
                 except (FileExistsError, NotADirectoryError):
                     raise self._in_the_way("a file of that name") from None
-                if not marked:
-                    _write_marker(self.path)
-                return
+                except FileNotFoundError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    continue  # tidied away meanwhile by another process: make it anew
             if not os.path.lexists(self.path):
                 self._create()
                 continue
