@@ -41,6 +41,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,21 +155,23 @@ class StateDir:
                 try:
                     if not marked:
                         self.root.mkdir(parents=True, exist_ok=True)
-                        self.path.mkdir(mode=0o700, exist_ok=True)
-                    self.parts.mkdir(mode=0o700, exist_ok=True)
+                        _mkdir(self.path)
+                    _mkdir(self.parts)
                     if not marked:
                         _write_marker(self.path)
                     return
-                except (FileExistsError, NotADirectoryError):
+                except NotADirectoryError:
                     raise self._in_the_way("a file of that name") from None
                 except FileNotFoundError:
                     if time.monotonic() >= deadline:
                         raise
                     continue  # tidied away meanwhile by another process: make it anew
-            if not os.path.lexists(self.path):
+            try:
+                st = os.lstat(self.path)
+            except FileNotFoundError:
                 self._create()
                 continue
-            if not os.path.isdir(self.path) or os.path.islink(self.path):
+            if not stat.S_ISDIR(st.st_mode):
                 raise self._in_the_way("a file of that name")
             if time.monotonic() >= deadline:
                 raise self._in_the_way("a folder of the user's")
@@ -245,6 +248,16 @@ class StateDir:
             tmp.unlink(missing_ok=True)
             raise
         partial.unlink()
+
+
+def _mkdir(path: Path) -> None:
+    """``mkdir``, for a folder that may exist. (``Path.mkdir(exist_ok=True)`` re-checks an
+    existing name with ``is_dir`` and, when a tidy removed it in between, raises.) A file in
+    the way surfaces as ``NotADirectoryError`` on the next step below it."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
 
 
 def _place(src: Path, target: Path, replace: bool) -> None:
