@@ -41,13 +41,18 @@ from fallback.confxml import (  # noqa: F401 - Problem is re-exported
     _user_name,
 )
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
-from transport.blocks.receiver import JOURNAL_SUFFIX
 
 __all__ = ["Config", "ConfigError", "FlowConfig", "Problem", "UserConfig", "embedded_defaults",
            "load_config", "validate_main"]
 
 
 
+
+JOURNAL_SUFFIX = ".fallback-journal"
+"""The journal suffix of releases that kept partials beside their targets. Journals now live
+in the state folder (``parts/<hash>.journal``), but a suffix that could make a temporary file
+look like an old journal (or an envelope) is still refused, so no name of ours can ever be
+taken for another of ours by an older client or a person cleaning up."""
 
 _RESERVED_SUFFIXES = ((JOURNAL_SUFFIX, "journal", "a journal"),
                       (ENVELOPE_SUFFIX, "envelope", "an encrypted file"))

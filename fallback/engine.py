@@ -53,9 +53,16 @@ from transport.blocks.plan import (
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource
+from transport.blocks.statedir import StateDir, in_state_dir
 from transport.blocks.transform import BlockTransform
 from transport.blocks.tree import target_for, walk_source
-from transport.errors import BadPassphrase, ConnectionLost, IntegrityError, TransportError
+from transport.errors import (
+    BadPassphrase,
+    ConnectionLost,
+    IntegrityError,
+    PathError,
+    TransportError,
+)
 from transport.http.client import download_stream, upload_stream
 
 MAX_ROUNDS = 6
@@ -352,6 +359,12 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
     anchor = root.parent  # the folder the user named, or the one the named root goes in
     if entries[0].is_dir is False and root.is_dir():
         root = root / name
+    # Partials and journals go to the state folder at the top of the destination folder
+    # (the one receiving the transfer root): same file system, never among the user's files.
+    statedir = StateDir(root.parent)
+    if statedir.holds(root) or in_state_dir(root.parent):
+        raise PathError(f"{root}: would be in fallback's state folder (.fallback at the top of "
+                        "a destination is reserved); choose another destination or name")
     result.files = len(files)
     result.bytes = sum(entries[i].size for i in files)
     progress = Progress(result.bytes, remote.scheme, progress_cb)
@@ -391,7 +404,7 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
     try:
         for i in files:
             await _plan_download_file(remote, i, entries[i], targets[i], transforms.get(i), opts,
-                                      executor, receivers, result, progress, name)
+                                      executor, receivers, result, progress, name, statedir)
         sink.on_progress = lambda f, n: progress.carry(_plain_share(entries[f], n),
                                                        _shown(name, entries[f].path))
         rounds = 0
@@ -422,17 +435,22 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
         result.sent_bytes = progress.carried  # also when failing: what this run did move
         result.skipped_bytes = progress.skipped
         await sink.close()  # checkpoints what is left, keeping partials for a resume
+        try:
+            await loop.run_in_executor(executor, statedir.tidy)  # gone unless partials are left
+        except OSError:
+            pass  # an empty state folder left behind is harmless
 
 
 async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: Path,
                               transform: BlockTransform | None, opts: Options,
                               executor: ThreadPoolExecutor, receivers: dict[int, FileReceiver],
-                              result: TransferResult, progress: Progress, name: str) -> None:
+                              result: TransferResult, progress: Progress, name: str,
+                              statedir: StateDir) -> None:
     loop = asyncio.get_running_loop()
     shown = _shown(name, entry.path)
     decoded = transform is not None
     partial = await loop.run_in_executor(
-        executor, lambda: inspect_partial(target, decoded=decoded))
+        executor, lambda: inspect_partial(target, decoded=decoded, state=statedir))
     try:
         st = os.lstat(target)
     except FileNotFoundError:
@@ -467,7 +485,7 @@ async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: 
         resume = resume_ok(opts.resume, entry, state, fresh)
     target.parent.mkdir(parents=True, exist_ok=True)
     rec = await loop.run_in_executor(executor, lambda: FileReceiver(
-        target, entry, resume=resume, decode=transform, fsync=opts.fsync))
+        target, entry, resume=resume, decode=transform, fsync=opts.fsync, state=statedir))
     receivers[i] = rec
     if rec.unverified:
         # Kept from an earlier run: the partial's bytes must still match the journal (read back

@@ -12,11 +12,16 @@ everything else is the user's docroot as plain HTTP):
 * ``GET    /.fallback/v1/session/{id}/blocks``   download stream
 * ``DELETE /.fallback/v1/session/{id}``          close (logs the session line)
 * ``GET|HEAD /path`` (with ``Range``), ``PUT /path``: plain clients (curl, aria2c) with Basic auth.
+
+The name ``.fallback`` at the top of a docroot is the daemon's own: it holds the
+partial files and journals (``transport.blocks.statedir``). It is never listed,
+served, walked or written through any route (403 "that name is reserved").
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -41,6 +46,7 @@ from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import FileEntry, check_relpath, check_tree
 from transport.blocks.plan import OVERWRITE_MODES, to_ranges
 from transport.blocks.receiver import FileReceiver
+from transport.blocks.statedir import STATE_DIR, StateDir, is_state_dir
 from transport.blocks.tree import describe_envelopes, walk_source
 from transport.errors import (
     RESOURCE_ERRNOS,
@@ -184,6 +190,16 @@ def _run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Awaitable[
     return asyncio.get_running_loop().run_in_executor(_state(request).executor, fn, *args)
 
 
+def _docroot_state(request: web.Request, docroot: Path) -> StateDir:
+    return StateDir(docroot, _state(request).config.partial_file_suffix, adopt=True)
+
+
+def _refuse_reserved(request: web.Request, docroot: Path, path: Path) -> None:
+    """403 for the docroot's state folder and anything in it (by name or through a symlink)."""
+    if _docroot_state(request, docroot).holds(path):
+        raise PathError("that name is reserved", status=403)
+
+
 # -- session control -------------------------------------------------------------------------------
 async def open_session(request: web.Request) -> web.Response:
     st = _state(request)
@@ -237,6 +253,9 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
     if entries[0].transform != "identity" and not root.name.endswith(ENVELOPE_SUFFIX):
         root = root.with_name(root.name + ENVELOPE_SUFFIX)  # an envelope is always named so
     confine(Path(user.docroot), root)
+    _refuse_reserved(request, Path(user.docroot), root)
+    if root == Path(user.docroot) and any(e.path.split("/")[0] == STATE_DIR for e in entries):
+        raise PathError("that name is reserved", status=403)  # (symlinks: in target_state)
     if root == Path(user.docroot) and not entries[0].is_dir:
         raise PathError("cannot write a file over the docroot", status=400)
     session = st.table.new(direction="upload", root=root, entries=entries, **common)
@@ -264,6 +283,7 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
         raise PathError(f"user {user.name} may not read")
     docroot = Path(user.docroot)
     src = resolve(docroot, str(body.get("path", "/")))
+    _refuse_reserved(request, docroot, src)
     tree = await _run(request, lambda: walk_source(src, st.config.block_size, within=docroot))
     await _run(request, describe_envelopes, tree)
     session = st.table.new(direction="download", root=src, entries=tree.entries, **common)
@@ -482,17 +502,26 @@ async def plain_get(request: web.Request) -> web.StreamResponse:
     user = await authenticate(request)
     if not user.read_allowed:
         raise PathError(f"user {user.name} may not read")
-    path = resolve(Path(user.docroot), urlpath_of(request.rel_url.raw_path))
+    docroot = Path(user.docroot)
+    path = resolve(docroot, urlpath_of(request.rel_url.raw_path))
+    _refuse_reserved(request, docroot, path)
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):  # /file.txt/x: a file where a folder would be
-        raise PathError(f"{relpath_in(Path(user.docroot), path)}: no such file", status=404) from None
+        raise PathError(f"{relpath_in(docroot, path)}: no such file", status=404) from None
     if stat.S_ISDIR(st.st_mode):
-        names = sorted(os.listdir(path))
-        return web.json_response({"folder": relpath_in(Path(user.docroot), path), "entries": names})
-    label = relpath_in(Path(user.docroot), path)
-    return await plainhttp.serve_file(request, str(path), label=label,
+        names = [n for n in sorted(os.listdir(path)) if not _hidden(request, docroot, path, n)]
+        return web.json_response({"folder": relpath_in(docroot, path), "entries": names})
+    return await plainhttp.serve_file(request, str(path), label=relpath_in(docroot, path),
                                       executor=_state(request).executor)
+
+
+def _hidden(request: web.Request, docroot: Path, folder: Path, name: str) -> bool:
+    """A listing leaves out the docroot's state folder, and any state folder of ours (the
+    rule of ``walk_source``, so a listing shows what a download of the folder brings)."""
+    if name != STATE_DIR:
+        return False
+    return is_state_dir(folder / name) or _docroot_state(request, docroot).holds(folder / name)
 
 
 async def plain_put(request: web.Request) -> web.Response:
@@ -505,8 +534,9 @@ async def plain_put(request: web.Request) -> web.Response:
     if not parts:
         raise PathError("PUT needs a file name", status=400)
     target = resolve(docroot, urlpath_of(request.rel_url.raw_path))
-    if parts[0] == ".fallback":
+    if parts[0] == STATE_DIR:
         raise PathError("that name is reserved", status=403)
+    _refuse_reserved(request, docroot, target)  # e.g. through a symlink to it
     if target.is_dir():
         raise ConflictError(f"{relpath_in(docroot, target)}: is a folder")
     existed = target.exists()
@@ -518,11 +548,11 @@ async def plain_put(request: web.Request) -> web.Response:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ConflictError(f"{relpath_in(docroot, target)}: a file is in the way of its folder") from None
-    await _receive_plain(request, target)
+    await _receive_plain(request, target, _docroot_state(request, docroot))
     return web.json_response({"path": relpath_in(docroot, target)}, status=204 if existed else 201)
 
 
-async def _receive_plain(request: web.Request, target: Path) -> None:
+async def _receive_plain(request: web.Request, target: Path, state: StateDir) -> None:
     st = _state(request)
     size = request.content_length
     entry = FileEntry("", "file", size=size if size is not None else 0,
@@ -531,7 +561,7 @@ async def _receive_plain(request: web.Request, target: Path) -> None:
     # An unknown length (chunked PUT) is written sequentially; the receiver is
     # still used so the file appears atomically and a lock guards the target.
     rec = await loop.run_in_executor(st.executor, lambda: FileReceiver(
-        target, entry, resume=False, fsync=st.config.fsync, suffix=st.config.partial_file_suffix))
+        target, entry, resume=False, fsync=st.config.fsync, state=state))
     try:
         fd = os.open(rec.partial, os.O_WRONLY | os.O_CLOEXEC)
         written = 0
@@ -546,7 +576,8 @@ async def _receive_plain(request: web.Request, target: Path) -> None:
             raise ProtocolError(f"body ended after {written} of {size} bytes")
         os.utime(rec.partial)
         os.chmod(rec.partial, 0o644)
-        os.replace(rec.partial, target)
+        await loop.run_in_executor(st.executor, functools.partial(
+            state.publish, rec.partial, target, replace=True))  # a copy when cross-device
         rec.discard()
     except BaseException:
         rec.discard()

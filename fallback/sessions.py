@@ -27,6 +27,7 @@ from transport.blocks.plan import TargetState
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource, SourceWindow
+from transport.blocks.statedir import StateDir
 from transport.blocks.tree import target_for
 from transport.errors import ConflictError, PathError, ProtocolError, SourceChanged
 
@@ -90,6 +91,11 @@ class Session:
 
     def target(self, index: int) -> Path:
         return target_for(self.root, self.entries[index].path)
+
+    @property
+    def state(self) -> StateDir:
+        """Where partial files and journals are kept: the docroot's ``.fallback/``."""
+        return StateDir(self.docroot, self.partial_suffix, adopt=True)
 
     def file_indices(self) -> list[int]:
         return [i for i, e in enumerate(self.entries) if not e.is_dir]
@@ -174,11 +180,14 @@ def target_state(session: Session, index: int, *, want_root: bool) -> TargetStat
     entry = session.entries[index]
     target = session.target(index)
     confine(session.docroot, target)
+    state = session.state
+    if state.holds(target):
+        raise PathError(f"{relpath_in(session.docroot, target)}: that name is reserved")
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         st = None
-    partial = inspect_partial(target, suffix=session.partial_suffix) if not entry.is_dir else None
+    partial = inspect_partial(target, state=state) if not entry.is_dir else None
     exists = st is not None
     is_dir = bool(st) and os.path.isdir(target) and not os.path.islink(target)
     size = st.st_size if st else 0
@@ -231,7 +240,7 @@ async def open_receivers(
                 session.executor,
                 functools.partial(FileReceiver, target, session.entries[i],
                                   resume=action == "resume", fsync=session.fsync,
-                                  suffix=session.partial_suffix),
+                                  state=session.state),
             )
             table.writers[target] = session
     except BaseException:

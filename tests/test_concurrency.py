@@ -217,7 +217,7 @@ def test_journal_lock_is_never_held_on_a_removed_journal(tmp_path: Path) -> None
     get the lock on the removed file and go on as if it held the target's
     lock, next to a writer locking the new file: two writers, one target.
     """
-    path = tmp_path / ".f.fallback-journal"
+    path = tmp_path / "f.journal"
     deadline = time.monotonic() + 0.6
     held, wrong = [0], [0]
 

@@ -21,6 +21,7 @@ from fallback.tls import fingerprint
 from tests.conftest import PASSWORDS, Daemon, make_file, password_hash, sha256
 from tests.test_refusals import cli
 from transport.blocks.receiver import inspect_partial, journal_path, partial_path
+from transport.blocks.statedir import StateDir
 
 BIG = 256 << 20
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ (DEBUG|INFO|WARNING|ERROR) ")
@@ -87,9 +88,10 @@ def has_data(path: Path) -> bool:
 def test_sigterm_during_upload_checkpoints_and_the_rerun_resumes(daemon_factory, big: Path) -> None:
     d = daemon_factory()
     target = d.docroots["alice"] / "in" / big.name
+    state = StateDir(d.docroots["alice"])  # partials are kept at the docroot's top
     # plain HTTP: the big upload costs no TLS CPU, twice
     up = start_upload(d, big, d.url("/in/", scheme="http"), "--transport", "http")
-    wait_for(lambda: has_data(partial_path(target)), what="the upload to write data")
+    wait_for(lambda: has_data(partial_path(target, state)), what="the upload to write data")
     assert d.proc is not None
     t0 = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
@@ -102,9 +104,10 @@ def test_sigterm_during_upload_checkpoints_and_the_rerun_resumes(daemon_factory,
     assert err.startswith("error: "), err
     # no file under the real name; the partial and its journal stay, with records
     assert not target.exists()
-    assert partial_path(target).exists() and journal_path(target).exists()
-    state = inspect_partial(target)
-    assert state.identity is not None and 0 < len(state.have) < BIG // (4 << 20)
+    assert partial_path(target, state).exists() and journal_path(target, state).exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == []  # nothing beside the target
+    held = inspect_partial(target, state=state)
+    assert held.identity is not None and 0 < len(held.have) < BIG // (4 << 20)
     log = d.log()
     assert_log_clean(log)
     assert "stopping: checkpointing 1 sessions" in log
@@ -117,10 +120,10 @@ def test_sigterm_during_upload_checkpoints_and_the_rerun_resumes(daemon_factory,
     d.start()
     rc, res, err = xfer(d, str(big), d.url("/in/", scheme="http"), "--transport", "http")
     assert rc == 0 and res["ok"], err
-    assert res["skipped_bytes"] >= len(state.have) * (4 << 20)
+    assert res["skipped_bytes"] >= len(held.have) * (4 << 20)
     assert res["skipped_bytes"] + res["sent_bytes"] == BIG and res["sent_bytes"] < BIG
     assert filecmp.cmp(target, big, shallow=False)
-    assert not partial_path(target).exists() and not journal_path(target).exists()
+    assert not partial_path(target, state).exists() and not journal_path(target, state).exists()
 
 
 # -- SIGHUP ---------------------------------------------------------------------------------------
@@ -140,7 +143,8 @@ def test_sighup_reload_adds_a_user_while_a_transfer_runs(daemon_factory, big: Pa
     target = d.docroots["alice"] / "during" / big.name
     mark = len(d.log())
     up = start_upload(d, big, d.url("/during/", scheme="http"), "--transport", "http")
-    wait_for(lambda: partial_path(target).exists(), what="the upload to start")
+    wait_for(lambda: partial_path(target, StateDir(d.docroots["alice"])).exists(),
+             what="the upload to start")
     assert d.proc is not None
     d.proc.send_signal(signal.SIGHUP)
     lines = wait_log(d, mark, "reloaded")

@@ -23,9 +23,11 @@ import pytest
 
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file, sha256
 from tests.interrupt import journaled, wait_journal_stable, wait_until
+from tests.statefiles import hidden_beside, ours, parts
 from transport.blocks import envelope as env
 from transport.blocks.digest import digest_path
 from transport.blocks.receiver import partial_path
+from transport.blocks.statedir import StateDir
 
 BS = 256 << 10
 BSARG = ("--block-size", "256K")
@@ -123,8 +125,11 @@ def start(d: Daemon, src: str, dst: str, scheme: str, *opts: str) -> subprocess.
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
 
 
-def wait_partial(proc: subprocess.Popen[str], target: Path, nbytes: int) -> None:
-    """Until the receiver's partial beside ``target`` reaches ``nbytes``; fail if the run ended."""
+def wait_partial(proc: subprocess.Popen[str], target: Path, nbytes: int,
+                 root: Path | None = None) -> None:
+    """Until the receiver's partial of ``target`` (in the state folder of ``root``, the tree's
+    top, default ``target``'s folder) reaches ``nbytes``; fail if the run ended."""
+    part = partial_path(target, StateDir(root or target.parent))
 
     def moved() -> bool:
         if proc.poll() is not None:
@@ -132,11 +137,11 @@ def wait_partial(proc: subprocess.Popen[str], target: Path, nbytes: int) -> None
             raise AssertionError(f"transfer ended (rc={proc.returncode}) before it could be "
                                  f"interrupted: {out} {err}")
         try:
-            return partial_path(target).stat().st_size >= nbytes
+            return part.stat().st_size >= nbytes
         except FileNotFoundError:
             return False
 
-    wait_until(moved, f"{nbytes} bytes in {partial_path(target)}")
+    wait_until(moved, f"{nbytes} bytes in {part}")
 
 
 def kill9(proc: subprocess.Popen[str]) -> None:
@@ -418,8 +423,10 @@ def test_tampered_block_is_caught_and_named(shared: Daemon, tmp_path: Path, sche
     rc, res, _ = xfer(shared, shared.url(f"/{top}", scheme=scheme), str(tmp_path / "dir") + "/",
                       scheme, "--decrypt", check=False)
     assert rc == 1 and res["error"] == f"t.bin{SUFFIX}: block 3: authentication failed"
-    assert files_under(tmp_path / "dir").keys() <= {f"{top}/.t.bin.fallback-partial",
-                                                     f"{top}/.t.bin.fallback-journal"}
+    kept = [p.relative_to(tmp_path / "dir").as_posix()
+            for p in ours(tmp_path / "dir" / top / "t.bin", tmp_path / "dir")]
+    assert files_under(tmp_path / "dir" / top) == {}
+    assert files_under(tmp_path / "dir").keys() <= {".fallback/README", *kept}
 
     # without --decrypt the damaged envelope is copied as stored (no key, nothing to check)
     raw = tmp_path / "raw"
@@ -476,16 +483,17 @@ def test_killed_encrypted_upload_resumes_with_the_same_envelope(shared: Daemon, 
     target = folder / ("big.bin" + SUFFIX)
     proc = start(shared, str(src), shared.url(f"/ru-{scheme}/", scheme=scheme), scheme, *BSARG,
                  "--encrypt")
-    wait_partial(proc, target, 8 << 20)
+    docroot = shared.docroots["alice"]  # partials are kept at its top
+    wait_partial(proc, target, 8 << 20, docroot)
     proc.send_signal(signal.SIGSTOP)  # the daemon drains what is in flight and journals it
     try:
-        have = wait_journal_stable(target)
+        have = wait_journal_stable(target, root=docroot)
     finally:
         kill9(proc)
     count = RESUME_SIZE // BS
     assert 4 <= len(have) < count, f"{len(have)} blocks journaled: not an interrupted upload"
     assert not target.exists()
-    header_before = partial_path(target).read_bytes()[:HS]
+    header_before = partial_path(target, StateDir(docroot)).read_bytes()[:HS]
     assert env.EnvelopeHeader.decode(header_before).plain_size == RESUME_SIZE
 
     rc, res, err = xfer(shared, str(src), shared.url(f"/ru-{scheme}/", scheme=scheme), scheme,
@@ -529,7 +537,7 @@ def test_killed_decrypting_download_resumes(shared: Daemon, tmp_path: Path, sche
     count = RESUME_SIZE // BS
     assert 4 <= len(have) < count, f"{len(have)} blocks journaled: not an interrupted download"
     assert not target.exists()
-    assert hidden(out) == [".big.bin.fallback-journal", ".big.bin.fallback-partial"]
+    assert hidden_beside(out) == [] and parts(out) == sorted(p.name for p in ours(target))
 
     rc, res, _ = xfer(shared, url, str(out) + "/", scheme, "--decrypt")
     assert rc == 0 and res["ok"] and res["content"] == {"big.bin": "decrypted"}

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon, free_port, make_file, sha256
+from tests.statefiles import no_leftovers
 from transport.blocks.digest import digest_path
 
 BS = 64 << 10
@@ -86,7 +87,7 @@ def assert_sent(c: Case, res: dict[str, Any]) -> None:
     assert res["checksums"] == {c.name: digest_path(c.src, BS)}
     assert sha256(c.dst) == sha256(c.src)
     assert c.dst.stat().st_mtime_ns == T0
-    assert [p.name for p in c.dst.parent.iterdir() if p.name.startswith(".")] == []
+    assert no_leftovers(c.dst)
 
 
 def assert_kept(c: Case, res: dict[str, Any], digest: str, mtime_ns: int, reason: str) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file, sha256
+from transport.blocks.receiver import journal_path, partial_path
+from transport.blocks.statedir import StateDir
 
 ALICE = f"alice:{PASSWORDS['alice']}"
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ (DEBUG|INFO|WARNING|ERROR) ")
@@ -159,6 +161,8 @@ def _auth_header(user: str, password: str) -> str:
 def test_put_cut_off_mid_body_leaves_no_file(srv: Daemon) -> None:
     folder = srv.docroots["alice"] / "cut"
     target = folder / "name.bin"
+    ours = (partial_path(target, StateDir(srv.docroots["alice"])),
+            journal_path(target, StateDir(srv.docroots["alice"])))
     mark = len(srv.log())
     with socket.create_connection(("127.0.0.1", srv.http_port)) as s:
         s.sendall((f"PUT /cut/name.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -166,16 +170,16 @@ def test_put_cut_off_mid_body_leaves_no_file(srv: Daemon) -> None:
                    "Content-Length: 5000000\r\n\r\n").encode())
         s.sendall(b"x" * 1_000_000)
         deadline = time.monotonic() + 10
-        while not (folder.exists() and any(folder.iterdir())):  # the partial exists: mid-body
+        while not ours[0].exists():  # the partial exists (in the state folder): mid-body
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert not target.exists()
+        assert not target.exists() and list(folder.iterdir()) == []
     # the daemon notices the close and drops the partial and its journal
     deadline = time.monotonic() + 10
-    while any(folder.iterdir()):
-        assert time.monotonic() < deadline, list(folder.iterdir())
+    while any(p.exists() for p in ours):
+        assert time.monotonic() < deadline, ours
         time.sleep(0.02)
-    assert not target.exists()
+    assert not target.exists() and list(folder.iterdir()) == []
     lines = wait_log(srv, mark, "client disconnected")
     assert all(LOG_LINE.match(ln) for ln in lines), lines
     assert sum("PUT /cut/name.bin: client disconnected" in ln for ln in lines) == 1
@@ -197,8 +201,9 @@ def test_chunked_put_without_last_chunk_leaves_no_file(srv: Daemon) -> None:
         while chunk := s.recv(65536):
             answer += chunk
     folder = srv.docroots["alice"] / "cut2"
+    ours = [f(folder / "c.bin", StateDir(srv.docroots["alice"])) for f in (partial_path, journal_path)]
     deadline = time.monotonic() + 10
-    while folder.exists() and any(folder.iterdir()):
+    while folder.exists() and any(folder.iterdir()) or any(p.exists() for p in ours):
         assert time.monotonic() < deadline, list(folder.iterdir())
         time.sleep(0.02)
     assert not (folder / "c.bin").exists()

@@ -25,6 +25,7 @@ import pytest
 
 from fallback.cli import main
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file, sha256
+from tests.statefiles import kept_below
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ (DEBUG|INFO|WARNING|ERROR) ")
 OUTSIDE = "refused, it leads outside the docroot"
@@ -146,11 +147,14 @@ def tree_digest(root: Path) -> dict[str, str]:
     return out
 
 
-def leftovers(folder: Path) -> list[str]:
-    """Partial files and journals beside targets."""
+def leftovers(folder: Path, root: Path | None = None) -> list[str]:
+    """Hidden files below ``folder``, and the partials and journals of targets below it kept in
+    the state folder of ``root`` (the tree's top: the docroot, or a download's destination)."""
     if not folder.exists():
         return []
-    return sorted(p.name for p in folder.rglob("*") if ".fallback-" in p.name)
+    hidden = sorted(rel for p in folder.rglob(".*")
+                    if (rel := p.relative_to(folder).as_posix()).split("/")[0] != ".fallback")
+    return hidden + kept_below(root or folder, folder)
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -502,4 +506,4 @@ def test_tls_verification(srv: Daemon, work: Path) -> None:
     assert "Traceback" not in err and "Warning:" not in err
     assert err.count("warning: --insecure: the server certificate is not verified") == 1
     assert re.search(r"upload ok: 1 files, 200000 bytes .* over https", out)
-    assert leftovers(tls_dir) == []
+    assert leftovers(tls_dir, srv.docroots["alice"]) == []

@@ -31,6 +31,7 @@ import pytest
 
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file, sha256
 from tests.interrupt import journaled, wait_journal_stable, wait_until
+from tests.statefiles import hidden_beside, parts
 from transport.blocks.digest import digest_path
 from transport.blocks.plan import resume_samples
 from transport.blocks.receiver import FileReceiver, journal_path, partial_path
@@ -89,8 +90,9 @@ def kill(proc: subprocess.Popen[str]) -> None:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Partial files and journals (names starting with '.') left in ``folder``."""
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    """Partial files and journals kept in ``folder``'s state folder (for targets in the tree
+    below it), and anything hidden beside its files."""
+    return hidden_beside(folder) + parts(folder)
 
 
 def interrupted_upload(daemon: Daemon, src: Path,
@@ -200,7 +202,7 @@ def test_client_killed_mid_download_resumes(d256: Daemon, big: Path, tmp_path: P
     finally:
         d256.proc.send_signal(signal.SIGCONT)
     assert 8 <= len(have) < SIZE // BS and not target.exists()
-    assert leftovers(target.parent) == [f".{big.name}.fallback-journal", f".{big.name}.fallback-partial"]
+    assert leftovers(target.parent) == sorted(p.name for p in (partial_path(target), journal_path(target)))
     rc, res, err = d256.transfer(d256.url(f"/{big.name}"), str(target), "--streams", str(STREAMS))
     assert rc == 0 and err == ""
     assert_resumed(res, big, have, big.name, direction="download")

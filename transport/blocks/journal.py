@@ -1,4 +1,4 @@
-"""The durable journal of verified blocks, kept beside a partial file.
+"""The durable journal of verified blocks of one partial file (both in a state folder).
 
 Layout: ``FBJ1``, a 4-byte length, a JSON header (what is being received:
 source identity and layout), then fixed 44-byte records
@@ -40,12 +40,14 @@ class Journal:
         self.have = have
 
     @classmethod
-    def open(cls, path: Path, meta: dict[str, Any], *, keep: bool) -> Journal:
+    def open(cls, path: Path, meta: dict[str, Any], *, keep: bool,
+             label: str | None = None) -> Journal:
         """Lock and open the journal at ``path``.
 
         With ``keep`` and a stored header equal to ``meta``, the recorded
         blocks are loaded; otherwise the journal restarts empty with ``meta``.
-        Raises ``ConflictError`` when another writer holds the lock.
+        Raises ``ConflictError`` (naming ``label``, the target, or else the
+        journal's file name) when another writer holds the lock.
         """
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -54,8 +56,7 @@ class Journal:
             except BlockingIOError:
                 os.close(fd)
                 raise ConflictError(
-                    f"{path.name.removesuffix('.fallback-journal').lstrip('.')}: "
-                    "another transfer is writing this file"
+                    f"{label or path.name}: another transfer is writing this file"
                 ) from None
             # The previous holder may have removed the journal (a commit) between our open
             # and our lock: a lock on that unlinked file guards nothing, so open the path anew.
@@ -80,7 +81,7 @@ class Journal:
         """Read a journal without locking it (to answer a resume query)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no journal, or no state folder
             return None, {}
         try:
             return _load(fd)

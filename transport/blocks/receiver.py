@@ -19,6 +19,10 @@ disk error, a stray write, an edit). ``verify_carried`` reads those back and
 re-hashes them before any digest is computed; a block that fails is dropped
 from the journal and reported missing, so the sender sends it again and it is
 never published.
+
+The partial file and the journal live in the state folder of the tree being
+written (``transport.blocks.statedir``), never beside the target: no user
+file can be taken for ours, and none of ours is listed or sent as a user's.
 """
 
 from __future__ import annotations
@@ -32,19 +36,20 @@ from transport.blocks.digest import block_digest, file_digest
 from transport.blocks.journal import Journal
 from transport.blocks.layout import BlockLayout
 from transport.blocks.manifest import FileEntry
+from transport.blocks.statedir import StateDir
 from transport.blocks.transform import BlockTransform
 from transport.errors import ConflictError, IntegrityError, ProtocolError
 
-PARTIAL_SUFFIX = ".fallback-partial"
-JOURNAL_SUFFIX = ".fallback-journal"
+
+def partial_path(target: Path, state: StateDir | None = None) -> Path:
+    """Where ``target``'s partial file is kept: in ``state`` (default: the state folder of
+    ``target``'s own folder, as for a single-file download there)."""
+    return (state or StateDir(target.parent)).partial(target)
 
 
-def partial_path(target: Path, suffix: str = PARTIAL_SUFFIX) -> Path:
-    return target.with_name(f".{target.name}{suffix}")
-
-
-def journal_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}{JOURNAL_SUFFIX}")
+def journal_path(target: Path, state: StateDir | None = None) -> Path:
+    """Where ``target``'s journal is kept (see ``partial_path``)."""
+    return (state or StateDir(target.parent)).journal(target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,21 +66,28 @@ class PartialState:
     have: dict[int, bytes]  # block index -> wire digest
 
 
-def inspect_partial(target: Path, *, decoded: bool = False, suffix: str = PARTIAL_SUFFIX) -> PartialState:
-    """Look at the journal beside ``target`` without taking its lock."""
-    meta, have = Journal.peek(journal_path(target))
-    if meta is None or meta.get("decoded") != decoded or not partial_path(target, suffix).exists():
+def inspect_partial(target: Path, *, decoded: bool = False,
+                    state: StateDir | None = None) -> PartialState:
+    """Look at ``target``'s journal (in ``state``, see ``partial_path``) without taking its lock."""
+    state = state or StateDir(target.parent)
+    meta, have = Journal.peek(state.journal(target))
+    if (meta is None or meta.get("decoded") != decoded or meta.get("path") != state.relpath(target)
+            or not state.partial(target).exists()):
         return PartialState(None, {})
     identity = meta.get("identity")
     return PartialState(identity if isinstance(identity, list) else None, have)
 
 
-def _meta(entry: FileEntry, decoded: bool) -> dict[str, object]:
-    return {"v": 1, "identity": entry.identity(), "decoded": decoded}
+def _meta(entry: FileEntry, decoded: bool, path: str) -> dict[str, object]:
+    return {"v": 1, "identity": entry.identity(), "decoded": decoded, "path": path}
 
 
 class FileReceiver:
-    """One target being received. ``write_block`` may be called from threads."""
+    """One target being received. ``write_block`` may be called from threads.
+
+    ``state`` is the state folder of the tree ``target`` belongs to (default: that of
+    ``target``'s own folder); the receiver creates it if needed.
+    """
 
     def __init__(
         self,
@@ -85,20 +97,22 @@ class FileReceiver:
         resume: bool = True,
         decode: BlockTransform | None = None,
         fsync: bool = True,
-        suffix: str = PARTIAL_SUFFIX,
+        state: StateDir | None = None,
     ) -> None:
         self.target = target
         self.entry = entry
         self.layout = entry.layout()
         self._decode = decode
         self._fsync = fsync
-        self.partial = partial_path(target, suffix)
+        self.state = state or StateDir(target.parent)
+        self.partial = self.state.partial(target)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
         self._flush_lock = threading.Lock()
         self._pending: list[tuple[int, bytes]] = []
-        self._journal = Journal.open(journal_path(target), _meta(entry, decode is not None), keep=resume)
+        self._journal = self._open_journal(_meta(entry, decode is not None, self.state.relpath(target)),
+                                           keep=resume)
         try:
             fd = -1
             if self._journal.have:
@@ -130,6 +144,19 @@ class FileReceiver:
         self.plain_digests: dict[int, bytes] = {}
         """Digests of decoded (plaintext) blocks written this run: the output
         file's own checksum without a second pass over it."""
+
+    def _open_journal(self, meta: dict[str, object], *, keep: bool) -> Journal:
+        """Create the state folder if needed, then lock and open the journal in it. A client
+        tidying the (empty) folder at that moment may remove it under us: make it again."""
+        for attempt in range(3):
+            self.state.ensure()
+            try:
+                return Journal.open(self.state.journal(self.target), meta, keep=keep,
+                                    label=self.target.name)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     # -- state ----------------------------------------------------------------
     @property
@@ -402,14 +429,7 @@ class FileReceiver:
         os.utime(self.partial, ns=(self.entry.mtime_ns, self.entry.mtime_ns))
         if self.target.is_dir() and not self.target.is_symlink():
             raise ConflictError(f"{self.target.name}: a folder of that name exists")
-        if replace:
-            os.replace(self.partial, self.target)
-        else:
-            try:
-                os.link(self.partial, self.target)
-            except FileExistsError:
-                raise ConflictError(f"{self.target.name}: exists and overwrite is not allowed") from None
-            os.unlink(self.partial)
+        self.state.publish(self.partial, self.target, replace=replace)
         if self._fsync:
             _fsync_dir(self.target.parent)
         self._close(remove_journal=True)

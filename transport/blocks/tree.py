@@ -4,6 +4,14 @@ Folders are walked without following symlinks into other trees: a symlink is
 carried as the file or folder it points to only when that stays inside
 ``within`` (the docroot on a daemon); others are skipped and reported, so a
 download cannot be made to read outside a docroot.
+
+Fallback's own state folders (``transport.blocks.statedir``) never travel: a
+folder named ``.fallback`` that holds our marker is skipped silently wherever
+it is (a local folder that was a download destination has one at its top),
+and so is the ``.fallback`` at the top of ``within`` (a daemon's docroot, whose
+top reserves the name), marker or not. A user's own ``.fallback`` folder
+elsewhere is an ordinary folder. A walk that starts inside a state folder of
+ours is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from pathlib import Path
 
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.source import entry_for
+from transport.blocks.statedir import STATE_DIR, in_state_dir, is_state_dir
 from transport.errors import PathError, TransportError, from_os_error
 
 
@@ -36,6 +45,17 @@ def _inside(real: str, within: str | None) -> bool:
     return within is None or real == within or real.startswith(within.rstrip("/") + "/")
 
 
+def _ours(folder: Path, name: str, limit: str | None) -> bool:
+    """``folder/name`` (named ``.fallback``) is a state folder of ours (it has the marker),
+    or the one at the top of ``limit`` (marker or not)."""
+    return is_state_dir(folder / name) or limit is not None and os.path.realpath(folder) == limit
+
+
+def _in_top_state(real: str, limit: str | None) -> bool:
+    """A real path leads into the state folder at the top of ``limit``."""
+    return limit is not None and _inside(real, os.path.join(limit, STATE_DIR))
+
+
 def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> SourceTree:
     """Entries for ``root`` (a file: one entry ``""``; a folder: itself and everything below).
 
@@ -53,6 +73,8 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
     tree = SourceTree()
     if not _inside(os.path.realpath(root), limit):
         raise PathError(f"{root.name}: refused, it leads outside the docroot")
+    if in_state_dir(root) or _in_top_state(os.path.realpath(root), limit):
+        raise PathError(f"{root.name or root}: fallback's own state folder, not a source")
     if not stat.S_ISDIR(st.st_mode):
         if not stat.S_ISREG(st.st_mode):
             raise PathError(f"{root.name}: not a regular file", status=400)
@@ -71,13 +93,18 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
         for name in names:
             path = folder / name
             relname = f"{rel}/{name}" if rel else name
+            if name == STATE_DIR and _ours(folder, name, limit):
+                continue  # not user data: neither sent nor reported
             try:
                 check_relpath(relname)
                 lst = os.lstat(path)
                 is_link = stat.S_ISLNK(lst.st_mode)
                 if is_link:
-                    if not _inside(os.path.realpath(path), limit):
+                    real = os.path.realpath(path)
+                    if not _inside(real, limit):
                         tree.skipped.append(f"{relname}: symlink leads outside")
+                        continue
+                    if _in_top_state(real, limit):
                         continue
                     lst = os.stat(path)
             except TransportError as exc:  # a name this protocol cannot carry: skip that one
