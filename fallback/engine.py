@@ -35,8 +35,8 @@ from transport.blocks.plan import (
     resumable,
     resume_ok,
     resume_samples,
-    to_ranges,
 )
+from transport.blocks.ranges import RangeSet, parse_ranges
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource
@@ -186,20 +186,30 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                           "entry": entry.to_json()}
         planned = await remote.call("POST", remote.session_url("/plan"),
                                     {"files": list(actions.values())})
+        for k, why in planned.get("refused", {}).items():
+            # The server's overwrite=deny kept an existing target: skipped, with its reason.
+            src_i = sources.pop(int(k), None)
+            if src_i is not None:
+                src_i.close()
+                shown = _shown(name, tree.entries[int(k)].path)
+                result.skipped_files[shown] = f"refused by the server: {why}"
+                progress.skip(entries[int(k)].size)
         feed = BlockFeed(sources, executor)
-        missing = {int(k): _expand(v) for k, v in planned["missing"].items()}
+        missing = {int(k): parse_ranges(v, limit=feed.block_count(int(k)), what="plan: missing")
+                   for k, v in planned["missing"].items()}
         for i, blocks in missing.items():
-            have = set(range(sources[i].layout.count)) - set(blocks)
-            progress.skip(sum(_plain_len(entries[i], b) for b in have))
-            feed.add((i, b) for b in blocks)
+            have = blocks.complement(0, sources[i].layout.count)
+            progress.skip(_plain_bytes(entries[i], have))
+            feed.add_ranges([(i, a, b) for a, b in blocks])
         digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
         for i, blocks in missing.items():
             # The daemon may hold blocks it had not journaled yet when it reported its state
             # (the last records of a session it took over): digest those from the source, or
             # the whole-file digest at commit misses them and the partial is thrown away.
-            unseen = set(range(sources[i].layout.count)) - set(blocks) - digests[i].keys()
-            for b in sorted(unseen):
-                digests[i][b] = (await loop.run_in_executor(executor, sources[i].read_block, b))[1]
+            have = blocks.complement(0, sources[i].layout.count)
+            for b in have.members():
+                if b not in digests[i]:
+                    digests[i][b] = (await loop.run_in_executor(executor, sources[i].read_block, b))[1]
         feed.on_progress = lambda f, n: progress.carry(_plain_share(entries[f], n),
                                                        _shown(name, entries[f].path))
         _record_digests(feed, digests, reads)
@@ -215,7 +225,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                 s.check_unchanged()
             committed = await remote.call("POST", remote.session_url("/commit"), {
                 "files": [{"file": i, "root": roots[i]} for i in sources if i not in plain_roots]})
-            again: list[tuple[int, int]] = []
+            again: list[tuple[int, int, int]] = []
             for k, r in committed["results"].items():
                 i = int(k)
                 if "error" in r:
@@ -226,13 +236,14 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                     result.checksums[shown] = r["root"] if not opts.encrypt else \
                         await loop.run_in_executor(executor, sources[i].plain_root)
                 else:
-                    again.extend((i, b) for b in r["missing"])
+                    again.extend((i, a, b) for a, b in _missing_ranges(r["missing"], sources[i]))
             if not again:
                 break
             rounds += 1
             if rounds >= MAX_ROUNDS:
-                raise ConnectionLost(f"{len(again)} blocks still missing after {rounds} rounds")
-            feed.add(again)
+                raise ConnectionLost(f"{sum(b - a for _, a, b in again)} blocks still missing "
+                                     f"after {rounds} rounds")
+            feed.add_ranges(again)
         progress.finish()
     finally:
         result.sent_bytes = progress.carried  # also when failing: what this run did move
@@ -358,7 +369,7 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                                                        _shown(name, entries[f].path))
         rounds = 0
         while True:
-            want = [[i, a, b] for i, r in receivers.items() for a, b in to_ranges(r.missing())]
+            want = [[i, a, b] for i, r in receivers.items() for a, b in r.missing()]
             if not want:
                 break
             if rounds >= MAX_ROUNDS:
@@ -464,8 +475,22 @@ async def _run_streams(make: Any, n: int, feed: BlockFeed | None) -> None:
 
 
 
-def _expand(ranges: list[list[int]]) -> list[int]:
-    return [b for a, z in ranges for b in range(int(a), int(z))]
+def _missing_ranges(value: Any, src: FileSource) -> RangeSet:
+    """A commit's ``missing``: ``[[start, stop], ...]``, or block numbers from an older daemon."""
+    if isinstance(value, list) and all(type(b) is int for b in value):
+        value = [[b, b + 1] for b in value]
+    return parse_ranges(value, limit=src.layout.count, what="commit: missing")
+
+
+def _plain_bytes(entry: FileEntry, blocks: RangeSet) -> int:
+    """File bytes in ``blocks`` (only the last block of a file may be short)."""
+    count = -(-entry.size // entry.block_size)
+    total = 0
+    for a, b in blocks:
+        total += (b - a) * entry.block_size
+        if b == count:
+            total -= count * entry.block_size - entry.size
+    return total
 
 
 def _plain_len(entry: FileEntry, block: int) -> int:
