@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -122,9 +122,17 @@ async def authenticate(request: web.Request) -> UserConfig:
 _DUMMY_HASH = "$scrypt$ln=14,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
-    """The body's JSON object (``{}`` when empty); ``ProtocolError`` (400/413) otherwise.
-    A large body is decoded off the event loop, so one client cannot stall the others."""
+M = TypeVar("M")
+
+
+async def _json(request: web.Request, parse: Callable[[dict[str, Any]], M]) -> M:
+    """The body as a typed message: ``parse`` (a ``control`` ``from_json``) applied to its
+    JSON object (``{}`` when empty). Raises ``ProtocolError`` (400, 413 when too large).
+
+    A large body (a manifest of many files) is parsed in a worker thread: decoding it
+    holds the GIL, but checking its entries is Python code that lets the event loop run
+    between slices, so other clients are served meanwhile.
+    """
     if request.content_length is not None and request.content_length > MAX_CONTROL_BODY:
         raise ProtocolError("control request too large", status=413)
     try:
@@ -133,13 +141,13 @@ async def _json(request: web.Request) -> dict[str, Any]:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ProtocolError("control request too large", status=413) from None
-    if len(raw) > _INLINE_JSON:
-        return await _run(request, control.loads, raw)  # type: ignore[no-any-return]
-    return control.loads(raw)
+    if len(raw) > _INLINE_BODY:
+        return await _run(request, lambda: parse(control.loads(raw)))  # type: ignore[no-any-return]
+    return parse(control.loads(raw))
 
 
-_INLINE_JSON = 256 << 10
-"""Bodies up to this size are decoded on the event loop (well under a millisecond)."""
+_INLINE_BODY = 64 << 10
+"""Bodies up to this size are parsed on the event loop (about a millisecond at most)."""
 
 
 def _session(request: web.Request, direction: str | None, call: str) -> S.Session:
@@ -167,7 +175,7 @@ async def open_session(request: web.Request) -> web.Response:
     if st.stopping.is_set():
         raise ProtocolError("daemon is shutting down", status=503)
     user = await authenticate(request)
-    msg = control.parse_open(await _json(request))
+    msg = await _json(request, control.parse_open)
     Path(user.docroot).mkdir(parents=True, exist_ok=True)  # before paths are confined to it
     if isinstance(msg, control.OpenUpload):
         return await _open_upload(request, st, user, msg)
@@ -261,7 +269,7 @@ async def plan(request: web.Request) -> web.Response:
     refused: {file: reason}}``. With ``file_system/overwrite=deny`` a file whose target
     exists is refused (planned as skipped) whatever the client's overwrite policy."""
     session = _session(request, "upload", "plan")
-    msg = control.PlanRequest.from_json(await _json(request))
+    msg = await _json(request, control.PlanRequest.from_json)
     st = _state(request)
     actions: dict[int, str] = {}
     final: dict[int, FileEntry] = {}
@@ -270,15 +278,20 @@ async def plan(request: web.Request) -> web.Response:
         if item.entry is not None:
             final[item.file] = _final_entry(opened, item.entry)
         actions[item.file] = item.action
-    for i, entry in final.items():
-        session.entries[i] = entry
-    refused: dict[int, str] = {}
-    if st.config.overwrite == "deny":
-        session.overwrite = "never"  # a SIGHUP may have set deny since the open
-        refused = await _run(request, S.refuse_existing, session, actions)
-        for i in refused:
-            actions[i] = "skip"
-    missing = await S.open_receivers(st.table, session, actions)
+    S.begin_plan(session)
+    try:
+        for i, entry in final.items():
+            session.entries[i] = entry
+        refused: dict[int, str] = {}
+        if st.config.overwrite == "deny":
+            session.overwrite = "never"  # a SIGHUP may have set deny since the open
+            refused = await _run(request, S.refuse_existing, session, actions)
+            for i in refused:
+                actions[i] = "skip"
+        missing = await S.open_receivers(st.table, session, actions)
+    except BaseException:
+        session.planning = False  # nothing was opened: the client may plan again
+        raise
     return web.json_response({"missing": {str(i): m.to_list() for i, m in missing.items()},
                               "refused": {str(i): why for i, why in refused.items()}})
 
@@ -325,7 +338,7 @@ async def _unless_stopping(request: web.Request, receiving: Awaitable[int]) -> i
 
 async def commit(request: web.Request) -> web.Response:
     session = _session(request, "upload", "commit")
-    msg = control.CommitRequest.from_json(await _json(request))
+    msg = await _json(request, control.CommitRequest.from_json)
     if session.sink is None:
         raise ProtocolError("nothing to commit", status=409)
     for item in msg.files:
@@ -357,7 +370,7 @@ async def _commit(request: web.Request, session: S.Session, msg: control.CommitR
 
 async def digests(request: web.Request) -> web.Response:
     session = _session(request, "download", "digests")
-    msg = control.DigestsRequest.from_json(await _json(request))
+    msg = await _json(request, control.DigestsRequest.from_json)
     count = S.file_entry(session, msg.file).layout().count
     if msg.blocks and msg.blocks[-1] >= count:
         raise ProtocolError(f"digests: block {msg.blocks[-1]} out of range for file {msg.file} "
@@ -372,7 +385,7 @@ async def want(request: web.Request) -> web.Response:
     session = _session(request, "download", "want")
     if session.feed is None:
         raise ProtocolError("not a download session", status=409)
-    msg = control.WantRequest.from_json(await _json(request))
+    msg = await _json(request, control.WantRequest.from_json)
     return web.json_response({"queued": session.feed.add_ranges(msg.ranges)})
 
 
@@ -395,7 +408,7 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
 
 async def close_session(request: web.Request) -> web.Response:
     session = _session(request, None, "close")
-    msg = control.CloseRequest.from_json(await _json(request))
+    msg = await _json(request, control.CloseRequest.from_json)
     await _state(request).table.close(session, msg.error)
     return web.json_response({"closed": True})
 

@@ -177,6 +177,14 @@ def file_entry(session: Session, index: int) -> FileEntry:
     return session.entries[index]
 
 
+def begin_plan(session: Session) -> None:
+    """Mark ``session`` as planning; ``ConflictError`` when it was planned already (its
+    receivers hold the journal locks: a second plan would only collide with them)."""
+    if session.planning or session.sink is not None:
+        raise ConflictError("the upload is planned already")
+    session.planning = True
+
+
 def refuse_existing(session: Session, actions: dict[int, str]) -> dict[int, str]:
     """The files ``overwrite=deny`` keeps (worker thread): those whose target exists.
 
@@ -225,24 +233,7 @@ def target_state(session: Session, index: int, *, want_root: bool) -> TargetStat
 async def open_receivers(
     table: SessionTable, session: Session, actions: dict[int, str]
 ) -> dict[int, RangeSet]:
-    """Create folders and open a receiver per file to transfer; returns missing blocks.
-
-    Raises ``ConflictError`` when the session was planned already (its receivers
-    hold the journal locks; a second plan would only collide with them).
-    """
-    if session.planning or session.sink is not None:
-        raise ConflictError("the upload is planned already")
-    session.planning = True
-    try:
-        return await _open_receivers(table, session, actions)
-    except BaseException:
-        session.planning = False
-        raise
-
-
-async def _open_receivers(
-    table: SessionTable, session: Session, actions: dict[int, str]
-) -> dict[int, RangeSet]:
+    """Create folders and open a receiver per file to transfer; returns missing blocks."""
     loop = asyncio.get_running_loop()
     receivers: dict[int, FileReceiver] = {}
     for i, entry in enumerate(session.entries):

@@ -426,6 +426,24 @@ async def test_malformed_session_call_is_a_400(cd: Daemon, api_for: Any, kind: s
     assert_log_clean(cd, mark)
 
 
+async def test_a_session_is_planned_once(cd: Daemon, api_for: Any) -> None:
+    """A second plan was accepted for other files and replaced the first one's receivers,
+    which kept their journal locks until the daemon exited: the first plan's files stayed
+    locked for every later session. Now it is a 409, and a later session plans them."""
+    api = api_for(cd)
+    tree = [{"path": "", "kind": "dir", "mtime_ns": T0, "mode": 0o755}, entry("a"), entry("b")]
+    s = await upload_session(api, "alice", "twice", tree)
+    assert (await api.call(s, "POST", "/plan", {"files": [{"file": 1, "action": "fresh"}]})).status == 200
+    r = await api.call(s, "POST", "/plan", {"files": [{"file": 2, "action": "fresh"}]})
+    assert (r.status, r.error) == (409, "the upload is planned already")
+    assert (await api.call(s, "DELETE", "", {})).status == 200
+    s = await upload_session(api, "alice", "twice", tree)
+    r = await api.call(s, "POST", "/plan", {"files": [{"file": 1, "action": "fresh"},
+                                                      {"file": 2, "action": "fresh"}]})
+    assert (r.status, r.json.get("missing")) == (200, {"1": [[0, 3]], "2": [[0, 3]]}), r.error
+    assert (await api.call(s, "DELETE", "", {})).status == 200
+
+
 # -- 2. direction and permissions, on every endpoint ---------------------------------------------
 ENDPOINTS = [("plan", "upload"), ("PUT blocks", "upload"), ("commit", "upload"),
              ("digests", "download"), ("want", "download"), ("GET blocks", "download"),
