@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fallback.control import MAX_RANGES
 from fallback.errors import TransferError, UsageError
 from fallback.remote import Remote, Url, is_url, parse_url
 from fallback.result import Progress, ProgressCallback, TransferResult
@@ -195,7 +196,8 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                 result.skipped_files[shown] = f"refused by the server: {why}"
                 progress.skip(entries[int(k)].size)
         feed = BlockFeed(sources, executor)
-        missing = {int(k): parse_ranges(v, limit=feed.block_count(int(k)), what="plan: missing")
+        missing = {int(k): parse_ranges(v, limit=feed.block_count(int(k)), what="plan: missing",
+                                        max_ranges=MAX_RANGES)
                    for k, v in planned["missing"].items()}
         for i, blocks in missing.items():
             have = blocks.complement(0, sources[i].layout.count)
@@ -479,7 +481,7 @@ def _missing_ranges(value: Any, src: FileSource) -> RangeSet:
     """A commit's ``missing``: ``[[start, stop], ...]``, or block numbers from an older daemon."""
     if isinstance(value, list) and all(type(b) is int for b in value):
         value = [[b, b + 1] for b in value]
-    return parse_ranges(value, limit=src.layout.count, what="commit: missing")
+    return parse_ranges(value, limit=src.layout.count, what="commit: missing", max_ranges=MAX_RANGES)
 
 
 def _plain_bytes(entry: FileEntry, blocks: RangeSet) -> int:
