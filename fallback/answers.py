@@ -23,6 +23,7 @@ from typing import Any
 from fallback.paths import confine
 from transport.blocks.manifest import FileEntry, check_name, check_tree
 from transport.blocks.plan import TargetState
+from transport.blocks.ranges import RangeSet, parse_ranges
 from transport.errors import ConflictError, ProtocolError
 
 MAX_ENTRIES = 1_000_000
@@ -89,33 +90,34 @@ def upload_states(opened: dict[str, Any], count: int) -> list[TargetState]:
     return [TargetState.from_json(s) for s in raw]
 
 
-def planned_missing(planned: Any, counts: dict[int, int]) -> dict[int, list[int]]:
-    """The ``missing`` of a ``/plan`` answer: file -> block numbers, each file one we
-    plan to send (``counts``: its block count) and each range inside that file, so
-    the list is at most as long as the files themselves."""
+def planned_missing(planned: Any, counts: dict[int, int]) -> dict[int, RangeSet]:
+    """The ``missing`` of a ``/plan`` answer: file -> block ranges, each file one we plan
+    to send (``counts``: its block count) and each range inside that file. Kept as
+    ranges (``RangeSet``): a hostile answer costs what its text costs, never more."""
     raw = planned.get("missing") if isinstance(planned, dict) else None
     if not isinstance(raw, dict):
         raise ProtocolError("refused the daemon's plan: no 'missing' object")
-    out: dict[int, list[int]] = {}
+    out: dict[int, RangeSet] = {}
     for k, ranges in raw.items():
         i = _int(k, "file")
-        if i not in counts or not isinstance(ranges, list):
+        if i not in counts:
             raise ProtocolError(f"refused the daemon's plan: file {k!r}")
-        blocks: list[int] = []
-        for r in ranges:
-            if not isinstance(r, list) or len(r) != 2:
-                raise ProtocolError(f"refused the daemon's plan: range {r!r}")
-            a, z = _int(r[0], "block"), _int(r[1], "block")
-            if not 0 <= a < z <= counts[i] or len(blocks) + z - a > counts[i]:
-                raise ProtocolError(f"refused the daemon's plan: range {r!r} of file {i}")
-            blocks.extend(range(a, z))
-        out[i] = blocks
+        out[i] = _ranges(ranges, counts[i], f"refused the daemon's plan: file {i}")
     return out
 
 
+def _ranges(value: Any, count: int, what: str) -> RangeSet:
+    """``[[start, stop], ...]`` inside ``[0, count)``; also the block numbers an older
+    daemon sent in a commit's ``missing``."""
+    if isinstance(value, list) and all(type(b) is int for b in value):
+        value = [[b, b + 1] for b in value]
+    return parse_ranges(value, limit=count, what=what, max_ranges=min(count, 1 << 22) or 1)
+
+
 def commit_results(committed: Any, counts: dict[int, int]) -> dict[int, dict[str, Any]]:
-    """The ``results`` of a ``/commit`` answer, each ``{ok, root: str}``,
-    ``{missing: [block...]}`` (inside the file) or ``{error: str, status: int}``."""
+    """The ``results`` of a ``/commit`` answer, each ``{ok, root: str}``, ``{missing:
+    RangeSet}`` (parsed from ``[[start, stop], ...]`` inside the file), ``{verifying: n}``
+    or ``{error: str, status: int}``."""
     raw = committed.get("results") if isinstance(committed, dict) else None
     if not isinstance(raw, dict):
         raise ProtocolError("refused the daemon's commit answer: no 'results' object")
@@ -131,9 +133,9 @@ def commit_results(committed: Any, counts: dict[int, int]) -> dict[int, dict[str
         elif "verifying" in r:  # carried-over blocks still being re-read: ask again
             ok = isinstance(r["verifying"], int) and 0 <= r["verifying"] <= counts[i]
         else:
-            m = r.get("missing")
-            ok = isinstance(m, list) and len(m) <= counts[i] and all(
-                isinstance(b, int) and 0 <= b < counts[i] for b in m)
+            r = dict(r, missing=_ranges(r.get("missing"), counts[i],
+                                        f"refused the daemon's commit answer for file {i}"))
+            ok = True
         if not ok:
             raise ProtocolError(f"refused the daemon's commit answer for file {i}: {r!r:.200}")
         out[i] = r

@@ -47,9 +47,9 @@ from transport.blocks.plan import (
     resumable,
     resume_ok,
     resume_samples,
-    to_ranges,
     trusted_blocks,
 )
+from transport.blocks.ranges import RangeSet
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource
@@ -214,22 +214,32 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                           "entry": entry.to_json()}
         planned = await remote.call("POST", remote.session_url("/plan"),
                                     {"files": list(actions.values())})
+        for k, why in planned.get("refused", {}).items():
+            # The server's overwrite=deny kept an existing target: skipped, with its reason.
+            src_i = sources.pop(int(k), None)
+            if src_i is not None:
+                src_i.close()
+                shown = _shown(name, tree.entries[int(k)].path)
+                result.skipped_files[shown] = f"refused by the server: {why}"
+                progress.skip(entries[int(k)].size)
         feed = BlockFeed(sources, executor)
         missing = planned_missing(planned, {i: s.layout.count for i, s in sources.items()})
-        kept: dict[int, set[int]] = {}  # blocks counted as skipped
+        kept: dict[int, set[int]] = {}  # blocks counted as skipped (held by the daemon)
         for i, blocks in missing.items():
-            kept[i] = set(range(sources[i].layout.count)) - set(blocks)
-            progress.skip(sum(_plain_len(entries[i], b) for b in kept[i]))
-            feed.add((i, b) for b in blocks)
+            have = blocks.complement(0, sources[i].layout.count)
+            kept[i] = set(have.members())
+            progress.skip(_plain_bytes(entries[i], have))
+            feed.add_ranges([(i, a, b) for a, b in blocks])
         digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
         for i, blocks in missing.items():
             # The daemon may hold blocks it had not journaled yet when it reported its state
             # (the last records of a session it took over): digest those from the source, or
             # the whole-file digest at commit misses them and the partial is thrown away.
-            unseen = set(range(sources[i].layout.count)) - set(blocks) - digests[i].keys()
-            for b in sorted(unseen):
+            have = blocks.complement(0, sources[i].layout.count)
+            unseen = [b for b in have.members() if b not in digests[i]]
+            for b in unseen:
                 digests[i][b] = (await loop.run_in_executor(executor, sources[i].read_block, b))[1]
-            trusted[i] -= unseen
+            trusted[i] -= set(unseen)
         feed.on_progress = lambda f, n: progress.carry(_plain_share(entries[f], n),
                                                        _shown(name, entries[f].path))
         _record_digests(feed, digests, reads, trusted)
@@ -246,7 +256,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                 s.check_unchanged()
             committed = await remote.call("POST", remote.session_url("/commit"), {
                 "files": [{"file": i, "root": roots[i]} for i in sources if i not in plain_roots]})
-            again: list[tuple[int, int]] = []
+            again: list[tuple[int, int, int]] = []
             verifying = False
             results = commit_results(committed, {i: s.layout.count for i, s in sources.items()})
             for i, r in results.items():
@@ -261,8 +271,9 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                 elif r.get("verifying"):
                     verifying = True  # the daemon is still re-reading its partial: ask again
                 else:
-                    again.extend((i, b) for b in r["missing"])
-                    for b in set(r["missing"]) & kept.get(i, set()):  # dropped at the daemon
+                    dropped = r["missing"]
+                    again.extend((i, a, b) for a, b in dropped)
+                    for b in [b for b in kept.get(i, set()) if b in dropped]:  # dropped at the daemon
                         kept[i].discard(b)
                         progress.unskip(_plain_len(entries[i], b))
             if not again:
@@ -271,8 +282,9 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                 break
             rounds += 1
             if rounds >= MAX_ROUNDS:
-                raise ConnectionLost(f"{len(again)} blocks still missing after {rounds} rounds")
-            feed.add(again)
+                raise ConnectionLost(f"{sum(b - a for _, a, b in again)} blocks still missing "
+                                     f"after {rounds} rounds")
+            feed.add_ranges(again)
         progress.finish()
     finally:
         result.sent_bytes = progress.carried  # also when failing: what this run did move
@@ -409,7 +421,7 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                                                        _shown(name, entries[f].path))
         rounds = 0
         while True:
-            want = [[i, a, b] for i, r in receivers.items() for a, b in to_ranges(r.missing())]
+            want = [[i, a, b] for i, r in receivers.items() for a, b in r.missing()]
             if not want:
                 break
             if rounds >= MAX_ROUNDS:
@@ -578,6 +590,17 @@ async def _run_streams(make: Any, n: int, feed: BlockFeed | None) -> None:
         await _run_streams(make, max(1, n - len(errors)), feed)
 
 
+
+
+def _plain_bytes(entry: FileEntry, blocks: RangeSet) -> int:
+    """File bytes in ``blocks`` (only the last block of a file may be short)."""
+    count = -(-entry.size // entry.block_size)
+    total = 0
+    for a, b in blocks:
+        total += (b - a) * entry.block_size
+        if b == count:
+            total -= count * entry.block_size - entry.size
+    return total
 
 
 def _plain_len(entry: FileEntry, block: int) -> int:

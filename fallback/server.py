@@ -31,11 +31,11 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from fallback import plainhttp
+from fallback import control, plainhttp
 from fallback import sessions as S
 from fallback.auth import ChecksBusy, PasswordChecker, parse_basic
 from fallback.config import Config, UserConfig
@@ -43,8 +43,7 @@ from fallback.paths import confine, relpath_in, resolve, split_urlpath, urlpath_
 from fallback.ratelog import RateLimitedLog
 from fallback.throttle import LoginThrottle
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
-from transport.blocks.manifest import FileEntry, check_relpath, check_tree
-from transport.blocks.plan import OVERWRITE_MODES, to_ranges
+from transport.blocks.manifest import MAX_ENTRIES, FileEntry, check_relpath
 from transport.blocks.receiver import FileReceiver
 from transport.blocks.statedir import STATE_DIR, StateDir, is_state_dir
 from transport.blocks.tree import describe_envelopes, walk_source
@@ -162,26 +161,45 @@ def _refusal(cls: type[web.HTTPException], message: str, retry_after: int) -> we
                headers={"Retry-After": str(retry_after)})
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
+M = TypeVar("M")
+
+
+async def _json(request: web.Request, parse: Callable[[dict[str, Any]], M]) -> M:
+    """The body as a typed message: ``parse`` (a ``control`` ``from_json``) applied to its
+    JSON object (``{}`` when empty). Raises ``ProtocolError`` (400, 413 when too large).
+
+    A large body (a manifest of many files) is parsed in a worker thread: decoding it
+    holds the GIL, but checking its entries is Python code that lets the event loop run
+    between slices, so other clients are served meanwhile.
+    """
     if request.content_length is not None and request.content_length > MAX_CONTROL_BODY:
         raise ProtocolError("control request too large", status=413)
     try:
         # request.read() reads to the end of the body (and enforces client_max_size);
         # content.read(n) would return only what happened to be buffered already.
-        body = json.loads(await request.read() or b"{}")
+        raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ProtocolError("control request too large", status=413) from None
-    except ValueError:
-        raise ProtocolError("control request is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ProtocolError("control request must be a JSON object")
-    return body
+    if len(raw) > _INLINE_BODY:
+        return await _run(request, lambda: parse(control.loads(raw)))  # type: ignore[no-any-return]
+    return parse(control.loads(raw))
 
 
-def _session(request: web.Request) -> S.Session:
+_INLINE_BODY = 64 << 10
+"""Bodies up to this size are parsed on the event loop (about a millisecond at most)."""
+
+
+def _session(request: web.Request, direction: str | None, call: str) -> S.Session:
+    """The session named in the URL, if the Bearer token is its own (401 otherwise),
+    the call applies to its direction (409 otherwise) and its user may still make it
+    under the current configuration (403 otherwise). ``direction=None`` (close)
+    checks the token only: ending a session is always allowed."""
     auth = request.headers.get("Authorization", "")
     token = auth[7:] if auth.startswith("Bearer ") else None
-    s = _state(request).table.get(request.match_info["sid"], token)
+    st = _state(request)
+    s = st.table.get(request.match_info["sid"], token)
+    if direction is not None:
+        S.check_access(s, st.config.user(s.user), direction, call)
     s.touch(_scheme(request))
     return s
 
@@ -207,48 +225,40 @@ async def open_session(request: web.Request) -> web.Response:
         raise ProtocolError("daemon is shutting down", status=503)
     user = await authenticate(request)
     st.table.admit(user.name, st.config.sessions_per_user_max)
-    body = await _json(request)
-    direction = body.get("direction")
-    overwrite = body.get("overwrite", "diff")
-    if overwrite not in OVERWRITE_MODES:
-        raise ProtocolError(f"unknown overwrite policy {overwrite!r}")
-    docroot = Path(user.docroot)
-    docroot.mkdir(parents=True, exist_ok=True)
-    common = dict(user=user.name, peer=str(request.remote), docroot=docroot,
-                  executor=st.executor, overwrite=overwrite, fsync=st.config.fsync,
-                  partial_suffix=st.config.partial_file_suffix)
-    if direction == "upload":
-        return await _open_upload(request, st, user, body, common)
-    if direction == "download":
-        return await _open_download(request, st, user, body, common)
-    raise ProtocolError("direction must be 'upload' or 'download'")
+    msg = await _json(request, control.parse_open)
+    Path(user.docroot).mkdir(parents=True, exist_ok=True)  # before paths are confined to it
+    if isinstance(msg, control.OpenUpload):
+        return await _open_upload(request, st, user, msg)
+    return await _open_download(request, st, user, msg)
+
+
+def _common(request: web.Request, st: DaemonState, user: UserConfig, overwrite: str) -> dict[str, Any]:
+    return dict(user=user.name, peer=str(request.remote), docroot=Path(user.docroot),
+                executor=st.executor, overwrite=overwrite, fsync=st.config.fsync,
+                partial_suffix=st.config.partial_file_suffix)
 
 
 async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
-                       body: dict[str, Any], common: dict[str, Any]) -> web.Response:
+                       msg: control.OpenUpload) -> web.Response:
     if not user.write_allowed:
         raise PathError(f"user {user.name} may not write")
-    raw = body.get("entries")
-    if not isinstance(raw, list) or not raw:
-        raise ProtocolError("upload needs a non-empty 'entries' list")
-    entries = [FileEntry.from_json(e) for e in raw]
-    check_tree(entries)  # root first, parents before children, no path twice
+    entries = list(msg.entries)
     if st.config.content_protection_required:
         plain = [e.path or "(root)" for e in entries if not e.is_dir and e.transform == "identity"]
         if plain:
             raise PathError("Server requires content protection", status=403)
-    if st.config.content_protection_strong_pass_required and not body.get("strong_pass"):
+    if st.config.content_protection_strong_pass_required and not msg.strong_pass:
         if any(e.transform != "identity" for e in entries):
             raise PathError("Server requires a strong passphrase for content protection "
                             "(at least 12 characters, 3 of: lower case, upper case, digits, symbols)",
                             status=403)
-    name = str(body.get("name", ""))
+    name = msg.name
     if name:
         check_relpath(name)
         if "/" in name:
             raise ProtocolError("name must be a single path component")
-    dest = resolve(Path(user.docroot), str(body.get("path", "/")))
-    into = bool(body.get("into_dir")) or dest.is_dir() and not (entries[0].is_dir and not name)
+    dest = resolve(Path(user.docroot), msg.path)
+    into = msg.into_dir or dest.is_dir() and not (entries[0].is_dir and not name)
     root = dest / name if into and name else dest
     if entries[0].transform != "identity" and not root.name.endswith(ENVELOPE_SUFFIX):
         root = root.with_name(root.name + ENVELOPE_SUFFIX)  # an envelope is always named so
@@ -258,9 +268,13 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
         raise PathError("that name is reserved", status=403)  # (symlinks: in target_state)
     if root == Path(user.docroot) and not entries[0].is_dir:
         raise PathError("cannot write a file over the docroot", status=400)
-    session = st.table.new(direction="upload", root=root, entries=entries, **common)
+    # The server's overwrite=deny wins over the client's policy: commits never replace
+    # (a link that fails on an existing name), and plan refuses existing targets.
+    overwrite = "never" if st.config.overwrite == "deny" else msg.overwrite
+    session = st.table.new(direction="upload", root=root, entries=entries,
+                           **_common(request, st, user, overwrite))
     session.touch(_scheme(request))
-    want_root = session.overwrite == "diff"
+    want_root = msg.overwrite == "diff"
     states = []
     for i in range(len(entries)):
         states.append((await _run(request, lambda i=i: S.target_state(session, i, want_root=want_root))).to_json())
@@ -271,22 +285,28 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
                               "streams_max": st.config.streams_max, "policy": _policy(st.config)})
 
 
-def _policy(c: Config) -> dict[str, bool]:
-    """Server rules the client must apply itself (it alone sees the passphrase)."""
+def _policy(c: Config) -> dict[str, Any]:
+    """Server rules the client must apply itself (it alone sees the passphrase), and the
+    overwrite rule the daemon applies whatever the client asks (``allow`` | ``deny``)."""
     return {"content_protection_required": c.content_protection_required,
-            "content_protection_strong_pass_required": c.content_protection_strong_pass_required}
+            "content_protection_strong_pass_required": c.content_protection_strong_pass_required,
+            "overwrite": c.overwrite}
 
 
 async def _open_download(request: web.Request, st: DaemonState, user: UserConfig,
-                         body: dict[str, Any], common: dict[str, Any]) -> web.Response:
+                         msg: control.OpenDownload) -> web.Response:
     if not user.read_allowed:
         raise PathError(f"user {user.name} may not read")
     docroot = Path(user.docroot)
-    src = resolve(docroot, str(body.get("path", "/")))
+    src = resolve(docroot, msg.path)
     _refuse_reserved(request, docroot, src)
     tree = await _run(request, lambda: walk_source(src, st.config.block_size, within=docroot))
+    if len(tree.entries) > MAX_ENTRIES:
+        raise PathError(f"{relpath_in(docroot, src)}: {len(tree.entries)} files and folders, "
+                        f"more than one session carries ({MAX_ENTRIES})", status=413)
     await _run(request, describe_envelopes, tree)
-    session = st.table.new(direction="download", root=src, entries=tree.entries, **common)
+    session = st.table.new(direction="download", root=src, entries=tree.entries,
+                           **_common(request, st, user, "diff"))
     session.touch(_scheme(request))
     try:
         await _run(request, S.open_sources, session)
@@ -303,21 +323,35 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
 
 
 async def plan(request: web.Request) -> web.Response:
-    session = _session(request)
-    body = await _json(request)
+    """Open receivers for the files to send; answers ``{missing: {file: [[start, stop], ...]},
+    refused: {file: reason}}``. With ``file_system/overwrite=deny`` a file whose target
+    exists is refused (planned as skipped) whatever the client's overwrite policy."""
+    session = _session(request, "upload", "plan")
+    msg = await _json(request, control.PlanRequest.from_json)
+    st = _state(request)
     actions: dict[int, str] = {}
-    for item in body.get("files", []):
-        try:
-            i, action = int(item["file"]), item["action"]
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError(f"bad plan item {item!r}") from None
-        if i not in session.file_indices() or action not in ("skip", "fresh", "resume"):
-            raise ProtocolError(f"bad plan item {item!r}")
-        if "entry" in item:
-            session.entries[i] = _final_entry(session.entries[i], FileEntry.from_json(item["entry"]))
-        actions[i] = action
-    missing = await S.open_receivers(_state(request).table, session, actions)
-    return web.json_response({"missing": {str(i): to_ranges(m) for i, m in missing.items()}})
+    final: dict[int, FileEntry] = {}
+    for item in msg.files:  # all checked before the session changes
+        opened = S.file_entry(session, item.file)
+        if item.entry is not None:
+            final[item.file] = _final_entry(opened, item.entry)
+        actions[item.file] = item.action
+    S.begin_plan(session)
+    try:
+        for i, entry in final.items():
+            session.entries[i] = entry
+        refused: dict[int, str] = {}
+        if st.config.overwrite == "deny":
+            session.overwrite = "never"  # a SIGHUP may have set deny since the open
+            refused = await _run(request, S.refuse_existing, session, actions)
+            for i in refused:
+                actions[i] = "skip"
+        missing = await S.open_receivers(st.table, session, actions)
+    except BaseException:
+        session.planning = False  # nothing was opened: the client may plan again
+        raise
+    return web.json_response({"missing": {str(i): m.to_list() for i, m in missing.items()},
+                              "refused": {str(i): why for i, why in refused.items()}})
 
 
 def _final_entry(opened: FileEntry, final: FileEntry) -> FileEntry:
@@ -330,7 +364,7 @@ def _final_entry(opened: FileEntry, final: FileEntry) -> FileEntry:
 
 
 async def upload_blocks(request: web.Request) -> web.Response:
-    session = _session(request)
+    session = _session(request, "upload", "PUT blocks")
     if session.sink is None:
         raise ProtocolError("plan the upload before sending blocks", status=409)
     _admit_stream(request, session)
@@ -362,33 +396,37 @@ async def _unless_stopping(request: web.Request, receiving: Awaitable[int]) -> i
 
 
 async def commit(request: web.Request) -> web.Response:
-    session = _session(request)
+    session = _session(request, "upload", "commit")
+    msg = await _json(request, control.CommitRequest.from_json)
     if session.sink is None:
         raise ProtocolError("nothing to commit", status=409)
-    body = await _json(request)
+    for item in msg.files:
+        S.file_entry(session, item.file)
+    if _state(request).config.overwrite == "deny":
+        session.overwrite = "never"  # the commit links instead of replacing
     session.streams += 1  # busy: a slow commit (fsync) must not look idle to a takeover
     try:
-        return await _commit(request, session, body)
+        return await _commit(request, session, msg)
     finally:
         session.streams -= 1
         session.touch()
 
 
-async def _commit(request: web.Request, session: S.Session, body: dict[str, Any]) -> web.Response:
+async def _commit(request: web.Request, session: S.Session, msg: control.CommitRequest) -> web.Response:
     """Per file: ``{ok, root}``, ``{missing}`` (send these again), ``{verifying: n}`` (carried-over
     blocks still being re-read: call again) or ``{error, status}``."""
     assert session.sink is not None
     await session.sink.flush()
     deadline = time.monotonic() + S.COMMIT_WAIT
     results: dict[str, Any] = {}
-    for item in body.get("files", []):
-        i = int(item["file"])
+    for item in msg.files:
+        i = item.file
         try:
             left = await S.verify_for_commit(session, i, deadline)
             if left:
                 results[str(i)] = {"verifying": left}
                 continue
-            results[str(i)] = await _run(request, S.commit_file, session, i, item.get("root"))
+            results[str(i)] = await _run(request, S.commit_file, session, i, item.root)
         except TransportError as exc:
             results[str(i)] = {"error": exc.message, "status": exc.status}
         except OSError as exc:  # e.g. the partial cannot be read back
@@ -403,35 +441,28 @@ async def digests(request: web.Request) -> web.Response:
     """``{file, blocks, root}``: digests of source blocks (and the file's root); or
     ``{roots: [file, ...]}``: whole-file digests over current bytes, for the client's
     check before it publishes downloaded files."""
-    session = _session(request)
+    session = _session(request, "download", "digests")
     if session.feed is None:
         raise ProtocolError("not a download session", status=409)
-    body = await _json(request)
-    if "roots" in body:
-        try:
-            files = [int(f) for f in body["roots"]]
-        except (TypeError, ValueError):
-            raise ProtocolError("'roots' must be a list of file numbers") from None
-        return web.json_response(await _run(request, S.source_roots, session, files))
-    try:
-        blocks = [int(b) for b in body.get("blocks", [])]
-        index = int(body.get("file", -1))
-    except (TypeError, ValueError):
-        raise ProtocolError("'file' and 'blocks' must be numbers") from None
-    out = await _run(request, S.source_digests, session, index, blocks, bool(body.get("root")))
+    msg = await _json(request, control.parse_digests)
+    if isinstance(msg, control.RootsRequest):
+        return web.json_response(await _run(request, S.source_roots, session, list(msg.files)))
+    count = S.file_entry(session, msg.file).layout().count
+    if msg.blocks and msg.blocks[-1] >= count:
+        raise ProtocolError(f"digests: block {msg.blocks[-1]} out of range for file {msg.file} "
+                            f"({count} blocks)")
+    out = await _run(request, S.source_digests, session, msg.file, list(msg.blocks), msg.root)
     return web.json_response(out)
 
 
 async def want(request: web.Request) -> web.Response:
-    session = _session(request)
+    """Queue block ranges; each is checked against its file's block count before any is
+    queued, and the queue holds ranges, so ``[0, 10**10)`` costs what ``[0, 1)`` does."""
+    session = _session(request, "download", "want")
     if session.feed is None:
         raise ProtocolError("not a download session", status=409)
-    body = await _json(request)
-    items: list[tuple[int, int]] = []
-    for f, start, end in body.get("blocks", []):
-        items.extend((int(f), b) for b in range(int(start), int(end)))
-    session.feed.add(items)
-    return web.json_response({"queued": len(items)})
+    msg = await _json(request, control.WantRequest.from_json)
+    return web.json_response({"queued": session.feed.add_ranges(msg.ranges)})
 
 
 def _admit_stream(request: web.Request, session: S.Session) -> None:
@@ -450,7 +481,7 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
     fails the feed: the stream ends cleanly after its last whole frame, every later
     request of the session gets the error, and the session is logged as failed.
     """
-    session = _session(request)
+    session = _session(request, "download", "GET blocks")
     feed = session.feed
     if feed is None:
         raise ProtocolError("not a download session", status=409)
@@ -488,10 +519,9 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
 
 
 async def close_session(request: web.Request) -> web.Response:
-    session = _session(request)
-    body = await _json(request)
-    err = body.get("error")
-    await _state(request).table.close(session, str(err) if err else None)
+    session = _session(request, None, "close")
+    msg = await _json(request, control.CloseRequest.from_json)
+    await _state(request).table.close(session, msg.error)
     return web.json_response({"closed": True})
 
 

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fallback.config import UserConfig
 from fallback.paths import confine, relpath_in
 from transport.blocks.digest import digest_path, file_digest
 from transport.blocks.manifest import FileEntry
 from transport.blocks.plan import TargetState
+from transport.blocks.ranges import RangeSet
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource, SourceWindow
@@ -75,6 +77,7 @@ class Session:
     sink: BlockSink | None = None
     feed: BlockFeed | None = None
     verifier: asyncio.Task[None] | None = None
+    planning: bool = False  # a plan call is running or succeeded: there is one plan per session
     committed: int = 0
     skipped: int = 0
     error: str | None = None
@@ -174,6 +177,63 @@ class SessionTable:
             await self.close(s, reason)
 
 
+# -- session-level checks -----------------------------------------------------------------------
+DENY_REASON = "exists, and the server does not overwrite (file_system/overwrite=deny)"
+
+
+def check_access(session: Session, user: UserConfig | None, direction: str, call: str) -> None:
+    """Refuse a call that does not apply to ``session`` or that its user may no longer make.
+
+    ``direction`` is the kind of session ``call`` is for: another kind gets a
+    ``ConflictError`` (409) first. Then the user's rights are taken from the
+    *current* configuration (a SIGHUP may have changed them since the session
+    opened): a user who is gone, whose docroot moved, or who may no longer
+    write (upload) or read (download) gets a ``PathError`` (403).
+    """
+    if session.direction != direction:
+        raise ConflictError(f"{call} is for {direction} sessions; this is a {session.direction} session")
+    if user is None:
+        raise PathError(f"user {session.user} no longer exists")
+    if Path(user.docroot) != session.docroot:
+        raise PathError(f"user {session.user}'s docroot changed; open a new session")
+    if direction == "upload" and not user.write_allowed:
+        raise PathError(f"user {session.user} may not write")
+    if direction == "download" and not user.read_allowed:
+        raise PathError(f"user {session.user} may not read")
+
+
+def file_entry(session: Session, index: int) -> FileEntry:
+    """The manifest entry of file ``index``; ``ProtocolError`` when it is no file of the session."""
+    if not 0 <= index < len(session.entries) or session.entries[index].is_dir:
+        raise ProtocolError(f"unknown file index {index}")
+    return session.entries[index]
+
+
+def begin_plan(session: Session) -> None:
+    """Mark ``session`` as planning; ``ConflictError`` when it was planned already (its
+    receivers hold the journal locks: a second plan would only collide with them)."""
+    if session.planning or session.sink is not None:
+        raise ConflictError("the upload is planned already")
+    session.planning = True
+
+
+def refuse_existing(session: Session, actions: dict[int, str]) -> dict[int, str]:
+    """The files ``overwrite=deny`` keeps (worker thread): those whose target exists.
+
+    The caller plans them as skipped and reports ``DENY_REASON`` for each; the
+    commit's non-replacing link refuses a target that appears after this check.
+    """
+    refused: dict[int, str] = {}
+    for i, action in actions.items():
+        if action == "skip":
+            continue
+        target = session.target(i)
+        confine(session.docroot, target)
+        if os.path.lexists(target):
+            refused[i] = DENY_REASON
+    return refused
+
+
 # -- upload (the daemon receives) ---------------------------------------------------------------
 def target_state(session: Session, index: int, *, want_root: bool) -> TargetState:
     """What the daemon holds for entry ``index``: runs in a worker thread (may read the target)."""
@@ -207,7 +267,7 @@ def target_state(session: Session, index: int, *, want_root: bool) -> TargetStat
 
 async def open_receivers(
     table: SessionTable, session: Session, actions: dict[int, str]
-) -> dict[int, list[int]]:
+) -> dict[int, RangeSet]:
     """Create folders and open a receiver per file to transfer; returns missing blocks."""
     loop = asyncio.get_running_loop()
     receivers: dict[int, FileReceiver] = {}
@@ -326,7 +386,7 @@ def commit_file(session: Session, index: int, root: str | None) -> dict[str, obj
     missing = rec.missing()
     if missing:
         rec.flush()
-        return {"missing": missing}
+        return {"missing": missing.to_list()}
     digest = rec.commit(root, replace=session.overwrite != "never")
     del session.sink.receivers[index]
     session.committed += 1

@@ -11,11 +11,23 @@ valid UTF-8 travels as Python's file system decoding gives it (PEP 383
 ``surrogateescape``: each undecodable byte 0x80-0xFF becomes the lone surrogate
 U+DC80+byte, written ``\\udcXX`` in the JSON), so both ends write the same bytes;
 a path is accepted only in that canonical form (``check_relpath``).
+
+Bounds, chosen so no real transfer meets them while a hostile peer cannot make
+a receiver allocate or loop without bound (every block count is derived from
+them, and block sets are kept as ranges, never expanded):
+
+* ``MAX_FILE_SIZE`` = 2**50 bytes (1 PiB) per file;
+* ``MAX_PATH_BYTES`` = 4096 bytes per path (Linux ``PATH_MAX``), ``MAX_NAME_BYTES``
+  = 255 bytes per component (``NAME_MAX``);
+* ``MAX_ENTRIES`` = 2**22 (4,194,304) files and folders per manifest;
+* ``mtime_ns`` within a signed 64-bit count of nanoseconds (what ``utimensat`` takes),
+  ``mode`` within ``0o7777`` (permission bits only);
+* block size within ``layout.MIN_BLOCK_SIZE`` .. ``layout.MAX_BLOCK_SIZE``; an
+  envelope header up to 64 KiB, a per-block overhead up to 4096 bytes.
 """
 
 from __future__ import annotations
 
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +45,15 @@ journal's digests), so a peer must not be able to claim a file of 2**62 bytes.""
 
 MTIME_RANGE = (-(1 << 63), (1 << 63) - 1)
 """mtime_ns must fit a signed 64-bit integer (``os.utime`` raises OverflowError beyond)."""
+
+MAX_NAME_BYTES = 255
+MAX_FILE_SIZE = 1 << 50
+MAX_ENTRIES = 1 << 22
+MAX_HEADER_BYTES = 65536
+MAX_OVERHEAD = 4096
+TRANSFORMS = ("identity", "envelope-v1")
+"""Stored forms a receiver knows (``transform.Identity``, ``envelope.EnvelopeTransform``)."""
+_INT64 = 1 << 63
 
 
 def check_relpath(path: object) -> str:
@@ -63,6 +84,8 @@ def check_relpath(path: object) -> str:
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise ProtocolError(f"path component {part!r} refused in {path!r}")
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise ProtocolError(f"path component longer than {MAX_NAME_BYTES} bytes in {path[:80]!r}")
     return path
 
 
@@ -152,32 +175,45 @@ class FileEntry:
 
     @classmethod
     def from_json(cls, d: object) -> FileEntry:
+        """Parse and bound one wire entry; raises ``ProtocolError`` naming the bad field.
+
+        Numbers must be JSON integers (not floats, strings or booleans) within
+        the module's bounds; unknown keys are ignored (a newer peer may add some).
+        """
         if not isinstance(d, dict):
             raise ProtocolError("manifest entry must be an object")
+        if "path" not in d or "kind" not in d:
+            raise ProtocolError("manifest entry needs 'path' and 'kind'")
+        path = check_relpath(d["path"])
+        where = f"manifest entry {path[:80] or '(root)'!r}"
+        kind = d["kind"]
+        if kind not in ("file", "dir"):
+            raise ProtocolError(f"{where}: unknown kind {_shown(kind)}")
+        is_file = kind == "file"
+        size = _int(d, "size", 0, 0, MAX_FILE_SIZE if is_file else 0, where)
+        mtime_ns = _int(d, "mtime_ns", 0, -_INT64, _INT64 - 1, where)
+        mode = _int(d, "mode", 0o644 if is_file else 0o755, 0, 0o7777, where)
+        block_size = _int(d, "block_size", 0, MIN_BLOCK_SIZE if is_file else 0,
+                          MAX_BLOCK_SIZE if is_file else 0, where)
+        overhead = _int(d, "overhead", 0, 0, MAX_OVERHEAD, where)
+        transform = d.get("transform", "identity")
+        if transform not in TRANSFORMS:
+            raise ProtocolError(f"{where}: unknown transform {_shown(transform)}")
+        header_hex = d.get("header", "")
+        if not isinstance(header_hex, str) or len(header_hex) > 2 * MAX_HEADER_BYTES:
+            raise ProtocolError(f"{where}: header must be a hex string of at most "
+                                f"{MAX_HEADER_BYTES} bytes")
         try:
-            kind = d["kind"]
-            if kind not in ("file", "dir"):
-                raise ProtocolError(f"unknown entry kind {kind!r}")
-            size = int(d.get("size", 0))
-            mtime_ns = int(d.get("mtime_ns", 0))
-            mode = stat.S_IMODE(int(d.get("mode", 0o755 if kind == "dir" else 0o644)))
-            header = bytes.fromhex(str(d.get("header", "")))
-            overhead = int(d.get("overhead", 0))
-            block_size = int(d.get("block_size", 0))
-            transform = str(d.get("transform", "identity"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"bad manifest entry: {exc}") from None
-        if kind == "file" and not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
-            raise ProtocolError(f"bad manifest entry: block size {block_size}")
-        if size < 0 or overhead < 0 or overhead > 4096 or len(header) > 65536:
-            raise ProtocolError("bad manifest entry: size out of range")
-        if kind == "file" and -(-size // block_size) > MAX_FILE_BLOCKS:
-            raise ProtocolError(f"bad manifest entry: {size} bytes is more than {MAX_FILE_BLOCKS} "
+            header = bytes.fromhex(header_hex)
+        except ValueError:
+            raise ProtocolError(f"{where}: header is not hex") from None
+        if transform == "identity" and (header or overhead):
+            raise ProtocolError(f"{where}: a plain file has no header or overhead")
+        if is_file and -(-size // block_size) > MAX_FILE_BLOCKS:
+            raise ProtocolError(f"{where}: {size} bytes is more than {MAX_FILE_BLOCKS} "
                                 f"blocks of {block_size} bytes")
-        if not MTIME_RANGE[0] <= mtime_ns <= MTIME_RANGE[1]:
-            raise ProtocolError(f"bad manifest entry: mtime_ns {mtime_ns} out of range")
         return cls(
-            path=check_relpath(d.get("path", "")),
+            path=path,
             kind=kind,
             size=size,
             mtime_ns=mtime_ns,
@@ -187,3 +223,47 @@ class FileEntry:
             overhead=overhead,
             transform=transform,
         )
+
+
+def _shown(value: object) -> str:
+    """A value for a message: short strings quoted, anything else by its type only
+    (a nested list's ``str`` could be huge, or recurse too deeply)."""
+    return repr(value[:40]) if isinstance(value, str) else f"of type {type(value).__name__}"
+
+
+def _int(d: dict[str, Any], key: str, default: int, lo: int, hi: int, where: str) -> int:
+    """``d[key]`` as a JSON integer within ``[lo, hi]`` (``default`` when absent)."""
+    value = d.get(key, default)
+    if type(value) is not int:  # bool is an int subclass, and 1.0 or "1" are not integers
+        raise ProtocolError(f"{where}: {key} must be an integer")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{where}: {key} {value if value.bit_length() <= 64 else '(huge)'} "
+                            f"outside [{lo}, {hi}]")
+    return value
+
+
+def entries_from_json(value: object) -> list[FileEntry]:
+    """A whole manifest: at most ``MAX_ENTRIES`` entries, the root (``""``) first,
+    paths unique, every other entry inside a folder listed before it (the order
+    ``tree.walk_source`` produces). Raises ``ProtocolError``."""
+    if not isinstance(value, list) or not value:
+        raise ProtocolError("entries must be a non-empty list")
+    if len(value) > MAX_ENTRIES:
+        raise ProtocolError(f"manifest has {len(value)} entries, more than {MAX_ENTRIES}")
+    entries = [FileEntry.from_json(e) for e in value]
+    if entries[0].path != "":
+        raise ProtocolError("the first entry must be the transfer root")
+    if not entries[0].is_dir and len(entries) > 1:
+        raise ProtocolError("a file transfer root cannot have entries below it")
+    dirs = {""}
+    seen = {""}
+    for e in entries[1:]:
+        if e.path in seen:
+            raise ProtocolError(f"manifest lists {e.path[:80]!r} twice")
+        seen.add(e.path)
+        parent = e.path.rpartition("/")[0]
+        if parent not in dirs:
+            raise ProtocolError(f"{e.path[:80]!r}: its folder is not listed before it")
+        if e.is_dir:
+            dirs.add(e.path)
+    return entries

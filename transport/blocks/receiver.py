@@ -36,6 +36,7 @@ from transport.blocks.digest import block_digest, file_digest
 from transport.blocks.journal import Journal
 from transport.blocks.layout import BlockLayout
 from transport.blocks.manifest import FileEntry
+from transport.blocks.ranges import RangeSet
 from transport.blocks.statedir import StateDir
 from transport.blocks.transform import BlockTransform
 from transport.errors import ConflictError, IntegrityError, ProtocolError
@@ -135,7 +136,11 @@ class FileReceiver:
             self._journal.close()
             raise
         self._open = True
-        self._received: set[int] = set(self._journal.have)
+        self._received = RangeSet()
+        """Blocks written (journaled or pending), as ranges: one range for a file
+        received in order, however many blocks it has."""
+        for i in sorted(self._journal.have):
+            self._received.add(i)
         self._unverified: set[int] = set(self._journal.have)
         """Blocks carried over from an earlier run, not yet re-read (``verify_carried``)."""
         self._header_checked = not self._unverified
@@ -169,15 +174,15 @@ class FileReceiver:
         with self._lock:
             return dict(self._journal.have)
 
-    def missing(self) -> list[int]:
+    def missing(self) -> RangeSet:
+        """Blocks not written yet, as half-open ranges (never a list of every block)."""
         with self._lock:
-            got = self._received
-            return [i for i in range(self.layout.count) if i not in got]
+            return self._received.complement(0, self.layout.count)
 
     @property
     def complete(self) -> bool:
         with self._lock:
-            return len(self._received) == self.layout.count
+            return self._received.covers(0, self.layout.count)
 
     # -- data -----------------------------------------------------------------
     def write_block(self, index: int, data: bytes | bytearray | memoryview, digest: bytes) -> int:
@@ -345,7 +350,8 @@ class FileReceiver:
             self._journal.append(kept, sync=self._fsync)
             with self._lock:
                 self._pending = [(i, d) for i, d in self._pending if i not in gone]
-                self._received.difference_update(gone)
+                for i in gone:
+                    self._received.discard(i)
                 self._unverified.difference_update(gone)
                 for i in gone:
                     self.plain_digests.pop(i, None)
@@ -407,7 +413,7 @@ class FileReceiver:
         missing = self.missing()
         if missing:
             raise IntegrityError(
-                f"{self.entry.path or self.target.name}: {len(missing)} blocks missing at commit"
+                f"{self.entry.path or self.target.name}: {missing.count} blocks missing at commit"
             )
         root = self.root()
         if expected_root is not None and root != expected_root:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 
+from transport.blocks.ranges import RangeSet
 from transport.blocks.receiver import FileReceiver
 from transport.blocks.source import FileSource
 from transport.errors import ProtocolError, TransportError
@@ -26,39 +28,90 @@ ProgressFn = Callable[[int, int], None]
 
 
 class BlockFeed:
-    """Blocks still to send, shared by every stream of a session."""
+    """Blocks still to send, shared by every stream of a session.
+
+    The queue is one ``RangeSet`` over a global block numbering (file ``f``'s
+    block ``b`` is ``base(f) + b``, files in index order), so asking for every
+    block of a 1 PiB file, or of a million files, costs one range, not one
+    entry per block; ``take`` hands blocks out in file order, block order.
+    Ranges are validated against the sources' layouts before anything is queued.
+    """
 
     def __init__(self, sources: dict[int, FileSource], executor: Executor) -> None:
         self.sources = sources
         self.executor = executor
-        self._queue: deque[tuple[int, int]] = deque()
+        # Two flat arrays (16 bytes a file): the file indices in order, and _bases[k], the
+        # global number of block 0 of file _files[k]; the last base is the total.
+        self._files = array("q", sorted(sources))
+        self._bases = array("q", [0])
+        for f in self._files:
+            self._bases.append(self._bases[-1] + sources[f].layout.count)
+        self._queue = RangeSet()
         self._changed = asyncio.Event()
         self.closed = False
         self.sent_bytes = 0
         self.on_progress: ProgressFn | None = None
 
+    def _slot(self, file: int) -> int:
+        k = bisect_left(self._files, file) if type(file) is int else len(self._files)
+        if k == len(self._files) or self._files[k] != file:
+            raise ProtocolError(f"unknown file index {file}")
+        return k
+
+    def block_count(self, file: int) -> int:
+        """Blocks of ``file``; raises ``ProtocolError`` for a file this feed does not send."""
+        k = self._slot(file)
+        return self._bases[k + 1] - self._bases[k]
+
+    def check_range(self, file: int, start: int, stop: int) -> None:
+        """Raise ``ProtocolError`` unless ``0 <= start < stop <= block_count(file)``."""
+        count = self.block_count(file)
+        if not (type(start) is int and type(stop) is int and 0 <= start < stop <= count):
+            raise ProtocolError(f"blocks [{start}, {stop}) out of range for file {file} "
+                                f"({count} blocks)")
+
+    def add_ranges(self, ranges: Sequence[tuple[int, int, int]]) -> int:
+        """Queue ``(file, start, stop)`` half-open block ranges; all are checked before
+        any is queued. Returns the number of blocks named (duplicates are queued once)."""
+        for f, start, stop in ranges:
+            self.check_range(f, start, stop)
+        named = 0
+        for f, start, stop in ranges:
+            base = self._bases[self._slot(f)]
+            self._queue.add(base + start, base + stop)
+            named += stop - start
+        self._changed.set()
+        return named
+
     def add(self, items: Iterable[tuple[int, int]]) -> None:
+        """Queue single ``(file, block)`` items (checked one by one)."""
         for f, b in items:
-            if f not in self.sources:
-                raise ProtocolError(f"unknown file index {f}")
-            if not 0 <= b < self.sources[f].layout.count:
-                raise ProtocolError(f"block {b} out of range for file {f}")
-            self._queue.append((f, b))
+            self.check_range(f, b, b + 1 if type(b) is int else b)
+            base = self._bases[self._slot(f)]
+            self._queue.add(base + b)
         self._changed.set()
 
     def put_back(self, items: Iterable[tuple[int, int]]) -> None:
-        """Re-queue blocks a failed stream had taken but not delivered."""
-        self._queue.extendleft(reversed(list(items)))
+        """Re-queue blocks a failed stream had taken but not delivered (they were
+        handed out in order, so they come out again before the blocks after them)."""
+        for f, b in items:
+            self._queue.add(self._bases[self._slot(f)] + b)
         self._changed.set()
 
     def take(self) -> tuple[int, int] | None:
         if self.closed or not self._queue:
             return None
-        return self._queue.popleft()
+        taken = self._queue.pop_first(1)
+        assert taken is not None
+        g = taken[0]
+        # Files without blocks share their base with the next file: bisect_right skips them.
+        k = bisect_right(self._bases, g) - 1
+        return self._files[k], g - self._bases[k]
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        """Blocks queued and not yet taken."""
+        return self._queue.count
 
     error: TransportError | None = None
     """Why the feed failed (a source changed, the system ran out of descriptors), or None."""

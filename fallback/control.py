@@ -1,0 +1,342 @@
+"""The control API's request bodies, as typed messages parsed strictly from JSON.
+
+One frozen dataclass per request body (``docs/protocol.md``, "Control API"),
+each with a ``from_json`` that checks every field's JSON type and bounds and
+raises ``ProtocolError`` (HTTP 400) with a message naming the field. The
+daemon's handlers work on these messages only, never on raw dicts, so a
+malformed body (a float where an integer belongs, a boolean, a missing key, an
+unknown action, ``2**70``) is refused in one place, before any work.
+
+What only the session can decide (is file 7 a file of this manifest, is block
+range ``[0, 10**10)`` inside it) is checked against the manifest by
+``fallback.sessions`` and ``BlockFeed``; the bounds here only keep parsing
+itself bounded. Unknown keys are ignored, so a newer client can add optional
+fields without breaking an older daemon.
+
+Limits (besides the 64 MiB body limit of ``server.MAX_CONTROL_BODY``):
+at most ``manifest.MAX_ENTRIES`` items in a plan or commit, at most
+``MAX_RANGES`` ranges in a ``want`` and ``MAX_RANGES`` blocks in a ``digests``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from transport.blocks.manifest import MAX_ENTRIES, MAX_PATH_BYTES, FileEntry, entries_from_json
+from transport.blocks.plan import OVERWRITE_MODES
+from transport.errors import ProtocolError
+
+MAX_RANGES = 1 << 22
+MAX_DIGESTS = 4096
+"""Blocks (or files) one ``/digests`` call may name: each costs the daemon a read of a
+block (up to 64 MiB), so one call is bounded to a few GiB of reading at most."""
+MAX_ERROR_TEXT = 500
+"""A client's closing error is logged: cut to this many characters, on one line."""
+MAX_ROOT_TEXT = 128
+"""``b3blocks:`` and 64 hex digits fit easily."""
+PLAN_ACTIONS = ("skip", "fresh", "resume")
+_MAX_INDEX = (1 << 63) - 1
+
+
+# -- decoding ----------------------------------------------------------------------------------------
+def loads(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a control body (``{}`` for an empty one); raises ``ProtocolError``.
+
+    ``json.loads`` recurses once per nesting level, so 100,000 nested arrays
+    end in ``RecursionError`` (after about 1,000 levels, quickly): that is a
+    malformed body too, not an internal error. Our bodies nest 4 levels deep.
+    """
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ProtocolError("control request is nested too deeply") from None
+    except ValueError:  # also non-UTF-8 bytes and integers of more than 4300 digits
+        raise ProtocolError("control request is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"control request must be a JSON object, not {_kind(body)}")
+    return body
+
+
+# -- field readers -----------------------------------------------------------------------------------
+_REQUIRED: Any = object()
+
+
+def _get(d: dict[str, Any], key: str, default: Any, where: str) -> Any:
+    if key in d:
+        return d[key]
+    if default is _REQUIRED:
+        raise ProtocolError(f"{where}: missing {key!r}")
+    return default
+
+
+def _int(d: dict[str, Any], key: str, where: str, *, lo: int = 0, hi: int = _MAX_INDEX,
+         default: Any = _REQUIRED) -> int:
+    value = _get(d, key, default, where)
+    return _check_int(value, f"{where}: {key}", lo, hi)
+
+
+def _check_int(value: Any, what: str, lo: int = 0, hi: int = _MAX_INDEX) -> int:
+    if type(value) is not int:  # not bool (an int subclass), not 1.0, not "1"
+        raise ProtocolError(f"{what} must be an integer, not {_kind(value)}")
+    if not lo <= value <= hi:
+        shown = value if value.bit_length() <= 64 else "a huge number"
+        raise ProtocolError(f"{what} {shown} outside [{lo}, {hi}]")
+    return value
+
+
+def _bool(d: dict[str, Any], key: str, where: str, default: bool = False) -> bool:
+    value = _get(d, key, default, where)
+    if type(value) is not bool:
+        raise ProtocolError(f"{where}: {key} must be true or false, not {_kind(value)}")
+    return value
+
+
+def _str(d: dict[str, Any], key: str, where: str, *, default: Any = _REQUIRED,
+         max_len: int = MAX_PATH_BYTES) -> str:
+    value = _get(d, key, default, where)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{where}: {key} must be a string, not {_kind(value)}")
+    if len(value) > max_len:
+        raise ProtocolError(f"{where}: {key} longer than {max_len} characters")
+    return value
+
+
+def _list(d: dict[str, Any], key: str, where: str, max_items: int, *,
+          default: Any = _REQUIRED) -> list[Any]:
+    value = _get(d, key, default, where)
+    if not isinstance(value, list):
+        raise ProtocolError(f"{where}: {key} must be a list, not {_kind(value)}")
+    if len(value) > max_items:
+        raise ProtocolError(f"{where}: {key} has {len(value)} items, more than {max_items}")
+    return value
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be an object, not {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """A JSON type name for messages (never the value itself: it may be huge)."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number with a fraction",
+            str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+# -- POST /session -----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class OpenUpload:
+    """``{direction: "upload", path, into_dir, name, entries, overwrite, encrypt, strong_pass}``."""
+
+    path: str
+    into_dir: bool
+    name: str
+    entries: tuple[FileEntry, ...]
+    overwrite: str
+    encrypt: bool
+    strong_pass: bool
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> OpenUpload:
+        w = "upload"
+        overwrite = _str(d, "overwrite", w, default="diff", max_len=16)
+        if overwrite not in OVERWRITE_MODES:
+            raise ProtocolError(f"unknown overwrite policy {overwrite!r} "
+                                f"(one of {', '.join(OVERWRITE_MODES)})")
+        if "entries" not in d:
+            raise ProtocolError("upload needs a non-empty 'entries' list")
+        return cls(
+            path=_str(d, "path", w, default="/"),
+            into_dir=_bool(d, "into_dir", w),
+            name=_str(d, "name", w, default=""),
+            entries=tuple(entries_from_json(d["entries"])),
+            overwrite=overwrite,
+            encrypt=_bool(d, "encrypt", w),
+            strong_pass=_bool(d, "strong_pass", w),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OpenDownload:
+    """``{direction: "download", path}``."""
+
+    path: str
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> OpenDownload:
+        return cls(path=_str(d, "path", "download", default="/"))
+
+
+def parse_open(d: dict[str, Any]) -> OpenUpload | OpenDownload:
+    direction = d.get("direction")
+    if direction == "upload":
+        return OpenUpload.from_json(d)
+    if direction == "download":
+        return OpenDownload.from_json(d)
+    raise ProtocolError("direction must be 'upload' or 'download'")
+
+
+# -- POST /session/{id}/plan -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PlanItem:
+    """``{file, action: skip|fresh|resume, entry?}``: ``entry`` is the final manifest entry
+    (an envelope's header is only known once the sender has seen the target's state)."""
+
+    file: int
+    action: str
+    entry: FileEntry | None = None
+
+    @classmethod
+    def from_json(cls, value: Any, k: int) -> PlanItem:
+        w = f"plan item {k}"
+        d = _obj(value, w)
+        file = _int(d, "file", w)
+        action = _str(d, "action", w, max_len=16)
+        if action not in PLAN_ACTIONS:
+            raise ProtocolError(f"{w}: unknown action {action!r} (one of {', '.join(PLAN_ACTIONS)})")
+        entry = FileEntry.from_json(d["entry"]) if d.get("entry") is not None else None
+        return cls(file, action, entry)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRequest:
+    """``{files: [PlanItem, ...]}``, each file at most once."""
+
+    files: tuple[PlanItem, ...]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PlanRequest:
+        raw = _list(d, "files", "plan", MAX_ENTRIES)
+        items = tuple(PlanItem.from_json(v, k) for k, v in enumerate(raw))
+        _unique((i.file for i in items), "plan")
+        return cls(items)
+
+
+# -- POST /session/{id}/commit -----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CommitItem:
+    """``{file, root?}``: ``root`` is the sender's whole-file digest (``b3blocks:<hex>``)."""
+
+    file: int
+    root: str | None
+
+    @classmethod
+    def from_json(cls, value: Any, k: int) -> CommitItem:
+        w = f"commit item {k}"
+        d = _obj(value, w)
+        root = d.get("root")
+        if root is not None:
+            root = _str(d, "root", w, max_len=MAX_ROOT_TEXT)
+        return cls(_int(d, "file", w), root)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequest:
+    """``{files: [CommitItem, ...]}``, each file at most once."""
+
+    files: tuple[CommitItem, ...]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CommitRequest:
+        raw = _list(d, "files", "commit", MAX_ENTRIES)
+        items = tuple(CommitItem.from_json(v, k) for k, v in enumerate(raw))
+        _unique((i.file for i in items), "commit")
+        return cls(items)
+
+
+# -- POST /session/{id}/digests ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class DigestsRequest:
+    """``{file, blocks: [int, ...], root: bool}``: digests of some source blocks and,
+    with ``root``, the whole-file digest. ``blocks`` is sorted and deduplicated."""
+
+    file: int
+    blocks: tuple[int, ...]
+    root: bool
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DigestsRequest:
+        w = "digests"
+        raw = _list(d, "blocks", w, MAX_DIGESTS, default=[])
+        blocks = sorted({_check_int(b, f"{w}: block {k}") for k, b in enumerate(raw)})
+        return cls(_int(d, "file", w), tuple(blocks), _bool(d, "root", w))
+
+
+@dataclass(frozen=True, slots=True)
+class RootsRequest:
+    """``{roots: [file, ...]}``: whole-file digests over the sources' current bytes (the
+    client's check before it publishes downloaded files). At most ``MAX_DIGESTS`` files."""
+
+    files: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RootsRequest:
+        raw = _list(d, "roots", "digests", MAX_DIGESTS)
+        return cls(tuple(sorted({_check_int(f, f"digests: roots item {k}")
+                                 for k, f in enumerate(raw)})))
+
+
+def parse_digests(d: dict[str, Any]) -> DigestsRequest | RootsRequest:
+    """A ``/digests`` body: the ``roots`` form when it has that key, else block digests."""
+    return RootsRequest.from_json(d) if "roots" in d else DigestsRequest.from_json(d)
+
+
+# -- POST /session/{id}/want -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class WantRequest:
+    """``{blocks: [[file, start, stop], ...]}``: half-open block ranges to queue.
+
+    Only shapes and signs are checked here; ``BlockFeed.add_ranges`` checks each
+    range against its file's block count before queuing any.
+    """
+
+    ranges: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> WantRequest:
+        raw = _list(d, "blocks", "want", MAX_RANGES)
+        out: list[tuple[int, int, int]] = []
+        for k, item in enumerate(raw):
+            w = f"want: item {k}"
+            if not isinstance(item, list) or len(item) != 3:
+                raise ProtocolError(f"{w} must be [file, start, stop], not {_kind(item)}")
+            f, start, stop = (_check_int(x, f"{w}: {n}") for x, n in zip(
+                item, ("file", "start", "stop"), strict=True))
+            if start >= stop:
+                raise ProtocolError(f"{w}: empty range [{start}, {stop})")
+            out.append((f, start, stop))
+        return cls(tuple(out))
+
+
+# -- DELETE /session/{id} ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CloseRequest:
+    """``{error?: string}``: why the client gave up, for the daemon's session log line
+    (cut to ``MAX_ERROR_TEXT`` characters, control characters replaced, so a client
+    cannot forge log lines)."""
+
+    error: str | None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CloseRequest:
+        err = d.get("error")
+        if err is None or err == "":
+            return cls(None)
+        if not isinstance(err, str):
+            raise ProtocolError(f"close: error must be a string, not {_kind(err)}")
+        text = "".join(c if c.isprintable() else " " for c in err[:MAX_ERROR_TEXT])
+        return cls(text)
+
+
+def _unique(files: Any, where: str) -> None:
+    seen: set[int] = set()
+    for f in files:
+        if f in seen:
+            raise ProtocolError(f"{where}: file {f} named twice")
+        seen.add(f)
