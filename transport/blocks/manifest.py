@@ -251,19 +251,5 @@ def entries_from_json(value: object) -> list[FileEntry]:
     if len(value) > MAX_ENTRIES:
         raise ProtocolError(f"manifest has {len(value)} entries, more than {MAX_ENTRIES}")
     entries = [FileEntry.from_json(e) for e in value]
-    if entries[0].path != "":
-        raise ProtocolError("the first entry must be the transfer root")
-    if not entries[0].is_dir and len(entries) > 1:
-        raise ProtocolError("a file transfer root cannot have entries below it")
-    dirs = {""}
-    seen = {""}
-    for e in entries[1:]:
-        if e.path in seen:
-            raise ProtocolError(f"manifest lists {e.path[:80]!r} twice")
-        seen.add(e.path)
-        parent = e.path.rpartition("/")[0]
-        if parent not in dirs:
-            raise ProtocolError(f"{e.path[:80]!r}: its folder is not listed before it")
-        if e.is_dir:
-            dirs.add(e.path)
+    check_tree(entries)
     return entries
