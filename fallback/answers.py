@@ -106,6 +106,21 @@ def planned_missing(planned: Any, counts: dict[int, int]) -> dict[int, RangeSet]
     return out
 
 
+def planned_refused(planned: Any, counts: dict[int, int]) -> dict[int, str]:
+    """The ``refused`` of a ``/plan`` answer (files the server's ``overwrite=deny`` kept):
+    file -> reason, each file one we planned to send."""
+    raw = planned.get("refused", {}) if isinstance(planned, dict) else None
+    if not isinstance(raw, dict):
+        raise ProtocolError("refused the daemon's plan: 'refused' is not an object")
+    out: dict[int, str] = {}
+    for k, why in raw.items():
+        i = _int(k, "file")
+        if i not in counts or not isinstance(why, str):
+            raise ProtocolError(f"refused the daemon's plan: refused file {k!r}")
+        out[i] = why[:500]
+    return out
+
+
 def _ranges(value: Any, count: int, what: str) -> RangeSet:
     """``[[start, stop], ...]`` inside ``[0, count)``; also the block numbers an older
     daemon sent in a commit's ``missing``."""

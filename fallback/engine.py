@@ -27,6 +27,7 @@ from fallback.answers import (
     download_answer,
     plain_name,
     planned_missing,
+    planned_refused,
     streams_cap,
     upload_states,
 )
@@ -214,16 +215,16 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
                           "entry": entry.to_json()}
         planned = await remote.call("POST", remote.session_url("/plan"),
                                     {"files": list(actions.values())})
-        for k, why in planned.get("refused", {}).items():
+        counts = {i: s.layout.count for i, s in sources.items()}
+        missing = planned_missing(planned, counts)
+        for k, why in planned_refused(planned, counts).items():
             # The server's overwrite=deny kept an existing target: skipped, with its reason.
-            src_i = sources.pop(int(k), None)
-            if src_i is not None:
-                src_i.close()
-                shown = _shown(name, tree.entries[int(k)].path)
-                result.skipped_files[shown] = f"refused by the server: {why}"
-                progress.skip(entries[int(k)].size)
+            sources.pop(k).close()
+            missing.pop(k, None)
+            shown = _shown(name, tree.entries[k].path)
+            result.skipped_files[shown] = f"refused by the server: {why}"
+            progress.skip(entries[k].size)
         feed = BlockFeed(sources, executor)
-        missing = planned_missing(planned, {i: s.layout.count for i, s in sources.items()})
         kept: dict[int, set[int]] = {}  # blocks counted as skipped (held by the daemon)
         for i, blocks in missing.items():
             have = blocks.complement(0, sources[i].layout.count)

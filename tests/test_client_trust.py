@@ -38,7 +38,7 @@ from fallback.engine import Options, transfer_async
 from fallback.errors import TransferError
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file, sha256
 from transport.blocks import envelope as env
-from transport.blocks.digest import block_digest
+from transport.blocks.digest import block_digest, file_digest
 from transport.http.framing import CONTENT_TYPE, FrameHeader
 
 BLOCK = 4096
@@ -117,8 +117,17 @@ class FakeDaemon:
 
     async def digests(self, request: web.Request) -> web.StreamResponse:
         self.calls.append("digests")
-        return web.json_response(self.answers.get(
-            "digests", {"digests": {}, "root": "b3blocks:" + "00" * 32}))
+        if "digests" in self.answers:
+            return web.json_response(self.answers["digests"])
+        body = await request.json()
+        if "roots" in body:  # the whole-file digests the client checks before publishing
+            roots = {}
+            for fi in body["roots"]:
+                data = file_bytes(self.entries()[fi]["size"])
+                roots[str(fi)] = file_digest(BLOCK, len(data), (
+                    block_digest(data[k:k + BLOCK]) for k in range(0, len(data), BLOCK)))
+            return web.json_response({"roots": roots, "errors": {}})
+        return web.json_response({"digests": {}, "root": "b3blocks:" + "00" * 32})
 
     async def plan(self, request: web.Request) -> web.StreamResponse:
         self.calls.append("plan")
@@ -226,7 +235,7 @@ HOSTILE: dict[str, tuple[dict[str, Any] | bytes, str]] = {
     "duplicate path": (answer("pkg", [d(""), f("a"), f("a")]), "lists 'a' twice"),
     "file inside a file": (answer("pkg", [d(""), f("a"), f("a/b")]), "inside a file"),
     # what the daemon can make the client allocate or choke on
-    "huge file": (answer("pkg", [f("", size=1 << 62)]), "blocks of 4096 bytes"),
+    "huge file": (answer("pkg", [f("", size=1 << 62)]), "size 4611686018427387904 outside"),
     "huge total": (answer("pkg", _huge_total()), "blocks (at most 16777216)"),
     "mtime out of range": (answer("pkg", [f("", mtime_ns=10**30)]), "mtime_ns"),
     "skipped not a list": (answer("pkg", [f("")], skipped=5), "'skipped' is not a list"),
@@ -366,7 +375,7 @@ UPLOAD_HOSTILE: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                                    {"plan": {"missing": {"7": [[0, 1]]}}}, "file '7'"),
     "plan range past the file": (answer(None, None, states=[STATE] * 2),
                                  {"plan": {"missing": {"1": [[0, 10**12]]}}},
-                                 "range [0, 1000000000000] of file 1"),
+                                 "file 1: range [0, 1000000000000) outside [0, 1)"),
     "commit missing not blocks": (answer(None, None, states=[STATE] * 2),
                                   {"plan": PLAN_OK, "commit": {"results": {"1": {"missing": ["x"]}}}},
                                   "refused the daemon's commit answer for file 1"),
