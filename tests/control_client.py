@@ -75,8 +75,14 @@ def reload(d: Daemon, perms: dict[str, tuple[bool, bool]], extra: str = "") -> N
         time.sleep(0.02)
 
 
+_EMPTY_STATE = {".fallback", ".fallback/parts", ".fallback/README"}
+"""The daemon's state folder with no partial or journal in it: created by the first
+upload session of a docroot that may be written, and holding nothing of the user's."""
+
+
 def listing(root: Path) -> dict[str, tuple[str, int, str]]:
-    """Everything under ``root``, hidden files included: kind, mtime, content digest."""
+    """Everything under ``root``, hidden files included: kind, mtime, content digest.
+    The empty state folder is left out; any partial or journal inside it is listed."""
     out: dict[str, tuple[str, int, str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames:
@@ -85,6 +91,8 @@ def listing(root: Path) -> dict[str, tuple[str, int, str]]:
         for n in filenames:
             p = Path(dirpath, n)
             out[str(p.relative_to(root))] = ("file", p.stat().st_mtime_ns, sha256(p))
+    for k in _EMPTY_STATE:
+        out.pop(k, None)
     return out
 
 

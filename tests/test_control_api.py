@@ -41,6 +41,7 @@ from tests.control_client import (
     reload,
     start_daemon,
 )
+from tests.statefiles import ours
 from transport.blocks.manifest import MAX_ENTRIES, entries_from_json
 from transport.errors import ProtocolError
 
@@ -130,10 +131,10 @@ async def test_largest_file_plans_as_one_range_and_larger_is_refused(cd: Daemon,
     assert time.monotonic() - t < 10
     assert (await api.call(s, "DELETE", "", {})).status == 200
     assert not (root / "huge.bin").exists()
-    partial = root / ".huge.bin.fallback-partial"
+    partial, journal = ours(root / "huge.bin", root)
     assert partial.stat().st_blocks == 0  # nothing was allocated on disk either
     partial.unlink()
-    (root / ".huge.bin.fallback-journal").unlink()
+    journal.unlink()
     assert_log_clean(cd, mark)
 
 
@@ -198,10 +199,10 @@ OPEN_CASES: list[tuple[str, bytes | dict[str, Any], str]] = [
     ("duplicate", {"direction": "upload", "entries": [{"path": "", "kind": "dir"}, entry("a"),
                                                        entry("a")]}, "lists 'a' twice"),
     ("no-parent", {"direction": "upload", "entries": [{"path": "", "kind": "dir"}, entry("d/a")]},
-     "its folder is not listed before it"),
+     "before its folder 'd'"),
     ("under-a-file", {"direction": "upload", "entries": [entry(), entry("a")]},
-     "a file transfer root cannot have entries below it"),
-    ("root-not-first", {"direction": "upload", "entries": [entry("a")]}, "first entry"),
+     "a file transfer has exactly one manifest entry"),
+    ("root-not-first", {"direction": "upload", "entries": [entry("a")]}, "the first manifest entry must be the transfer root"),
     ("into-dir-string", {"direction": "upload", "entries": [entry()], "into_dir": "yes"},
      "into_dir must be true or false"),
     ("overwrite", {"direction": "upload", "entries": [entry()], "overwrite": "sometimes"},

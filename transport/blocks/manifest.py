@@ -38,11 +38,6 @@ from transport.errors import ProtocolError
 MAX_PATH_BYTES = 4096
 """Longest relative path, in bytes: Linux's PATH_MAX."""
 
-MAX_FILE_BLOCKS = 1 << 24
-"""Most blocks one file may have (64 TiB at the 4 MiB default block size, 1 PiB at
-the 64 MiB maximum): both ends keep per-block state (the missing list, the
-journal's digests), so a peer must not be able to claim a file of 2**62 bytes."""
-
 MTIME_RANGE = (-(1 << 63), (1 << 63) - 1)
 """mtime_ns must fit a signed 64-bit integer (``os.utime`` raises OverflowError beyond)."""
 
@@ -209,9 +204,6 @@ class FileEntry:
             raise ProtocolError(f"{where}: header is not hex") from None
         if transform == "identity" and (header or overhead):
             raise ProtocolError(f"{where}: a plain file has no header or overhead")
-        if is_file and -(-size // block_size) > MAX_FILE_BLOCKS:
-            raise ProtocolError(f"{where}: {size} bytes is more than {MAX_FILE_BLOCKS} "
-                                f"blocks of {block_size} bytes")
         return cls(
             path=path,
             kind=kind,
