@@ -36,6 +36,7 @@ from transport.blocks.digest import digest_path
 from transport.blocks.plan import resume_samples
 from transport.blocks.receiver import FileReceiver, journal_path, partial_path
 from transport.blocks.source import FileSource, entry_for
+from transport.blocks.statedir import StateDir
 
 BS = 256 << 10
 BLOCK_XML = "<file_system><block_size>256K</block_size></file_system>"
@@ -130,6 +131,7 @@ def snapshot(target: Path, into: Path) -> Callable[[], None]:
 
     def restore() -> None:
         target.unlink(missing_ok=True)
+        StateDir(target.parent).ensure()  # a finished run removes an empty state folder
         for copy, original in saved:
             shutil.copy2(copy, original.with_name(original.name + ".tmp"))
             os.replace(original.with_name(original.name + ".tmp"), original)
