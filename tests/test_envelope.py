@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 import tracemalloc
 import unicodedata
 from collections.abc import Callable
@@ -482,3 +484,88 @@ def test_file_helpers_memory_bounded_by_a_block(tmp_path: Path) -> None:
             tracemalloc.stop()
         assert peak < 6 * block, peak
     assert sha256(out) == sha256(src)
+
+
+# --- key derivation: concurrency and compatibility (issue 10) ---------------------
+
+DATA = Path(__file__).parent / "data"
+# Envelopes written by the first implementation (cryptography's Argon2id), committed
+# so every later KDF back end must open them and reproduce them byte for byte.
+# name: (KDF params, plaintext size, Argon2id output for PW and the file's salt)
+V1_FIXTURES = {
+    "v1-cheap": (
+        KdfParams(64, 1, 1),
+        2 * B + 7,
+        "b906964338ee80c2fa137af8fbc648bb030aba03980558fd9d459c37dd6a949e",
+    ),
+    "v1-lanes4": (
+        KdfParams(256, 2, 4),
+        100,
+        "4a00d468008608554fee9dcd7e5d5cc934968aaef608b31e5d4282d5ed5e95fe",
+    ),
+    "v1-default": (
+        DEFAULT_KDF,
+        10,
+        "2cef54cbad8b374085c391ba6b7083d10f51ea5ae9aac0faf5aaadaafdf2c87e",
+    ),
+}
+
+_CONCURRENT_DERIVE = """
+import sys, threading
+from pathlib import Path
+from transport.blocks.envelope import EnvelopeTransform, KdfParams
+pw, threads = sys.argv[1], int(sys.argv[2])
+headers = [Path(p).read_bytes()[:80] for p in sys.argv[3:]]
+results, errors = [], []
+def open_all(k):
+    try:
+        for h in headers:
+            EnvelopeTransform.open(pw, h)
+        t = EnvelopeTransform.for_upload(pw, 10, 4096, KdfParams(47104, 2, 4))
+        results.append(EnvelopeTransform.open(pw, t.header).envelope.kdf.lanes)
+    except BaseException as exc:
+        errors.append(repr(exc))
+ts = [threading.Thread(target=open_all, args=(k,)) for k in range(threads)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(sorted(results), errors)
+"""
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_concurrent_derivations_finish(threads: int) -> None:
+    """Several threads deriving multi-lane keys at once (a client opening the files of a
+    folder in its thread pool) all finish with the right keys. cryptography 50.0.2's
+    Argon2id deadlocks here (or fails with a spurious MemoryError) for lanes > 1. Run in
+    a child process: a thread stuck in C cannot be stopped, a process can be killed."""
+    paths = [str(DATA / f"{name}.fallback-env") for name in ("v1-lanes4", "v1-cheap")]
+    cmd = [sys.executable, "-c", _CONCURRENT_DERIVE, PW, str(threads), *paths]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{threads} threads deriving keys at once did not finish in 60 s (deadlock)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{[4] * threads} []"
+
+
+@pytest.mark.parametrize("name", sorted(V1_FIXTURES))
+def test_v1_fixture_decrypts_and_reencrypts_identically(name: str, tmp_path: Path) -> None:
+    """Envelopes made by the first release still open, and sealing the same plaintext under
+    the same header gives the same bytes: the KDF output is unchanged to the bit."""
+    kdf, size, master = V1_FIXTURES[name]
+    raw = (DATA / f"{name}.fallback-env").read_bytes()
+    header = EnvelopeHeader.decode(raw)
+    assert header.version == 1 and header.kdf == kdf and header.plain_size == size
+    assert unseal(PW, raw) == plaintext(size)
+    key = EnvelopeKey.derive(PW, header)
+    assert key.enc_key == blake3.blake3(
+        bytes.fromhex(master), derive_key_context="fallback envelope v1 2025 AES-256-GCM block key"
+    ).digest()
+    t = EnvelopeTransform(header, key)
+    assert seal(t, plaintext(size)) == raw
+    out = tmp_path / "out"
+    decrypt_file(DATA / f"{name}.fallback-env", out, PW)
+    assert out.read_bytes() == plaintext(size)
+    with pytest.raises(BadPassphrase):
+        EnvelopeTransform.open(PW + "!", raw)
