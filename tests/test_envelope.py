@@ -569,3 +569,21 @@ def test_v1_fixture_decrypts_and_reencrypts_identically(name: str, tmp_path: Pat
     assert out.read_bytes() == plaintext(size)
     with pytest.raises(BadPassphrase):
         EnvelopeTransform.open(PW + "!", raw)
+
+
+def test_kdf_out_of_memory_is_resource_exhausted() -> None:
+    """A header asking for more memory than the process may have fails with a typed,
+    retryable error (503, ENOMEM), not a bare MemoryError or a crash."""
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (600 << 20, 600 << 20))\n"
+        "from transport.blocks.kdf import argon2id, KdfParams\n"
+        "from transport.errors import ResourceExhausted\n"
+        "try:\n"
+        "    argon2id(b'pw', bytes(16), KdfParams(1 << 20, 1, 1))\n"
+        "except ResourceExhausted as exc:\n"
+        "    print(exc.kind, exc.status, exc.message)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.stdout.strip() == "ENOMEM 503 argon2id: cannot allocate 1048576 KiB", done.stderr

@@ -28,16 +28,15 @@ import hmac
 import io
 import os
 import struct
-import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Final
 
 import blake3
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from transport.blocks.aead import AesGcm
+from transport.blocks.kdf import DEFAULT_KDF, KdfParams, argon2id, passphrase_bytes
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE, BlockLayout
 from transport.errors import BadPassphrase, IntegrityError, ProtocolError, SourceChanged
 
@@ -98,47 +97,9 @@ _CTX_ENC: Final = "fallback envelope v1 2025 AES-256-GCM block key"
 _CTX_NONCE: Final = "fallback envelope v1 2025 synthetic nonce key"
 _CTX_CHECK: Final = "fallback envelope v1 2025 header key check"
 
-# Bounds on what a header may ask of the machine that opens it. A header comes
-# from storage we do not trust; without these a forged one could make a client
-# allocate terabytes or spin for hours before the key check can fail.
-MAX_MEMORY_KIB: Final = 1 << 20  # 1 GiB
-MAX_ITERATIONS: Final = 32
-MAX_LANES: Final = 16
-
 # Hashing a large block on several threads roughly doubles BLAKE3 throughput
 # here; below this size the thread hand-off costs more than it saves.
 _PARALLEL_HASH_MIN: Final = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class KdfParams:
-    """Argon2id cost parameters, stored in the header so they can be raised later
-    without breaking old envelopes.
-
-    The default (46 MiB, 2 passes, 1 lane) is the OWASP "m=47104, t=1" setting
-    with the pass count doubled: about 90 ms on the development machine, once
-    per transfer, which is negligible next to moving the data but makes each
-    offline passphrase guess cost 46 MiB of memory and ~90 ms of a core.
-    One lane keeps the cost the same on a single-core client.
-    """
-
-    memory_kib: int
-    iterations: int
-    lanes: int
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.lanes <= MAX_LANES:
-            raise ValueError(f"argon2 lanes {self.lanes} outside 1..{MAX_LANES}")
-        if not 1 <= self.iterations <= MAX_ITERATIONS:
-            raise ValueError(f"argon2 iterations {self.iterations} outside 1..{MAX_ITERATIONS}")
-        # Argon2 itself requires at least 8 KiB per lane.
-        if not 8 * self.lanes <= self.memory_kib <= MAX_MEMORY_KIB:
-            raise ValueError(
-                f"argon2 memory {self.memory_kib} KiB outside {8 * self.lanes}..{MAX_MEMORY_KIB}"
-            )
-
-
-DEFAULT_KDF: Final = KdfParams(memory_kib=47104, iterations=2, lanes=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,16 +228,7 @@ class EnvelopeKey:
         The passphrase is NFC-normalised first so the same passphrase typed on
         macOS (NFD input) and Linux opens the same envelope.
         """
-        if not passphrase:
-            raise ValueError("empty passphrase")
-        secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
-        master = Argon2id(
-            salt=header.salt,
-            length=32,
-            iterations=header.kdf.iterations,
-            lanes=header.kdf.lanes,
-            memory_cost=header.kdf.memory_kib,
-        ).derive(secret)
+        master = argon2id(passphrase_bytes(passphrase), header.salt, header.kdf)
         return cls(
             enc_key=blake3.blake3(master, derive_key_context=_CTX_ENC).digest(),
             nonce_key=blake3.blake3(master, derive_key_context=_CTX_NONCE).digest(),
