@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 import blake3
-from cryptography.exceptions import InvalidTag
 
 from transport.blocks.aead import AesGcm
 from transport.blocks.kdf import DEFAULT_KDF, KdfParams, argon2id, passphrase_bytes
@@ -394,7 +393,7 @@ class EnvelopeTransform:
             return self._aead.decrypt(
                 view[:NONCE_SIZE], view[NONCE_SIZE:], self._aad(index, plain_len)
             )
-        except InvalidTag:
+        except IntegrityError:
             raise IntegrityError(f"block {index}: authentication failed") from None
 
 
