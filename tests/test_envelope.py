@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
+import subprocess
+import sys
+import threading
 import tracemalloc
 import unicodedata
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import blake3
 import pytest
 
+from tests.conftest import Daemon
 from transport.blocks.envelope import (
     DEFAULT_KDF,
     HEADER_SIZE,
+    HEADER_SIZES,
     MAGIC,
+    MAX_HEADER_SIZE,
+    NONCE_SIZE,
     OVERHEAD,
     SUFFIX,
     VERSION,
+    VERSIONS,
     EnvelopeHeader,
     EnvelopeKey,
     EnvelopeTransform,
@@ -30,6 +40,7 @@ from transport.blocks.envelope import (
     is_envelope,
     new_header,
 )
+from transport.blocks.keyring import EnvelopeKeyring
 from transport.blocks.transform import BlockTransform
 from transport.errors import BadPassphrase, IntegrityError, ProtocolError, SourceChanged
 
@@ -243,9 +254,10 @@ def test_not_an_envelope_and_unknown_version() -> None:
     for bad in (b"", raw[:-1], b"XXXXX" + raw[5:], b"plain text file" * 10):
         with pytest.raises(ProtocolError, match="not a fallback envelope"):
             EnvelopeHeader.decode(bad)
-    future = raw[:5] + bytes([2]) + raw[6:]
-    with pytest.raises(ProtocolError, match="version 2"):
-        EnvelopeHeader.decode(future)
+    for version in (0, 3, 255):
+        future = raw[:5] + bytes([version]) + raw[6:]
+        with pytest.raises(ProtocolError, match=f"unsupported envelope version {version}$"):
+            EnvelopeHeader.decode(future)
 
 
 def test_forged_header_fails_key_check() -> None:
@@ -482,3 +494,326 @@ def test_file_helpers_memory_bounded_by_a_block(tmp_path: Path) -> None:
             tracemalloc.stop()
         assert peak < 6 * block, peak
     assert sha256(out) == sha256(src)
+
+
+# --- key derivation: concurrency and compatibility (issue 10) ---------------------
+
+DATA = Path(__file__).parent / "data"
+# Envelopes written by the first implementation (cryptography's Argon2id), committed
+# so every later KDF back end must open them and reproduce them byte for byte.
+# name: (KDF params, plaintext size, Argon2id output for PW and the file's salt)
+V1_FIXTURES = {
+    "v1-cheap": (
+        KdfParams(64, 1, 1),
+        2 * B + 7,
+        "b906964338ee80c2fa137af8fbc648bb030aba03980558fd9d459c37dd6a949e",
+    ),
+    "v1-lanes4": (
+        KdfParams(256, 2, 4),
+        100,
+        "4a00d468008608554fee9dcd7e5d5cc934968aaef608b31e5d4282d5ed5e95fe",
+    ),
+    "v1-default": (
+        DEFAULT_KDF,
+        10,
+        "2cef54cbad8b374085c391ba6b7083d10f51ea5ae9aac0faf5aaadaafdf2c87e",
+    ),
+}
+
+_CONCURRENT_DERIVE = """
+import sys, threading
+from pathlib import Path
+from transport.blocks.envelope import EnvelopeTransform, KdfParams
+pw, threads = sys.argv[1], int(sys.argv[2])
+headers = [Path(p).read_bytes()[:80] for p in sys.argv[3:]]
+results, errors = [], []
+def open_all(k):
+    try:
+        for h in headers:
+            EnvelopeTransform.open(pw, h)
+        t = EnvelopeTransform.for_upload(pw, 10, 4096, KdfParams(47104, 2, 4))
+        results.append(EnvelopeTransform.open(pw, t.header).envelope.kdf.lanes)
+    except BaseException as exc:
+        errors.append(repr(exc))
+ts = [threading.Thread(target=open_all, args=(k,)) for k in range(threads)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(sorted(results), errors)
+"""
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_concurrent_derivations_finish(threads: int) -> None:
+    """Several threads deriving multi-lane keys at once (a client opening the files of a
+    folder in its thread pool) all finish with the right keys. cryptography 50.0.2's
+    Argon2id deadlocks here (or fails with a spurious MemoryError) for lanes > 1. Run in
+    a child process: a thread stuck in C cannot be stopped, a process can be killed."""
+    paths = [str(DATA / f"{name}.fallback-env") for name in ("v1-lanes4", "v1-cheap")]
+    cmd = [sys.executable, "-c", _CONCURRENT_DERIVE, PW, str(threads), *paths]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{threads} threads deriving keys at once did not finish in 60 s (deadlock)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{[4] * threads} []"
+
+
+@pytest.mark.parametrize("name", sorted(V1_FIXTURES))
+def test_v1_fixture_decrypts_and_reencrypts_identically(name: str, tmp_path: Path) -> None:
+    """Envelopes made by the first release still open, and sealing the same plaintext under
+    the same header gives the same bytes: the KDF output is unchanged to the bit."""
+    kdf, size, master = V1_FIXTURES[name]
+    raw = (DATA / f"{name}.fallback-env").read_bytes()
+    header = EnvelopeHeader.decode(raw)
+    assert header.version == 1 and header.kdf == kdf and header.plain_size == size
+    assert unseal(PW, raw) == plaintext(size)
+    key = EnvelopeKey.derive(PW, header)
+    assert key.enc_key == blake3.blake3(
+        bytes.fromhex(master), derive_key_context="fallback envelope v1 2025 AES-256-GCM block key"
+    ).digest()
+    t = EnvelopeTransform(header, key)
+    assert seal(t, plaintext(size)) == raw
+    out = tmp_path / "out"
+    decrypt_file(DATA / f"{name}.fallback-env", out, PW)
+    assert out.read_bytes() == plaintext(size)
+    with pytest.raises(BadPassphrase):
+        EnvelopeTransform.open(PW + "!", raw)
+
+
+def test_kdf_out_of_memory_is_resource_exhausted() -> None:
+    """A header asking for more memory than the process may have fails with a typed,
+    retryable error (503, ENOMEM), not a bare MemoryError or a crash."""
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (600 << 20, 600 << 20))\n"
+        "from transport.blocks.kdf import argon2id, KdfParams\n"
+        "from transport.errors import ResourceExhausted\n"
+        "try:\n"
+        "    argon2id(b'pw', bytes(16), KdfParams(1 << 20, 1, 1))\n"
+        "except ResourceExhausted as exc:\n"
+        "    print(exc.kind, exc.status, exc.message)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.stdout.strip() == "ENOMEM 503 argon2id: cannot allocate 1048576 KiB", done.stderr
+
+
+# --- version 2: one Argon2id per transfer (issue 11 section 5) ----------------------
+
+
+def ring(passphrase: str = PW, kdf: KdfParams = CHEAP, capacity: int = 256) -> EnvelopeKeyring:
+    return EnvelopeKeyring(passphrase, kdf, capacity=capacity)
+
+
+def reseal_v2(raw: bytes, **changes: int | bytes) -> bytes:
+    """Rewrite v2 header fields and recompute the unkeyed checksum: a deliberate forgery."""
+    names = ["magic", "version", "kdf", "flags", "memory", "iterations", "lanes", "salt",
+             "file_salt", "block_size", "plain_size"]
+    fmt = struct.Struct(">5sBBBIII16s16sIQ")
+    values = dict(zip(names, fmt.unpack_from(raw), strict=True))
+    values.update(changes)
+    body = fmt.pack(*(values[n] for n in names)) + raw[fmt.size : 96 - 16]
+    return body + blake3.blake3(body).digest(length=16)
+
+
+def test_v2_header_shape_and_roundtrip() -> None:
+    r = ring()
+    t = r.for_upload(3 * B + 7, B)
+    h = t.envelope
+    assert HEADER_SIZES == {1: 80, 2: 96} and MAX_HEADER_SIZE == 96 and VERSIONS == (1, 2)
+    assert len(t.header) == h.size == 96 and t.header[5] == 2 and is_envelope(t.header)
+    assert h.version == 2 and h.kdf == CHEAP and len(h.salt) == len(h.file_salt) == 16
+    assert t.header[20:36] == h.salt and t.header[36:52] == h.file_salt
+    assert struct.unpack(">IQ", t.header[52:64]) == (B, 3 * B + 7)
+    assert t.name == "envelope-v1" and t.overhead == OVERHEAD  # same wire transform name
+    assert t.layout.header_len == 96 and t.layout.stored_range(1) == (96 + B + OVERHEAD,
+                                                                      B + OVERHEAD)
+    assert EnvelopeHeader.decode(t.header) == h
+    assert EnvelopeHeader.decode(t.header + b"block bytes") == h
+    data = plaintext(3 * B + 7, seed=21)
+    stored = seal(t, data)
+    assert len(stored) == t.stored_size() == 96 + len(data) + 4 * OVERHEAD
+    t2 = EnvelopeTransform.open(PW, stored)  # no keyring needed: the header is enough
+    assert b"".join(t2.decode(i, s) for i, s in enumerate(blocks(t2, stored))) == data
+
+
+def test_v2_one_derivation_per_transfer_and_per_folder_read(tmp_path: Path) -> None:
+    """50 files: one Argon2id to write them, one to read them all back, and each file
+    still opens on its own (new keyring, bare ``open``, ``decrypt_file``)."""
+    writer = ring()
+    assert writer.derivations == 0  # lazily: nothing until the first file
+    files = {}
+    for k in range(50):
+        size = (k * 997) % (3 * B)
+        t = writer.for_upload(size, B)
+        files[f"f{k}"] = (plaintext(size, seed=k), seal(t, plaintext(size, seed=k)))
+    assert writer.derivations == 1
+    headers = {t_raw[1][:96] for t_raw in files.values()}
+    assert len({h[20:36] for h in headers}) == 1  # one transfer salt ...
+    assert len({h[36:52] for h in headers}) == 50  # ... and a salt per file
+    reader = ring()
+    for data, stored in files.values():
+        t = reader.open(stored)
+        assert b"".join(t.decode(i, s) for i, s in enumerate(blocks(t, stored))) == data
+    assert reader.derivations == 1
+    data, stored = files["f7"]
+    alone = tmp_path / "f7.env"
+    alone.write_bytes(stored)
+    decrypt_file(alone, tmp_path / "f7", PW)
+    assert (tmp_path / "f7").read_bytes() == data
+
+
+def test_v2_derives_once_under_concurrency() -> None:
+    """Threads uploading and opening at once, before any key exists, share one Argon2id
+    run instead of each starting their own."""
+    kdf = KdfParams(8192, 2, 1)  # slow enough (~10 ms) that the threads really overlap
+    r = ring(kdf=kdf)
+    other = ring(kdf=kdf).for_upload(10, B).header  # another transfer's file
+    start = threading.Barrier(8)
+
+    def work(k: int) -> tuple[bytes, int]:
+        start.wait()
+        t = r.for_upload(10, B) if k % 2 else r.open(other)
+        return t.header, t.envelope.version
+
+    with ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(work, range(8)))
+    assert [v for _, v in done] == [2] * 8
+    assert r.derivations == 2  # its own salt once, the other transfer's salt once
+
+
+def test_v2_per_file_keys_are_independent() -> None:
+    """Same transfer, same passphrase, same plaintext: different keys, different bytes,
+    and no block moves between files."""
+    r = ring()
+    data = plaintext(2 * B, seed=5)
+    a, b = r.for_upload(len(data), B), r.for_upload(len(data), B)
+    assert a.envelope.salt == b.envelope.salt and a.envelope.file_salt != b.envelope.file_salt
+    ka, kb = a._key, b._key
+    for x, y in ((ka.enc_key, kb.enc_key), (ka.nonce_key, kb.nonce_key),
+                 (ka.check_key, kb.check_key)):
+        assert x != y and len(x) == len(y) == 32
+    sa, sb = blocks(a, seal(a, data)), blocks(b, seal(b, data))
+    assert sa[0] != sb[0] and sa[0][:NONCE_SIZE] != sb[0][:NONCE_SIZE]
+    with pytest.raises(IntegrityError, match="block 0: authentication failed"):
+        a.decode(0, sb[0])
+    # A header whose file salt is swapped for another file's is not authentic.
+    forged = reseal_v2(a.header, file_salt=b.envelope.file_salt)
+    with pytest.raises(BadPassphrase):
+        r.open(forged)
+
+
+def test_v2_header_tampering() -> None:
+    r = ring()
+    t = r.for_upload(3 * B + 7, B)
+    raw = t.header
+    for pos in range(96):
+        for bit in range(8):
+            with pytest.raises((IntegrityError, ProtocolError)):
+                EnvelopeHeader.decode(flip(raw, pos, bit))
+    for change in ({"plain_size": 0}, {"plain_size": 2 * B}, {"block_size": 2 * B},
+                   {"salt": bytes(16)}, {"file_salt": bytes(16)}, {"iterations": 2}):
+        forged = reseal_v2(raw, **change)
+        EnvelopeHeader.decode(forged)  # well-formed ...
+        with pytest.raises(BadPassphrase):  # ... but not authentic
+            r.open(forged)
+        with pytest.raises(BadPassphrase):
+            EnvelopeTransform.open(PW, forged)
+    for change in ({"memory": 0xFFFFFFFF}, {"iterations": 10**6}, {"lanes": 0}, {"kdf": 9},
+                   {"flags": 1}):
+        with pytest.raises(ProtocolError):
+            r.open(reseal_v2(raw, **change))
+    with pytest.raises(ProtocolError, match="needs 96 bytes, got 80"):
+        EnvelopeHeader.decode(raw[:80])
+    assert r.derivations == 3  # its own (salt, params), the zero salt, and iterations=2
+
+
+def test_v2_wrong_passphrase_fails_fast_for_a_folder() -> None:
+    """A wrong passphrase is refused per file from the header, and costs one Argon2id per
+    transfer salt, not per file."""
+    w = ring()
+    headers = [w.for_upload(k, B).header for k in range(20)]
+    bad = ring("not the passphrase")
+    for h in headers:
+        with pytest.raises(BadPassphrase):
+            bad.open(h)
+    assert bad.derivations == 1
+
+
+def test_keyring_reads_v1_and_v2_in_one_folder() -> None:
+    """A folder mixing old (v1, the committed fixtures) and new envelopes opens with one
+    keyring; Argon2id runs once per distinct salt."""
+    r = ring(kdf=CHEAP)
+    mine = [r.for_upload(100, B) for _ in range(3)]
+    for name, (_, size, _) in V1_FIXTURES.items():
+        raw = (DATA / f"{name}.fallback-env").read_bytes()
+        t = r.open(raw)
+        assert t.envelope.version == 1
+        assert b"".join(t.decode(i, s) for i, s in enumerate(blocks(t, raw))) == plaintext(size)
+    for t in mine:
+        assert r.open(t.header).envelope == t.envelope
+    assert r.derivations == 1 + len(V1_FIXTURES)
+
+
+def test_keyring_cache_is_bounded() -> None:
+    r = ring(capacity=2)
+    headers = [ring().for_upload(10, B).header for _ in range(3)]  # three transfers
+    for h in headers + headers[-1:]:
+        r.open(h)
+    assert r.derivations == 3  # the last one was still cached
+    r.open(headers[0])  # evicted (least recently used): derived again
+    assert r.derivations == 4
+
+
+def test_keyring_bad_arguments_and_repr() -> None:
+    with pytest.raises(ValueError, match="empty passphrase"):
+        EnvelopeKeyring("")
+    r = ring()
+    with pytest.raises(ValueError):
+        r.for_upload(10, 100)  # block size below the layout minimum
+    assert PW not in repr(r) and "redacted" in repr(r)
+    with pytest.raises(ProtocolError, match="not a fallback envelope"):
+        r.open(b"plain text" * 20)
+    assert r.derivations == 0  # nothing derived for garbage
+
+
+# Two files of one version 2 transfer, written when the format was introduced.
+V2_FIXTURES = {"v2-cheap-a": 2 * B + 7, "v2-cheap-b": 0}
+
+
+def test_v2_fixtures_decrypt_and_reencrypt_identically() -> None:
+    """Pins the version 2 format: committed envelopes open with one derivation and
+    sealing the same plaintext under the same header gives the same bytes."""
+    r = ring()
+    for name, size in V2_FIXTURES.items():
+        raw = (DATA / f"{name}.fallback-env").read_bytes()
+        t = r.open(raw)
+        assert t.envelope.version == 2 and t.envelope.kdf == CHEAP
+        assert b"".join(t.decode(i, s) for i, s in enumerate(blocks(t, raw))) == plaintext(size)
+        assert seal(t, plaintext(size)) == raw
+    assert r.derivations == 1
+
+
+def test_daemon_serves_v2_envelopes_for_decryption(daemon_factory: Callable[..., Daemon],
+                                                   tmp_path: Path) -> None:
+    """A real daemon describes v1 and v2 envelopes in one folder (reading each header by its
+    own length) and the client decrypts both on download."""
+    d = daemon_factory()
+    served = d.docroots["alice"] / "mixed"
+    served.mkdir(parents=True)
+    expected = {}
+    r = ring()
+    for k, size in enumerate((0, 1, 3 * B + 5)):
+        t = r.for_upload(size, B)
+        (served / f"new{k}.bin{SUFFIX}").write_bytes(seal(t, plaintext(size, seed=k)))
+        expected[f"new{k}.bin"] = plaintext(size, seed=k)
+    shutil.copy(DATA / f"v1-cheap{SUFFIX}", served / f"old.bin{SUFFIX}")
+    expected["old.bin"] = plaintext(2 * B + 7)
+    out = tmp_path / "out"
+    rc, res, err = d.transfer(d.url("/mixed"), str(out) + "/", "--decrypt",
+                              env={"FALLBACK_FILEPASS": PW})
+    assert rc == 0 and res["ok"], err
+    assert res["content"] == {f"mixed/{n}": "decrypted" for n in expected}
+    got = {p.name: p.read_bytes() for p in (out / "mixed").iterdir()}
+    assert got == expected

@@ -1,133 +1,108 @@
-"""AES-256-GCM for whole blocks, without holding the GIL.
+"""AES-256-GCM for whole blocks, through ``cryptography``'s ``AESGCM``.
 
-``cryptography``'s ``AESGCM`` holds the GIL while it encrypts (measured here:
-two threads run no faster than one, about 1 GB/s), so encrypting 4 MiB blocks
-in worker threads stalled the event loop that feeds the sockets and cost a
-third of the transfer rate. The same OpenSSL primitive called through
-``ctypes`` releases the GIL for the duration of each call, so encryption runs
-beside the event loop on the other core. The output is standard GCM
-(ciphertext then 16-byte tag), byte-identical to ``AESGCM``; where the system
-libcrypto cannot be loaded, ``AESGCM`` is used instead.
+This replaced a ``ctypes`` binding to the system libcrypto, written when
+``AESGCM`` was measured to hold the GIL. Measured again for issue 10 with
+``python -m bench.aead`` (2-core AMD EPYC shared with other jobs, load ~5.7;
+cryptography 50.0.2 bundling OpenSSL 4.0.3, system OpenSSL 3.0.19; 4 MiB
+blocks; MB/s of plaintext, median of 3 interleaved runs; a second full run
+agreed within the noise):
+
+==============================  ==========  ==========  ==========  ==========
+back end                        encrypt x1  encrypt x2  decrypt x1  decrypt x2
+==============================  ==========  ==========  ==========  ==========
+ctypes (system libcrypto)             2674        2195        2196        2090
+``AESGCM.encrypt``/``decrypt``        4760        4823        4616        4555
+``AESGCM.encrypt_into``/``_into``     4990        5237        4965        5089
+envelope encode, ctypes                999         774
+envelope encode, ``AESGCM``           1634        1799
+==============================  ==========  ==========  ==========  ==========
+
+(x2 = two threads; it does not scale here because the two cores were busy with
+other work. "Envelope encode" is ``EnvelopeTransform.encode``, BLAKE3 nonce
+plus AES-GCM, the client's whole per-block cost.) With a pure-Python busy loop
+on the main thread and two threads encrypting, the loop was blocked on the GIL
+0.6 % of the time beside ctypes, 2.5 % beside ``encrypt`` and 1.1 % beside
+``encrypt_into``, against 36 % beside a control that holds the GIL
+(``bytes.count`` over 4 MiB; schedstat, see the bench). So ``AESGCM`` releases
+the GIL while it works, as the binding did, and is 1.8-2.4x faster per block
+and 1.6-2.3x faster end to end per envelope block: the binding goes.
+``encrypt_into``/``decrypt_into`` (in the installed cryptography;
+feature-detected, older releases use ``encrypt``/``decrypt``) also save
+allocating and copying each block. Output is standard GCM (ciphertext then
+16-byte tag, NIST SP 800-38D), byte-identical to the old binding: the committed
+v1 envelopes in ``tests/data`` were written by it and re-encrypt identically.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-from typing import Any
+from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-TAG_SIZE = 16
-_SET_IVLEN, _GET_TAG, _SET_TAG = 0x9, 0x10, 0x11
+from transport.errors import IntegrityError
 
+__all__ = ["HAS_INTO", "KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "AesGcm"]
 
-def _load() -> Any:
-    name = ctypes.util.find_library("crypto")
-    if not name:
-        return None
-    try:
-        lib = ctypes.CDLL(name)
-        lib.EVP_aes_256_gcm.restype = ctypes.c_void_p
-        lib.EVP_CIPHER_CTX_new.restype = ctypes.c_void_p
-        lib.EVP_CIPHER_CTX_free.argtypes = [ctypes.c_void_p]
-        for fn in ("EVP_EncryptInit_ex", "EVP_DecryptInit_ex"):
-            getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.c_char_p, ctypes.c_char_p]
-        for fn in ("EVP_EncryptUpdate", "EVP_DecryptUpdate"):
-            getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
-                                         ctypes.c_int]
-        for fn in ("EVP_EncryptFinal_ex", "EVP_DecryptFinal_ex"):
-            getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.POINTER(ctypes.c_int)]
-        lib.EVP_CIPHER_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                            ctypes.c_void_p]
-        return lib
-    except (OSError, AttributeError):
-        return None
+KEY_SIZE: Final = 32
+NONCE_SIZE: Final = 12
+TAG_SIZE: Final = 16
 
+HAS_INTO: Final = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
+"""Whether the installed cryptography writes into caller buffers (saves a copy per block)."""
 
-_LIB = _load()
-
-
-def _addr(buf: bytes | bytearray | memoryview) -> tuple[Any, Any]:
-    """A C pointer to ``buf`` and an object keeping it alive (no copy for writable buffers)."""
-    if isinstance(buf, bytes):
-        return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p), buf
-    view = memoryview(buf)
-    if view.readonly:
-        data = bytes(view)
-        return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), data
-    arr = (ctypes.c_char * len(view)).from_buffer(view)
-    return ctypes.addressof(arr), arr
+Buffer = bytes | bytearray | memoryview
 
 
 class AesGcm:
-    """AES-256-GCM with a 12-byte nonce; thread-safe (a context per call)."""
+    """AES-256-GCM with a 12-byte nonce and 16-byte tag; thread-safe (no per-call state).
 
-    def __init__(self, key: bytes) -> None:
-        if len(key) != 32:
+    ``into=False`` forces the allocating ``encrypt``/``decrypt`` calls, which older
+    cryptography releases only have (and which tests compare against).
+    """
+
+    __slots__ = ("_gcm", "_into")
+
+    def __init__(self, key: bytes, *, into: bool = HAS_INTO) -> None:
+        if len(key) != KEY_SIZE:
             raise ValueError("AES-256-GCM needs a 32-byte key")
-        self._key = key
-        self._fallback = AESGCM(key) if _LIB is None else None
+        self._gcm = AESGCM(key)
+        self._into = into and HAS_INTO
 
-    def encrypt_into(self, out: bytearray, offset: int, nonce: bytes,
-                     plain: bytes | bytearray | memoryview, aad: bytes) -> None:
-        """Write ciphertext and tag of ``plain`` into ``out[offset:]``."""
-        n = len(plain)
-        if self._fallback is not None:
-            out[offset:offset + n + TAG_SIZE] = self._fallback.encrypt(nonce, bytes(plain), aad)
-            return
-        lib = _LIB
-        ctx = lib.EVP_CIPHER_CTX_new()
-        try:
-            outl = ctypes.c_int(0)
-            ok = lib.EVP_EncryptInit_ex(ctx, lib.EVP_aes_256_gcm(), None, None, None)
-            ok &= lib.EVP_CIPHER_CTX_ctrl(ctx, _SET_IVLEN, len(nonce), None)
-            ok &= lib.EVP_EncryptInit_ex(ctx, None, None, self._key, nonce)
-            ok &= lib.EVP_EncryptUpdate(ctx, None, ctypes.byref(outl), aad, len(aad))
-            dst = (ctypes.c_char * (n + TAG_SIZE)).from_buffer(out, offset)
-            src, _keep = _addr(plain)
-            if n:
-                ok &= lib.EVP_EncryptUpdate(ctx, dst, ctypes.byref(outl), src, n)
-            ok &= lib.EVP_EncryptFinal_ex(ctx, None, ctypes.byref(outl))
-            tag = ctypes.addressof(dst) + n
-            ok &= lib.EVP_CIPHER_CTX_ctrl(ctx, _GET_TAG, TAG_SIZE, tag)
-            if ok != 1:
-                raise RuntimeError("OpenSSL AES-GCM encryption failed")
-        finally:
-            lib.EVP_CIPHER_CTX_free(ctx)
+    def __repr__(self) -> str:
+        return "AesGcm(<redacted>)"
 
-    def decrypt(self, nonce: bytes | memoryview, data: bytes | bytearray | memoryview,
-                aad: bytes) -> bytearray:
-        """Plaintext of ``data`` (ciphertext then tag); raises ``InvalidTag`` on tampering."""
+    def encrypt_into(self, out: bytearray, offset: int, nonce: bytes, plain: Buffer,
+                     aad: bytes) -> None:
+        """Write ciphertext then tag of ``plain`` into ``out[offset : offset + len(plain) + 16]``.
+
+        ``ValueError`` if ``out`` is too short or the nonce is not 12 bytes.
+        """
+        end = offset + len(plain) + TAG_SIZE
+        if offset < 0 or end > len(out):
+            raise ValueError(f"output buffer of {len(out)} bytes has no room for {end} bytes")
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
+        if self._into:
+            self._gcm.encrypt_into(nonce, plain, aad, memoryview(out)[offset:end])
+        else:
+            out[offset:end] = self._gcm.encrypt(nonce, bytes(plain), aad)
+
+    def decrypt(self, nonce: Buffer, data: Buffer, aad: bytes) -> bytearray:
+        """Plaintext of ``data`` (ciphertext then tag).
+
+        Raises ``IntegrityError`` if the tag does not verify (tampered ciphertext,
+        nonce, AAD or key) or ``data`` is shorter than a tag. No unauthenticated
+        plaintext is ever returned.
+        """
         n = len(data) - TAG_SIZE
         if n < 0:
-            raise InvalidTag()
-        if self._fallback is not None:
-            return bytearray(self._fallback.decrypt(bytes(nonce), bytes(data), aad))
-        lib = _LIB
-        out = bytearray(n)
-        ctx = lib.EVP_CIPHER_CTX_new()
+            raise IntegrityError("AES-GCM: shorter than a tag")
         try:
-            outl = ctypes.c_int(0)
-            nonce_b = bytes(nonce)
-            ok = lib.EVP_DecryptInit_ex(ctx, lib.EVP_aes_256_gcm(), None, None, None)
-            ok &= lib.EVP_CIPHER_CTX_ctrl(ctx, _SET_IVLEN, len(nonce_b), None)
-            ok &= lib.EVP_DecryptInit_ex(ctx, None, None, self._key, nonce_b)
-            ok &= lib.EVP_DecryptUpdate(ctx, None, ctypes.byref(outl), aad, len(aad))
-            src, _keep = _addr(data)
-            if n:
-                dst = (ctypes.c_char * n).from_buffer(out)
-                ok &= lib.EVP_DecryptUpdate(ctx, dst, ctypes.byref(outl), src, n)
-            tag = (ctypes.c_char * TAG_SIZE).from_buffer_copy(bytes(memoryview(data)[n:]))
-            ok &= lib.EVP_CIPHER_CTX_ctrl(ctx, _SET_TAG, TAG_SIZE, ctypes.addressof(tag))
-            if ok != 1:
-                raise RuntimeError("OpenSSL AES-GCM decryption setup failed")
-            if lib.EVP_DecryptFinal_ex(ctx, None, ctypes.byref(outl)) != 1:
-                raise InvalidTag()
-        finally:
-            lib.EVP_CIPHER_CTX_free(ctx)
-        return out
+            if self._into:
+                out = bytearray(n)
+                self._gcm.decrypt_into(bytes(nonce), data, aad, out)
+                return out
+            return bytearray(self._gcm.decrypt(bytes(nonce), bytes(data), aad))
+        except InvalidTag:
+            raise IntegrityError("AES-GCM: authentication failed") from None

@@ -9,9 +9,12 @@ working on the stored form unchanged. The byte format and threat model are in
 
 Summary of the construction:
 
-* Argon2id(passphrase, salt, params) -> 32-byte master key, split with BLAKE3
-  ``derive_key`` contexts into an AES-256-GCM key, a nonce key and a check key,
-  so no key is ever used for two purposes.
+* Argon2id(passphrase, salt, params) -> 32-byte master key. In version 1 the
+  salt is per file; in version 2 it is per transfer (``keyring.EnvelopeKeyring``
+  derives it once for a whole folder) and each file's key is
+  BLAKE3-derive_key(master || per-file salt).
+* That key is split with BLAKE3 ``derive_key`` contexts into an AES-256-GCM
+  key, a nonce key and a check key, so no key is ever used for two purposes.
 * The header carries a key check: a BLAKE3 MAC (check key) over every header
   field before it. A wrong passphrase is therefore detected from the header
   alone, before any block is written, and the header cannot be altered
@@ -28,28 +31,29 @@ import hmac
 import io
 import os
 import struct
-import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Final
 
 import blake3
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from transport.blocks.aead import AesGcm
+from transport.blocks.kdf import DEFAULT_KDF, KdfParams, argon2id, passphrase_bytes
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE, BlockLayout
 from transport.errors import BadPassphrase, IntegrityError, ProtocolError, SourceChanged
 
 __all__ = [
     "DEFAULT_KDF",
     "HEADER_SIZE",
+    "HEADER_SIZES",
     "MAGIC",
+    "MAX_HEADER_SIZE",
     "NONCE_SIZE",
     "OVERHEAD",
     "SUFFIX",
     "TAG_SIZE",
     "VERSION",
+    "VERSIONS",
     "EnvelopeHeader",
     "EnvelopeKey",
     "EnvelopeTransform",
@@ -58,13 +62,18 @@ __all__ = [
     "encrypt_file",
     "is_envelope",
     "new_header",
+    "seal_header",
 ]
 
 MAGIC: Final = b"FBENV"
 """First bytes of every envelope, followed by a version byte."""
 
 VERSION: Final = 1
-"""The only envelope version this module writes or reads."""
+"""The version ``new_header``, ``EnvelopeTransform.for_upload`` and ``encrypt_file`` write:
+one Argon2id per file. ``keyring.EnvelopeKeyring`` writes version 2 (one per transfer)."""
+
+VERSIONS: Final = (1, 2)
+"""Every version this module reads."""
 
 SUFFIX: Final = ".fallback-env"
 """Stored name = name + SUFFIX, so an envelope is recognisable without opening it
@@ -83,11 +92,16 @@ SALT_SIZE: Final = 16
 KEY_CHECK_SIZE: Final = 16
 CHECKSUM_SIZE: Final = 16
 
-# magic, version, kdf id, flags, memory_kib, iterations, lanes, salt, block_size, plain_size
-_FIELDS: Final = struct.Struct(">5sBBBIII16sIQ")
-HEADER_SIZE: Final = _FIELDS.size + KEY_CHECK_SIZE + CHECKSUM_SIZE
-"""Fixed header length (80 bytes), so every block offset is computable from the
-header alone, without an index."""
+# magic, version, kdf id, flags, memory_kib, iterations, lanes, salt, block_size, plain_size;
+# version 2 inserts the per-file salt after the (per-transfer) Argon2id salt.
+_FIELDS: Final = {1: struct.Struct(">5sBBBIII16sIQ"), 2: struct.Struct(">5sBBBIII16s16sIQ")}
+HEADER_SIZES: Final = {v: f.size + KEY_CHECK_SIZE + CHECKSUM_SIZE for v, f in _FIELDS.items()}
+"""Header length per version (80 and 96 bytes), fixed for each, so every block offset
+is computable from the header alone, without an index."""
+HEADER_SIZE: Final = HEADER_SIZES[1]
+"""The version 1 header length, also the shortest: a file shorter is no envelope."""
+MAX_HEADER_SIZE: Final = max(HEADER_SIZES.values())
+"""Read this many bytes (or the whole file if shorter) to be sure to hold any header."""
 
 # header digest, block index, plaintext length, last-block flag
 _AAD: Final = struct.Struct(">32sQIB")
@@ -97,13 +111,7 @@ _INDEX: Final = struct.Struct(">Q")
 _CTX_ENC: Final = "fallback envelope v1 2025 AES-256-GCM block key"
 _CTX_NONCE: Final = "fallback envelope v1 2025 synthetic nonce key"
 _CTX_CHECK: Final = "fallback envelope v1 2025 header key check"
-
-# Bounds on what a header may ask of the machine that opens it. A header comes
-# from storage we do not trust; without these a forged one could make a client
-# allocate terabytes or spin for hours before the key check can fail.
-MAX_MEMORY_KIB: Final = 1 << 20  # 1 GiB
-MAX_ITERATIONS: Final = 32
-MAX_LANES: Final = 16
+_CTX_FILE: Final = "fallback envelope v2 2025 per-file key from transfer key and file salt"
 
 # Hashing a large block on several threads roughly doubles BLAKE3 throughput
 # here; below this size the thread hand-off costs more than it saves.
@@ -111,39 +119,12 @@ _PARALLEL_HASH_MIN: Final = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
-class KdfParams:
-    """Argon2id cost parameters, stored in the header so they can be raised later
-    without breaking old envelopes.
-
-    The default (46 MiB, 2 passes, 1 lane) is the OWASP "m=47104, t=1" setting
-    with the pass count doubled: about 90 ms on the development machine, once
-    per transfer, which is negligible next to moving the data but makes each
-    offline passphrase guess cost 46 MiB of memory and ~90 ms of a core.
-    One lane keeps the cost the same on a single-core client.
-    """
-
-    memory_kib: int
-    iterations: int
-    lanes: int
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.lanes <= MAX_LANES:
-            raise ValueError(f"argon2 lanes {self.lanes} outside 1..{MAX_LANES}")
-        if not 1 <= self.iterations <= MAX_ITERATIONS:
-            raise ValueError(f"argon2 iterations {self.iterations} outside 1..{MAX_ITERATIONS}")
-        # Argon2 itself requires at least 8 KiB per lane.
-        if not 8 * self.lanes <= self.memory_kib <= MAX_MEMORY_KIB:
-            raise ValueError(
-                f"argon2 memory {self.memory_kib} KiB outside {8 * self.lanes}..{MAX_MEMORY_KIB}"
-            )
-
-
-DEFAULT_KDF: Final = KdfParams(memory_kib=47104, iterations=2, lanes=1)
-
-
-@dataclass(frozen=True, slots=True)
 class EnvelopeHeader:
-    """Everything needed to derive the key and lay out the blocks of one envelope."""
+    """Everything needed to derive the key and lay out the blocks of one envelope.
+
+    ``salt`` is the Argon2id salt: per file in version 1, per transfer in version 2,
+    where ``file_salt`` (empty in version 1) makes each file's key its own.
+    """
 
     version: int
     kdf: KdfParams
@@ -151,28 +132,37 @@ class EnvelopeHeader:
     block_size: int
     plain_size: int
     key_check: bytes
+    file_salt: bytes = b""
 
     def __post_init__(self) -> None:
-        if self.version != VERSION:
+        if self.version not in VERSIONS:
             raise ValueError(f"unsupported envelope version {self.version}")
         if len(self.salt) != SALT_SIZE:
             raise ValueError(f"salt must be {SALT_SIZE} bytes")
+        if len(self.file_salt) != (SALT_SIZE if self.version >= 2 else 0):
+            raise ValueError(f"file salt must be {SALT_SIZE} bytes in version 2, absent in 1")
         if len(self.key_check) != KEY_CHECK_SIZE:
             raise ValueError(f"key check must be {KEY_CHECK_SIZE} bytes")
         if not 0 <= self.plain_size < 1 << 64:
             raise ValueError(f"plain size {self.plain_size} out of range")
         # BlockLayout owns the block-size bounds; they also cap the memory a
         # reader must set aside for one block.
-        BlockLayout(self.plain_size, self.block_size, HEADER_SIZE, OVERHEAD)
+        BlockLayout(self.plain_size, self.block_size, self.size, OVERHEAD)
+
+    @property
+    def size(self) -> int:
+        """Length of the encoded header: ``HEADER_SIZES[version]``."""
+        return HEADER_SIZES[self.version]
 
     @property
     def layout(self) -> BlockLayout:
         """Where each stored block lives; shared with the data paths."""
-        return BlockLayout(self.plain_size, self.block_size, HEADER_SIZE, OVERHEAD)
+        return BlockLayout(self.plain_size, self.block_size, self.size, OVERHEAD)
 
     def fields(self) -> bytes:
         """The header bytes before the key check: what the key check authenticates."""
-        return _FIELDS.pack(
+        salts = (self.salt, self.file_salt) if self.version >= 2 else (self.salt,)
+        return _FIELDS[self.version].pack(
             MAGIC,
             self.version,
             KDF_ARGON2ID,
@@ -180,13 +170,13 @@ class EnvelopeHeader:
             self.kdf.memory_kib,
             self.kdf.iterations,
             self.kdf.lanes,
-            self.salt,
+            *salts,
             self.block_size,
             self.plain_size,
         )
 
     def encode(self) -> bytes:
-        """Exactly ``HEADER_SIZE`` bytes, ending in a checksum of all that precedes it.
+        """Exactly ``size`` bytes, ending in a checksum of all that precedes it.
 
         The checksum is unkeyed: it lets anyone (the daemon, ``fallback info``)
         tell a damaged header from a wrong passphrase. Authentication against
@@ -197,23 +187,34 @@ class EnvelopeHeader:
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview) -> EnvelopeHeader:
-        """Parse the first ``HEADER_SIZE`` bytes of ``data`` (anything after is ignored).
+        """Parse the header at the start of ``data`` (anything after it is ignored).
 
-        Raises ``ProtocolError`` for something that is not an envelope or is a
-        version we do not know (checked before the checksum, whose position a
-        future version may move) and ``IntegrityError`` for a damaged header.
+        ``data`` needs the header's ``size`` bytes (80 or 96, by the version byte);
+        passing ``MAX_HEADER_SIZE`` bytes, or the whole file if shorter, always works.
+        Raises ``ProtocolError`` for something that is not an envelope, is too
+        short for its version's header, or is a version we do not know (checked
+        before the checksum, whose position a future version may move) and
+        ``IntegrityError`` for a damaged header.
         """
-        raw = bytes(memoryview(data)[:HEADER_SIZE])
-        if len(raw) < HEADER_SIZE or not raw.startswith(MAGIC):
+        raw = bytes(memoryview(data)[:MAX_HEADER_SIZE])
+        if len(raw) <= len(MAGIC) or not raw.startswith(MAGIC):
             raise ProtocolError("not a fallback envelope")
         version = raw[len(MAGIC)]
-        if version != VERSION:
+        if version not in VERSIONS:
             raise ProtocolError(f"unsupported envelope version {version}")
+        size = HEADER_SIZES[version]
+        if len(raw) < size:
+            raise ProtocolError(
+                f"not a fallback envelope: version {version} header needs {size} bytes,"
+                f" got {len(raw)}"
+            )
+        raw = raw[:size]
         body, checksum = raw[:-CHECKSUM_SIZE], raw[-CHECKSUM_SIZE:]
         if not hmac.compare_digest(blake3.blake3(body).digest(length=CHECKSUM_SIZE), checksum):
             raise IntegrityError("envelope header: checksum mismatch (damaged header)")
-        (_, _, kdf_id, flags, memory_kib, iterations, lanes, salt, block_size, plain_size) = (
-            _FIELDS.unpack_from(raw)
+        fields = _FIELDS[version]
+        _, _, kdf_id, flags, memory_kib, iterations, lanes, *salts, block_size, plain_size = (
+            fields.unpack_from(raw)
         )
         if kdf_id != KDF_ARGON2ID:
             raise ProtocolError(f"envelope header: unknown KDF {kdf_id}")
@@ -223,10 +224,11 @@ class EnvelopeHeader:
             return cls(
                 version=version,
                 kdf=KdfParams(memory_kib, iterations, lanes),
-                salt=salt,
+                salt=salts[0],
                 block_size=block_size,
                 plain_size=plain_size,
-                key_check=raw[_FIELDS.size : _FIELDS.size + KEY_CHECK_SIZE],
+                key_check=raw[fields.size : fields.size + KEY_CHECK_SIZE],
+                file_salt=salts[1] if version >= 2 else b"",
             )
         except ValueError as exc:
             raise ProtocolError(f"envelope header: {exc}") from None
@@ -262,25 +264,33 @@ class EnvelopeKey:
 
     @classmethod
     def derive(cls, passphrase: str, header: EnvelopeHeader) -> EnvelopeKey:
-        """Argon2id(passphrase, salt, params) -> 32 bytes -> three BLAKE3-derived subkeys.
+        """Argon2id(passphrase, salt, params) -> 32 bytes -> ``from_master``.
 
         The passphrase is NFC-normalised first so the same passphrase typed on
-        macOS (NFD input) and Linux opens the same envelope.
+        macOS (NFD input) and Linux opens the same envelope. This derives every
+        time; ``keyring.EnvelopeKeyring`` caches the Argon2id output instead.
         """
-        if not passphrase:
-            raise ValueError("empty passphrase")
-        secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
-        master = Argon2id(
-            salt=header.salt,
-            length=32,
-            iterations=header.kdf.iterations,
-            lanes=header.kdf.lanes,
-            memory_cost=header.kdf.memory_kib,
-        ).derive(secret)
+        return cls.from_master(
+            argon2id(passphrase_bytes(passphrase), header.salt, header.kdf), header
+        )
+
+    @classmethod
+    def from_master(cls, master: bytes, header: EnvelopeHeader) -> EnvelopeKey:
+        """The three subkeys for ``header`` from its 32-byte Argon2id output ``master``.
+
+        Version 1: subkeys straight from ``master``. Version 2: from the file key
+        ``BLAKE3-derive_key(_CTX_FILE, master || file_salt)``, so every file of a
+        transfer has its own keys although they share one ``master``.
+        """
+        if len(master) != 32:
+            raise ValueError("master key must be 32 bytes")
+        root = master
+        if header.version >= 2:
+            root = blake3.blake3(master + header.file_salt, derive_key_context=_CTX_FILE).digest()
         return cls(
-            enc_key=blake3.blake3(master, derive_key_context=_CTX_ENC).digest(),
-            nonce_key=blake3.blake3(master, derive_key_context=_CTX_NONCE).digest(),
-            check_key=blake3.blake3(master, derive_key_context=_CTX_CHECK).digest(),
+            enc_key=blake3.blake3(root, derive_key_context=_CTX_ENC).digest(),
+            nonce_key=blake3.blake3(root, derive_key_context=_CTX_NONCE).digest(),
+            check_key=blake3.blake3(root, derive_key_context=_CTX_CHECK).digest(),
             bound_fields=header.fields(),
         )
 
@@ -305,14 +315,20 @@ def new_header(
     cannot be moved between files even under the same passphrase.
     """
     draft = EnvelopeHeader(
-        version=VERSION,
+        version=1,
         kdf=kdf,
         salt=os.urandom(SALT_SIZE),
         block_size=block_size,
         plain_size=plain_size,
         key_check=bytes(KEY_CHECK_SIZE),
     )
-    key = EnvelopeKey.derive(passphrase, draft)  # key_check is not among the bound fields
+    return seal_header(draft, argon2id(passphrase_bytes(passphrase), draft.salt, kdf))
+
+
+def seal_header(draft: EnvelopeHeader, master: bytes) -> tuple[EnvelopeHeader, EnvelopeKey]:
+    """``draft`` with its key check filled in, and its key, from the Argon2id output
+    ``master`` for ``draft.salt`` and ``draft.kdf``. The caller chose the salts."""
+    key = EnvelopeKey.from_master(master, draft)  # key_check is not among the bound fields
     return replace(draft, key_check=key.check()), key
 
 
@@ -339,6 +355,10 @@ class EnvelopeTransform:
     __slots__ = ("_aead", "_envelope", "_header", "_header_digest", "_key", "_layout")
 
     name = "envelope-v1"
+    """The transform's name on the wire (manifests, journals) for every header version: it
+    says "an FBENV envelope: header, then blocks of nonce || ciphertext || tag", which is
+    all the daemon needs (the header's length gives the layout); which key schedule
+    applies is the header's own version byte."""
 
     def __init__(self, header: EnvelopeHeader, key: EnvelopeKey) -> None:
         if key.bound_fields != header.fields() or not hmac.compare_digest(
@@ -371,7 +391,7 @@ class EnvelopeTransform:
     def open(
         cls, passphrase: str, header_bytes: bytes | bytearray | memoryview
     ) -> EnvelopeTransform:
-        """The transform for an existing envelope, from its first ``HEADER_SIZE`` bytes.
+        """The transform for an existing envelope, from its header (see ``EnvelopeHeader.decode``).
 
         A wrong passphrase (or a header altered without it) raises
         ``BadPassphrase`` here, before any block is fetched or written.
@@ -401,7 +421,7 @@ class EnvelopeTransform:
         return self._layout.count
 
     def stored_size(self) -> int:
-        """``HEADER_SIZE`` plus every stored block: the size of the whole envelope."""
+        """The header plus every stored block: the size of the whole envelope."""
         return self._layout.stored_size
 
     def _aad(self, index: int, plain_len: int) -> bytes:
@@ -442,7 +462,7 @@ class EnvelopeTransform:
             return self._aead.decrypt(
                 view[:NONCE_SIZE], view[NONCE_SIZE:], self._aad(index, plain_len)
             )
-        except InvalidTag:
+        except IntegrityError:
             raise IntegrityError(f"block {index}: authentication failed") from None
 
 
@@ -553,14 +573,15 @@ def decrypt_file(src: Path, dst: Path, passphrase: str) -> None:
     """
     src, dst = Path(src), Path(dst)
     with open(src, "rb", buffering=0) as f:
-        head = bytearray(HEADER_SIZE)
+        head = bytearray(MAX_HEADER_SIZE)
         got = _read_full(f, memoryview(head))
         transform = EnvelopeTransform.open(passphrase, memoryview(head)[:got])
         layout = transform.layout
+        f.seek(layout.header_len)
         actual = os.fstat(f.fileno()).st_size
         expected = layout.stored_size
         if actual < expected:
-            index = (actual - HEADER_SIZE) // layout.max_stored_block
+            index = (actual - layout.header_len) // layout.max_stored_block
             raise IntegrityError(
                 f"block {index}: truncated (envelope is {actual} bytes, layout says {expected})"
             )

@@ -160,10 +160,11 @@ def describe_envelopes(tree: SourceTree) -> None:
             continue
         try:
             with open(path, "rb") as f:
-                prefix = f.read(env.HEADER_SIZE)
+                prefix = f.read(env.MAX_HEADER_SIZE)  # v1 80 bytes, v2 96
             if not env.is_envelope(prefix):
                 continue
             header = env.EnvelopeHeader.decode(prefix)
+            prefix = prefix[: header.size]
         except OSError as exc:
             if exc.errno not in SKIPPABLE_ERRNOS:
                 raise from_os_error(exc, entry.path or path.name) from None
