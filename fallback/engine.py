@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ from transport.errors import BadPassphrase, ConnectionLost, IntegrityError, Tran
 from transport.http.client import download_stream, upload_stream
 
 MAX_ROUNDS = 6
+log = logging.getLogger("fallback.client")  # -v: info, -vv: debug (fallback.cli)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,8 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
     })
     states = [TargetState.from_json(s) for s in opened["states"]]
     streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
+    log.info("%d streams (asked %d, the daemon allows %s)", streams, opts.streams,
+             opened.get("streams_max", "any"))
     progress = Progress(result.bytes, remote.scheme, progress_cb)
     sources: dict[int, FileSource] = {}
     actions: dict[int, dict[str, Any]] = {}
@@ -232,6 +236,7 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
             rounds += 1
             if rounds >= MAX_ROUNDS:
                 raise ConnectionLost(f"{len(again)} blocks still missing after {rounds} rounds")
+            log.info("retry round %d: the daemon still misses %d blocks", rounds, len(again))
             feed.add(again)
         progress.finish()
     finally:
@@ -313,6 +318,8 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
         result.skipped_files[_shown(name, rel)] = reason or "skipped by the daemon"
     files = [i for i, e in enumerate(entries) if not e.is_dir]
     streams = max(1, min(opts.streams, int(opened.get("streams_max", opts.streams))))
+    log.info("%d streams (asked %d, the daemon allows %s)", streams, opts.streams,
+             opened.get("streams_max", "any"))
     root = dst / name if (into or dst.is_dir()) else dst
     if entries[0].is_dir is False and root.is_dir():
         root = root / name
@@ -363,6 +370,9 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                 break
             if rounds >= MAX_ROUNDS:
                 raise ConnectionLost(f"blocks still missing after {rounds} rounds")
+            if rounds:
+                log.info("retry round %d: %d blocks still missing", rounds,
+                         sum(b - a for _, a, b in want))
             rounds += 1
             await remote.call("POST", remote.session_url("/want"), {"blocks": want})
             await _run_streams(lambda: download_stream(
@@ -456,6 +466,8 @@ async def _run_streams(make: Any, n: int, feed: BlockFeed | None) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    if errors:
+        log.info("%d of %d streams lost (%s)", len(errors), len(tasks), errors[0].message)
     if errors and len(errors) == len(tasks):
         raise errors[0]
     if errors and feed is not None and feed.pending:
