@@ -6,7 +6,8 @@ none. Each line, on the ``fallback.access`` logger at INFO::
 
     127.0.0.1 GET /incoming/big.iso user=alice status=200 bytes=1048576 seconds=0.214
 
-``bytes`` is the body moved: sent for ``GET``/``HEAD``, received for ``PUT``.
+``bytes`` is the body moved: sent for ``GET``/``HEAD`` (without the headers; a
+chunked body counts its chunk framing too), received for ``PUT``.
 ``user`` is the name in the ``Authorization: Basic`` header (``-`` when none; on a
 401 it is the name that was refused). The path is the raw, percent-encoded one and
 the user name is percent-encoded too, so a request cannot forge log lines.
@@ -43,8 +44,8 @@ class PlainAccessLogger(AbstractAccessLogger):
         user = quote(creds[0][:64], safe="@._-+") or "-" if creds else "-"
         if request.method == "PUT":
             moved = request.content.total_bytes
-        else:
-            moved = response.body_length
+        else:  # aiohttp counts the status line and headers in body_length: take them off
+            moved = max(0, response.body_length - _head_length(request, response))
         self.logger.info("%s %s %s user=%s status=%d bytes=%d seconds=%.3f",
                          request.remote or "-", quote(request.method[:16], safe=""), path, user,
                          response.status, moved, time)
@@ -52,3 +53,13 @@ class PlainAccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+def _head_length(request: BaseRequest, response: StreamResponse) -> int:
+    """Bytes of the status line and headers as aiohttp serialises them (RFC 9112 section 2.1:
+    ``HTTP/1.1 200 OK CRLF``, ``name: value CRLF`` each, then ``CRLF``)."""
+    v = request.version
+    size = len(f"HTTP/{v.major}.{v.minor} {response.status} {response.reason}\r\n".encode())
+    for name, value in response.headers.items():
+        size += len(name.encode()) + 2 + len(value.encode()) + 2
+    return size + 2
