@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fallback.cliargs import (
     EXIT_AUTH,
@@ -147,7 +147,7 @@ def _offer_trust(exc: BaseException | None, a: argparse.Namespace) -> bool:
 
 def _fail_json(exc: TransferError) -> dict[str, object]:
     res = exc.result
-    return res.to_json() if res is not None else {  # type: ignore[attr-defined, no-any-return]
+    return res.to_json() if res is not None else {  # type: ignore[attr-defined]
         "ok": False, "error": exc.message}
 
 
@@ -225,7 +225,7 @@ def _overrides(config: Config, a: argparse.Namespace) -> Config:
 
     from fallback.confxml import _Bad, _host
 
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     sources = dict(config.sources)
     if a.bind is not None:
         try:
@@ -248,8 +248,7 @@ def _overrides(config: Config, a: argparse.Namespace) -> Config:
                 sources[f"http_server.{enable}"] = "command line"
     if not changes:
         return config
-    return dataclasses.replace(config, sources=MappingProxyType(sources),  # type: ignore[arg-type]
-                               **changes)
+    return dataclasses.replace(config, sources=MappingProxyType(sources), **changes)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

@@ -57,10 +57,9 @@ def from_netrc(host: str, user: str | None) -> tuple[str | None, str | None]:
     if auth is None:
         return None, None
     login, _account, password = auth
-    login = login or None
-    if user is not None and login is not None and login != user:
+    if user is not None and login and login != user:
         return None, None
-    return login, password or None
+    return login or None, password or None
 
 
 def read_password_file(path: str) -> str:

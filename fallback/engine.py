@@ -467,7 +467,7 @@ async def _run_streams(make: Any, n: int, feed: BlockFeed | None) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     if errors:
-        log.info("%d of %d streams lost (%s)", len(errors), len(tasks), errors[0].message)
+        log.info("%d of %d streams lost (%s)", len(errors), len(tasks), errors[0])
     if errors and len(errors) == len(tasks):
         raise errors[0]
     if errors and feed is not None and feed.pending:
