@@ -516,5 +516,5 @@ def validate_main(path: str, out: TextIO, err: TextIO) -> int:
         print(f"note: HTTP and HTTPS share port {config.http_port} "
               "(TLS is recognised per connection)", file=out)
     if not config.users:
-        print(f"{path}: warning: no <user> in <users>: nobody can log in", file=err)
+        print("warning: no <user> in <users>: nobody can log in", file=out)
     return 0

@@ -129,7 +129,7 @@ def test_sighup_reload_adds_a_user_while_a_transfer_runs(daemon_factory, big: Pa
     d = daemon_factory(users=("alice",))
     small = make_file(tmp_path / "bob.bin", 300_000, seed=22)
     rc, _, err = xfer(d, str(small), d.url("/", user="bob"), user="bob", check=False)
-    assert rc == 1 and err.strip() == "error: wrong user name or password"
+    assert rc == 3 and err.strip() == "error: wrong user name or password"
     # rewrite the config: bob, with a password of his own
     d.docroots["bob"] = d.base / "docroot" / "bob"
     d.docroots["bob"].mkdir(parents=True)
@@ -159,7 +159,7 @@ def test_sighup_reload_adds_a_user_while_a_transfer_runs(daemon_factory, big: Pa
     assert sha256(d.docroots["bob"] / small.name) == sha256(small)
     rc, res, err = xfer(d, str(small), d.url("/again/", user="bob"), user="bob",
                         password=PASSWORDS["bob"], check=False)  # the old one
-    assert rc == 1 and err.strip() == "error: wrong user name or password"
+    assert rc == 3 and err.strip() == "error: wrong user name or password"
     assert_log_clean(d.log())
 
 
