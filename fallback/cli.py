@@ -416,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         return fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), EXIT_FAILED)
     except KeyboardInterrupt:
-        # A progress line may have been cut mid-way: end it before saying what happened.
-        print(file=sys.stderr)
+        # cmd_transfer closed the live progress bar already, which ends its line.
         if wants_json:
             print(json.dumps({"ok": False, "error": "interrupted"}))
         print("interrupted: partial files are kept; run again to resume", file=sys.stderr)
