@@ -1,4 +1,5 @@
-"""``python -m bench SCENARIO... [--out DIR] [--quick]`` and ``python -m bench validate``.
+"""``python -m bench SCENARIO... [--out DIR] [--quick]``, ``python -m bench validate`` and
+``python -m bench check`` (which reference tools are missing; ``--install-peers`` installs them).
 
 Scenario names accept shell globs (``'wan-100M-*-1pct'``); ``python -m bench list`` shows them.
 Set FB_BENCH_TINY=1 (or pass --tiny) for the smoke-test sizes.
@@ -31,10 +32,21 @@ def _main_run(argv: list[str]) -> int:
     ap.add_argument("--tcp-buffers", default="typical", choices=["typical", "wan", "inherit"],
                     help="TCP buffer sysctls in the namespaces (see bench/README.md)")
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--install-peers", action="store_true",
+                    help="apt-get install the reference tools that are missing (nginx-light, "
+                         "curl, aria2, iperf3) before the run")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("python -m bench needs root (network namespaces, TUN devices)", file=sys.stderr)
         return 2
+    from bench import prereqs
+
+    missing = prereqs.missing_tools()
+    if missing and a.install_peers:
+        prereqs.install(missing)
+        missing = prereqs.missing_tools()
+    if missing:  # our own rows still run; the peers' rows say "not measured (X missing)"
+        print(prereqs.install_line(missing), file=sys.stderr, flush=True)
     patterns = a.scenarios or (list(QUICK) if a.quick or a.tiny else ["*"])
     try:
         scenarios = select(patterns)
@@ -54,7 +66,7 @@ def _main_run(argv: list[str]) -> int:
     opts = RunOptions.make(a.out, quick=a.quick, tiny=a.tiny,
                            peers=tuple(p.strip() for p in a.peers.split(",") if p.strip()),
                            cc=a.cc, seed=a.seed, backend=a.backend, keep_work=a.keep_work,
-                           tcp_buffers=a.tcp_buffers)
+                           tcp_buffers=a.tcp_buffers, missing=tuple(missing))
     t0 = time.monotonic()
     load0 = Path("/proc/loadavg").read_text().split()[0]
     runner = Runner(opts)
@@ -84,6 +96,13 @@ def _main_run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch: ``validate``, ``list``, or scenario names."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "check":  # no root needed: what a run would be missing
+        from bench import prereqs
+
+        missing = prereqs.missing_tools()
+        print(prereqs.install_line(missing) if missing else
+              f"all reference tools found: {', '.join(prereqs.PACKAGES)}")
+        return 1 if missing else 0
     if args and args[0] == "validate":
         from bench.validate import main as validate_main
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import prereqs
 from bench.netem import netns
 from bench.netem.link import make_link
 from bench.peers import ours as ours_mod
@@ -59,6 +60,7 @@ class RunOptions:
     small_cap_s: float = 120.0
     work_base: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
     keep_work: bool = False
+    missing: tuple[str, ...] | None = None  # reference tools not installed; None: look
 
     @classmethod
     def make(cls, out: Path, quick: bool = False, tiny: bool = False, **kw: Any) -> RunOptions:
@@ -111,6 +113,15 @@ class Runner:
         (self.docroot / "up").mkdir()
         self.results: list[PeerResult] = []
         self.emulator: dict[str, dict[str, Any]] = {}
+        self.missing = tuple(prereqs.missing_tools() if opts.missing is None else opts.missing)
+
+    def not_measured(self, scenario: str, key: str, direction: str = "down") -> PeerResult | None:
+        """A "not measured (nginx missing)" row when *key*'s tools are missing, else None."""
+        lack = prereqs.missing_for(key, self.missing)
+        if not lack:
+            return None
+        return PeerResult(scenario, key.removesuffix("-up"), direction, status="skipped",
+                          note=f"not measured ({', '.join(lack)} missing)")
 
     def close(self) -> None:
         """Remove the scratch directory unless asked to keep it."""
@@ -191,9 +202,10 @@ class Runner:
         iperf_proc = None
         try:
             http, https = (free_port(), free_port()) if loopback else NGINX_NS_PORTS
-            srv.nginx = start_nginx(self.docroot, http, https, run_dir / "nginx", bind=site.bind,
-                                    launch=site.launch_server)
-            if not loopback:
+            if not {"nginx", "openssl"} & set(self.missing):
+                srv.nginx = start_nginx(self.docroot, http, https, run_dir / "nginx",
+                                        bind=site.bind, launch=site.launch_server)
+            if not loopback and "iperf3" not in self.missing:
                 iperf_proc, srv.iperf_probe = start_iperf_server(site, run_dir)
             srv.ours_skip = ours_mod.readiness()
             if srv.ours_skip is None:
@@ -228,6 +240,11 @@ class Runner:
         for key, fn in plan:
             if not self.opts.wants(key):
                 continue
+            skipped = self.not_measured(sc.name, key, "up" if key.endswith("-up") else "down")
+            if skipped is not None:
+                self.results.append(skipped)
+                log(f"   {key:<16} {skipped.note}")
+                continue
             if key.startswith("ours") and srv.ours is None:
                 direction = "up" if key.endswith("-up") else "down"
                 peer = key.removesuffix("-up")
@@ -250,8 +267,7 @@ class Runner:
         name, size = self.data_file(self.opts.loopback_bytes)
         src = self.docroot / name
         ctx = self.ctx(sc, cap_s=max(120.0, self.opts.cap_s))
-        ng = srv.nginx
-        assert ng is not None
+        ng = srv.nginx  # None when nginx is missing: play() then skips its peers
         plan: list[tuple[str, Callable[[], PeerResult]]] = [
             ("curl-http", lambda: curl_download(site, ctx, ng, name, size, https=False)),
             ("curl-https", lambda: curl_download(site, ctx, ng, name, size, https=True)),
@@ -286,8 +302,7 @@ class Runner:
         """Every peer in turn over the same emulated link."""
         name, size = self.data_file(self.size_for(sc.rate_mbit))
         ctx = self.ctx(sc)
-        ng, ip = srv.nginx, srv.iperf_probe
-        assert ng is not None and ip is not None
+        ng, ip = srv.nginx, srv.iperf_probe  # None when missing: play() skips their peers
         t = self.opts.iperf_s
         plan: list[tuple[str, Callable[[], PeerResult]]] = [
             ("iperf3-cubic", lambda: iperf3(site, ctx, ip, "cubic", t)),

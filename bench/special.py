@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench import prereqs
 from bench.flows import run_concurrent
 from bench.peers import ours as ours_mod
 from bench.peers.tools import IPERF_PORT, Ctx, small_files_curl_each, small_files_tar
@@ -54,6 +55,11 @@ def concurrent_pair(runner: Runner, site: Site, sc: Scenario, srv: Servers,
     opts = runner.opts
     if any(k.startswith("ours") for k in kinds) and srv.ours is None:
         return [PeerResult(sc.name, f"{k}#{i + 1}", status="skipped", note=srv.ours_skip or "")
+                for i, k in enumerate(kinds)]
+    lack = sorted({t for k in kinds for t in prereqs.missing_for(k, runner.missing)})
+    if lack:
+        return [PeerResult(sc.name, f"{k}#{i + 1}", status="skipped",
+                           note=f"not measured ({', '.join(lack)} missing)")
                 for i, k in enumerate(kinds)]
     total = opts.concurrent_s
     # Big enough that neither client finishes inside the window, even alone on the link.
@@ -112,10 +118,14 @@ def small_files(runner: Runner, site: Site, sc: Scenario, srv: Servers) -> list[
     src = make_small_files(runner, n)
     ctx: Ctx = runner.ctx(sc, cap_s=runner.opts.small_cap_s)
     ng = srv.nginx
-    assert ng is not None
     rows: list[PeerResult] = []
     for key in ("ours-https-up", "ours-http-up", "tar+curl-http", "curl-T-each"):
         if not runner.opts.wants(key):
+            continue
+        skipped = runner.not_measured(sc.name, key, "up")
+        if skipped is not None or ng is None:
+            rows.append(skipped or PeerResult(sc.name, key, "up", status="skipped",
+                                              note="not measured (nginx did not start)"))
             continue
         if key.startswith("ours"):
             if srv.ours is None:

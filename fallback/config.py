@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,7 @@ class Config:
     enable_https: bool
     cert_file: Path | None
     key_file: Path | None
+    cert_names: tuple[str, ...]  # extra names/addresses for a generated certificate
     bind_address: str
     session_activity_timeout: int
     restartable_transfers: bool
@@ -160,6 +162,17 @@ class Config:
 # --------------------------------------------------------------------------- schema
 
 
+def _cert_names(name: str, text: str, base: Path) -> tuple[str, ...]:
+    """Names and addresses, separated by spaces or commas; ``*.example.com`` wildcards allowed."""
+    out = []
+    for token in re.split(r"[\s,]+", text.strip()):
+        if token:
+            _host(name, token.removeprefix("*."), base)  # raises _Bad naming the token
+            out.append(token)
+    return tuple(out)
+
+
+
 @dataclass(frozen=True, slots=True)
 class _Leaf:
     parse: _Parse
@@ -195,6 +208,7 @@ _SCHEMA: _Schema = {
         "enable_https": _Leaf(_bool, True),
         "cert_file": _Leaf(_readable_file, None, True),
         "key_file": _Leaf(_readable_file, None, True),
+        "cert_names": _Leaf(_cert_names, (), True),
         "bind_address": _Leaf(_host, "0.0.0.0"),
         "session_activity_timeout": _Leaf(_int_range(0, None), 0),
         "restartable_transfers": _Leaf(_bool, True),
@@ -409,6 +423,7 @@ def _config(path: Path | None, base: Path, vals: Mapping[str, Any], sources: dic
         enable_https=get("http_server.enable_https"),
         cert_file=get("http_server.cert_file"),
         key_file=get("http_server.key_file"),
+        cert_names=get("http_server.cert_names") or (),
         bind_address=get("http_server.bind_address"),
         session_activity_timeout=get("http_server.session_activity_timeout"),
         restartable_transfers=get("http_server.restartable_transfers"),
@@ -524,6 +539,8 @@ def _effective(config: Config) -> dict[str, object]:
 def _show(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "<unset>"
     return "<unset>" if value is None else str(value)
 
 
@@ -542,4 +559,6 @@ def validate_main(path: str, out: TextIO, err: TextIO) -> int:
     if config.shared_port:
         print(f"note: HTTP and HTTPS share port {config.http_port} "
               "(TLS is recognised per connection)", file=out)
+    if not config.users:
+        print("warning: no <user> in <users>: nobody can log in", file=out)
     return 0

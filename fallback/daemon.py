@@ -14,9 +14,11 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from aiohttp import web
 
+from fallback.accesslog import PlainAccessLogger, access_logger
 from fallback.config import Config, ConfigError, load_config
 from fallback.listener import ConnectionLimits, SniffingSite
 from fallback.server import DaemonState, make_app
@@ -42,24 +44,62 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def tls_files(config: Config) -> tuple[Path, Path, str]:
-    from fallback.tls import fingerprint
+    """``(cert, key, fingerprint)``: the configured pair, or the generated one in ``state_dir``,
+    which covers this host's names and addresses (``fallback.tls.host_names``) and
+    ``<cert_names>``, and is generated anew when one of those is missing from it."""
+    from fallback.tls import fingerprint, host_names
 
     if config.cert_file and config.key_file:
         return config.cert_file, config.key_file, fingerprint(config.cert_file)
     cert = config.state_dir / "cert.pem"
     key = config.state_dir / "key.pem"
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    fp = ensure_self_signed(cert, key)
+    dns, ips = host_names(config.bind_address, config.cert_names)
+    fp = ensure_self_signed(cert, key, dns, ips)
     return cert, key, fp
+
+
+def _startup_notes(config: Config, cert: Path | None, out: TextIO) -> None:
+    """What an operator needs to know before the first client connects."""
+    if cert is not None:
+        if config.cert_file:
+            print(f"clients verify it with --cacert (the CA that signed {cert}) or "
+                  "--fingerprint", file=out)
+        else:
+            from fallback.tls import certificate_names
+
+            dns, ips = certificate_names(cert)
+            print(f"clients verify it with --cacert {cert} (names: {', '.join(dns + ips)})",
+                  file=out)
+    host = config.bind_address
+    if _is_loopback(host):
+        print(f"listening on {host} only: other hosts cannot connect (bind_address or "
+              "--bind 0.0.0.0 to serve the network)", file=out)
+    else:
+        print(f"listening on {'all addresses' if host in ('0.0.0.0', '::') else host}",
+              file=out)
+    if not config.users:
+        print("warning: no users are configured: nobody can log in", file=out)
+        log.warning("no users are configured: nobody can log in")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
     state = DaemonState(config)
     app = make_app(state)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=3.0,
+    runner = web.AppRunner(app, handle_signals=False, access_log=access_logger(),
+                           access_log_class=PlainAccessLogger, shutdown_timeout=3.0,
                            read_bufsize=READ_BUFSIZE, keepalive_timeout=config.keepalive_timeout)
     await runner.setup()
-    ssl_ctx = None
+    ssl_ctx, cert = None, None
     if config.enable_https:
         try:
             cert, key, fp = tls_files(config)
@@ -102,6 +142,7 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
         print(f"http and https share port {config.http_port}", file=out)
     print(f"docroot {', '.join(f'{u.name}={u.docroot}' for u in config.users) or '(no users)'}",
           file=out)
+    _startup_notes(config, cert, out)
     # Handlers go in before "ready": a supervisor may signal as soon as it reads that line,
     # and the default action of SIGHUP/SIGTERM would kill the daemon without a checkpoint.
     loop = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,8 @@ MAX_ROUNDS = 6
 DIGEST_BATCH = 32
 """Blocks per ``/digests`` call: the daemon reads them within one request (32 x 4 MiB
 is well under a second of disk), so no call nears the client's read timeout."""
+
+log = logging.getLogger("fallback.client")  # -v: info, -vv: debug (fallback.cli)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +175,8 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
     })
     states = upload_states(opened, len(entries))
     streams = max(1, min(opts.streams, streams_cap(opened) or opts.streams))
+    log.info("%d streams (asked %d, the daemon allows %s)", streams, opts.streams,
+             streams_cap(opened) or "any")
     progress = Progress(result.bytes, remote.scheme, progress_cb)
     sources: dict[int, FileSource] = {}
     actions: dict[int, dict[str, Any]] = {}
@@ -285,6 +290,8 @@ async def _upload(remote: Remote, src: Path, url: Url, opts: Options, executor: 
             if rounds >= MAX_ROUNDS:
                 raise ConnectionLost(f"{sum(b - a for _, a, b in again)} blocks still missing "
                                      f"after {rounds} rounds")
+            log.info("retry round %d: the daemon still misses %d blocks", rounds,
+                     sum(b - a for _, a, b in again))
             feed.add_ranges(again)
         progress.finish()
     finally:
@@ -368,6 +375,8 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
         result.skipped_files[_shown(name, rel)] = reason or "skipped by the daemon"
     files = [i for i, e in enumerate(entries) if not e.is_dir]
     streams = max(1, min(opts.streams, answer.streams_max or opts.streams))
+    log.info("%d streams (asked %d, the daemon allows %s)", streams, opts.streams,
+             answer.streams_max or "any")
     root = dst / name if (into or dst.is_dir()) else dst
     anchor = root.parent  # the folder the user named, or the one the named root goes in
     if entries[0].is_dir is False and root.is_dir():
@@ -427,6 +436,9 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                 break
             if rounds >= MAX_ROUNDS:
                 raise ConnectionLost(f"blocks still missing after {rounds} rounds")
+            if rounds:
+                log.info("retry round %d: %d blocks still missing", rounds,
+                         sum(b - a for _, a, b in want))
             rounds += 1
             await remote.call("POST", remote.session_url("/want"), {"blocks": want})
             await _run_streams(lambda: download_stream(
@@ -585,6 +597,8 @@ async def _run_streams(make: Any, n: int, feed: BlockFeed | None) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    if errors:
+        log.info("%d of %d streams lost (%s)", len(errors), len(tasks), errors[0])
     if errors and len(errors) == len(tasks):
         raise errors[0]
     if errors and feed is not None and feed.pending:

@@ -8,9 +8,8 @@ control API (JSON over HTTP(S)); the block streams themselves are
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -19,11 +18,14 @@ from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 
+from fallback import known_hosts
 from fallback.errors import UsageError
-from fallback.tls import client_ssl
+from fallback.known_hosts import CertificateChanged, CertificateNotTrusted, KnownHost
+from fallback.tls import client_ssl, format_fingerprint
 from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from transport.http.client import SSLArg, describe, error_text
 
+log = logging.getLogger("fallback.client")
 PREFIX = "/.fallback/v1"
 DEFAULT_PORTS = {"http": 8080, "https": 8443}
 
@@ -96,12 +98,14 @@ class Remote:
     """One daemon, reached over HTTP or HTTPS, with Basic then session-token auth."""
 
     def __init__(self, url: Url, *, user: str, password: str, ssl: Any, scheme: str,
-                 port: int, streams: int) -> None:
+                 port: int, streams: int, known: KnownHost | None = None) -> None:
         self.url = url
         self.user = user
         self._password = password
         self.ssl: SSLArg = ssl if scheme == "https" else True
         self.scheme = scheme
+        self.port = port
+        self.known = known  # the remembered certificate pinned for this daemon, if any
         self.base = url.base(scheme, port)
         connector = aiohttp.TCPConnector(limit=streams + 4, force_close=False)
         timeout = aiohttp.ClientTimeout(total=None, connect=15, sock_read=120)
@@ -116,15 +120,27 @@ class Remote:
     async def connect(cls, url: Url, *, transport: str, user: str | None, password: str | None,
                       cacert: str | None, fingerprint: str | None, insecure: bool,
                       streams: int) -> Remote:
-        """Pick the scheme: ``auto`` takes HTTPS when the daemon offers it, else HTTP."""
-        name = user or url.user
+        """Pick the scheme and the trust, check the daemon answers, return a ``Remote``.
+
+        The scheme is the URL's: ``auto`` never turns an ``http://`` URL into HTTPS
+        (an ``http://`` URL means HTTP, as for curl); ``--transport https`` or ``http``
+        switches to the daemon's port for that scheme (from its ``/info``) and says so
+        on the ``fallback.client`` logger. Credentials: ``fallback.credentials``.
+        Without ``cacert``/``fingerprint``/``insecure``, a certificate remembered in
+        ``fallback.known_hosts`` for the HTTPS ``host:port`` is pinned.
+        """
+        from fallback.credentials import resolve
+
+        creds = resolve(url.host, user or url.user, url.password, explicit=password)
+        name = creds.user
         if not name:
             raise UsageError("no user name: put it in the URL (https://USER@host/...) or use --user")
-        pw = password if password is not None else url.password
+        pw = creds.password
         if pw is None:
-            pw = os.environ.get("FALLBACK_PASSWORD")
-        if pw is None:
-            raise UsageError("no password: set FALLBACK_PASSWORD or put it in the URL")
+            raise UsageError("no password: set FALLBACK_PASSWORD, put it in the URL, in "
+                             "~/.netrc or (CLI) in --password-file")
+        if creds.source != "argument":
+            log.debug("password from %s", creds.source)
         if insecure:
             warnings.warn("--insecure: the server certificate is not verified", stacklevel=2)
         from pathlib import Path
@@ -141,23 +157,37 @@ class Remote:
             raise UsageError(f"--cacert {cacert}: cannot load CA certificate: {why}") from None
         if transport in ("udp",):
             raise UsageError("the UDP transport is not available yet (issue #4); use auto, http or https")
+        explicit = cacert is not None or fingerprint is not None or insecure
+
+        def trust(port: int) -> tuple[Any, KnownHost | None]:
+            known = None if explicit else known_hosts.lookup(url.host, port)
+            if known is None:
+                return ssl, None
+            log.info("certificate of %s pinned from %s:%d", known.key, known.path, known.line)
+            return client_ssl(None, known.fingerprint, False), known
+
         scheme, port = url.scheme, url.port
-        if transport in ("http", "https") and transport != url.scheme or transport == "auto":
-            info = await _info(url, ssl)
-            if transport == "auto":
-                if url.scheme == "http" and info.get("enable_https"):
-                    scheme, port = "https", _port(info, "https_port", url)
-                    if not await _reachable(url.host, port):
-                        scheme, port = "http", url.port
-            elif transport == "https":
-                if not info.get("enable_https"):
-                    raise TransportError("the daemon does not offer HTTPS", status=400)
-                scheme, port = "https", _port(info, "https_port", url)
-            elif transport == "http":
-                if not info.get("enable_http"):
-                    raise TransportError("the daemon does not offer plain HTTP", status=400)
-                scheme, port = "http", _port(info, "http_port", url)
-        return cls(url, user=name, password=pw, ssl=ssl, scheme=scheme, port=port, streams=streams)
+        link_ssl, known = trust(port) if scheme == "https" else (ssl, None)
+        info = await _info(url, link_ssl, known)
+        if transport == "auto":
+            why = f"the URL says {url.scheme}://"
+            if url.scheme == "http" and info.get("enable_https"):
+                why += f" (the daemon also offers HTTPS on port {info.get('https_port')}: " \
+                       "--transport https)"
+            log.info("transport %s: %s", scheme, why)
+        elif transport != url.scheme:
+            key = f"enable_{transport}"
+            if not info.get(key):
+                what = "HTTPS" if transport == "https" else "plain HTTP"
+                raise TransportError(f"the daemon does not offer {what}", status=400)
+            scheme, port = transport, _port(info, f"{transport}_port", url)
+            log.warning("switching %s to %s (--transport %s)", url.base(),
+                        url.base(scheme, port), transport)
+            link_ssl, known = trust(port) if scheme == "https" else (ssl, None)
+        else:
+            log.info("transport %s: --transport %s", scheme, transport)
+        return cls(url, user=name, password=pw, ssl=link_ssl, scheme=scheme, port=port,
+                   streams=streams, known=known)
 
     # -- control calls --------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -177,16 +207,14 @@ class Remote:
             async with self.http.request(method, url, json=body or {}, headers=self._headers(),
                                          ssl=self.ssl) as resp:
                 raw = await read_bounded(resp, self.base)
+                log.debug("%s %s: %d, %d bytes", method, url, resp.status, len(raw))
                 if resp.status != 200:
                     raise RemoteError(error_text(raw, resp.status), status=resp.status)
                 return parse_answer(raw, self.base)
         except TransportError:
             raise
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise ConnectionLost(f"TLS certificate not trusted: {exc.certificate_error}",
-                                 status=495) from None
-        except aiohttp.ServerFingerprintMismatch:
-            raise ConnectionLost("TLS certificate does not match --fingerprint", status=495) from None
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ServerFingerprintMismatch) as exc:
+            raise await _tls_error(exc, self.url.host, self.port, self.known) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ConnectionLost(f"cannot reach {self.base}: {describe(exc)}") from None
 
@@ -211,7 +239,7 @@ class Remote:
         await self.http.close()
 
 
-async def _info(url: Url, ssl: Any) -> dict[str, Any]:
+async def _info(url: Url, ssl: Any, known: KnownHost | None = None) -> dict[str, Any]:
     """The daemon's public facts (ports, enabled schemes): no auth needed."""
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
@@ -226,11 +254,8 @@ async def _info(url: Url, ssl: Any) -> dict[str, Any]:
                 return info
     except TransportError:
         raise
-    except aiohttp.ServerFingerprintMismatch:
-        raise ConnectionLost("TLS certificate does not match --fingerprint", status=495) from None
-    except aiohttp.ClientConnectorCertificateError as exc:
-        raise ConnectionLost(f"TLS certificate not trusted: {exc.certificate_error}",
-                             status=495) from None
+    except (aiohttp.ClientConnectorCertificateError, aiohttp.ServerFingerprintMismatch) as exc:
+        raise await _tls_error(exc, url.host, url.port, known) from None
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
         raise ConnectionLost(f"cannot reach {url.base()}: {describe(exc)}") from None
 
@@ -267,13 +292,18 @@ def parse_answer(raw: bytes, base: str) -> Any:
         raise ProtocolError(f"{base}: the daemon's answer is nested too deeply") from None
 
 
-async def _reachable(host: str, port: int) -> bool:
-    try:
-        _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
-    except (TimeoutError, OSError):
-        return False
-    w.close()
-    return True
+async def _tls_error(exc: aiohttp.ClientError, host: str, port: int,
+                     known: KnownHost | None) -> TransportError:
+    """The error for a certificate that was not accepted, with what the daemon presented."""
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        got = format_fingerprint(exc.got)
+        if known is not None:
+            return CertificateChanged(known, got)
+        return ConnectionLost(f"TLS certificate does not match --fingerprint (the daemon "
+                              f"presented SHA256 {got})", status=known_hosts.TLS_UNTRUSTED)
+    reason = getattr(exc, "certificate_error", exc)
+    presented = await known_hosts.presented_fingerprint(host, port)
+    return CertificateNotTrusted(str(reason), host=host, port=port, presented=presented)
 
 
 def _port(info: dict[str, Any], key: str, url: Url) -> int:

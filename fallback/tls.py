@@ -25,8 +25,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "CERT_VALIDITY_DAYS",
+    "certificate_names",
     "client_ssl",
     "ensure_self_signed",
+    "host_names",
     "fingerprint",
     "format_fingerprint",
     "parse_fingerprint",
@@ -40,7 +42,8 @@ CERT_VALIDITY_DAYS = 825
 # Back-date notBefore so a client whose clock lags slightly still accepts a fresh cert.
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
 
-_FP_PREFIX_RE = re.compile(r"^(?:sha-?256(?:\s+fingerprint)?\s*[:=]\s*)", re.IGNORECASE)
+# "sha256:", "SHA256=", openssl's "SHA256 Fingerprint=", and the daemon's own "SHA256 AB:..".
+_FP_PREFIX_RE = re.compile(r"^(?:sha-?256(?:\s+fingerprint)?(?:\s*[:=]\s*|\s+))", re.IGNORECASE)
 _FP_COLON_RE = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2})*")
 _FP_PLAIN_RE = re.compile(r"[0-9A-Fa-f]*")
 
@@ -64,8 +67,8 @@ def parse_fingerprint(s: str) -> bytes:
     """Parse a user-supplied SHA-256 fingerprint into 32 raw bytes.
 
     Accepts what people copy from various tools: ``AB:CD:..`` (openssl), plain hex
-    in any case, optionally prefixed with ``sha256:``, ``SHA256=`` or openssl's
-    ``SHA256 Fingerprint=``.
+    in any case, optionally prefixed with ``sha256:``, ``SHA256=``, openssl's
+    ``SHA256 Fingerprint=`` or ``SHA256 `` as the daemon prints it.
     """
     text = _FP_PREFIX_RE.sub("", s.strip(), count=1).strip()
     if ":" in text:
@@ -141,15 +144,21 @@ def ensure_self_signed(
 ) -> str:
     """Return the fingerprint of the cert at *cert_path*, creating a pair if needed.
 
-    If both files exist they are reused (so the pinned fingerprint is stable across
-    restarts).  Otherwise a P-256 key and a self-signed, non-CA server certificate
+    If both files exist and the certificate covers every one of *hostnames* and *ips*
+    they are reused (so the pinned fingerprint is stable across restarts); a name
+    it lacks (a new host name, address or ``cert_names`` entry) means a new pair.  Otherwise a P-256 key and a self-signed, non-CA server certificate
     for *hostnames* and *ips* are written; the key with mode 0600.  The key is
     written first, so an interrupted run leaves no certificate without its key.
     """
     cert_path, key_path = Path(cert_path), Path(key_path)
     cert_exists, key_exists = cert_path.exists(), key_path.exists()
     if cert_exists and key_exists:
-        return _load_existing(cert_path, key_path)
+        missing = missing_names(cert_path, hostnames, ips)
+        if not missing:
+            return _load_existing(cert_path, key_path)
+        log.warning("%s does not cover %s: generating a new self-signed pair (its fingerprint "
+                    "changes)", cert_path, ", ".join(missing))
+        cert_exists = key_exists = False
     if cert_exists or key_exists:
         log.warning(
             "only one of %s and %s exists; generating a new self-signed pair",
@@ -197,6 +206,73 @@ def ensure_self_signed(
     _write_atomic(key_path, key_pem, 0o600)
     _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return _cert_fingerprint(cert)
+
+
+def certificate_names(cert_path: Path) -> tuple[list[str], list[str]]:
+    """``(dns names, ip addresses)`` in the subjectAltName of the certificate at *cert_path*."""
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return (list(san.get_values_for_type(x509.DNSName)),
+            [str(ip) for ip in san.get_values_for_type(x509.IPAddress)])
+
+
+def missing_names(cert_path: Path, hostnames: Sequence[str], ips: Sequence[str]) -> list[str]:
+    """The names and addresses the certificate does not cover (all of them if unreadable)."""
+    try:
+        dns, addrs = certificate_names(cert_path)
+    except (ValueError, OSError):
+        return [*hostnames, *ips]
+    have_dns = {d.lower() for d in dns}
+    have_ips = {ipaddress.ip_address(a) for a in addrs}
+    return ([h for h in hostnames if h.lower() not in have_dns]
+            + [i for i in ips if ipaddress.ip_address(i) not in have_ips])
+
+
+_DNS_RE = re.compile(r"(?=.{1,253}$)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                     r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?")
+
+
+def host_names(bind_address: str, extra: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """``(dns names, ip addresses)`` a generated certificate should cover on this host.
+
+    ``localhost``, ``127.0.0.1`` and ``::1``; the host's name and fully qualified
+    name (``socket.gethostname()``, ``getfqdn()``); the addresses that name resolves
+    to (``getaddrinfo``); *bind_address* when it is one specific address; and *extra*
+    (the config's ``<cert_names>``: names or addresses). Order is kept, duplicates
+    dropped; names that are not valid DNS names (RFC 1123) are left out.
+    """
+    import socket
+
+    dns: list[str] = ["localhost"]
+    ips: list[str] = ["127.0.0.1", "::1"]
+
+    def add(value: str) -> None:
+        v = value.strip().rstrip(".") if not value.strip().startswith("[") else value.strip()[1:-1]
+        try:
+            ip = ipaddress.ip_address(v.split("%", 1)[0])
+        except ValueError:
+            if _DNS_RE.fullmatch(v) and v.lower() not in (d.lower() for d in dns):
+                dns.append(v.lower())
+            return
+        if ip.is_unspecified or str(ip) in ips:
+            return
+        ips.append(str(ip))
+
+    host = socket.gethostname()
+    for name in (host, socket.getfqdn()):
+        add(name)
+    try:
+        for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP):
+            add(str(info[4][0]))
+    except OSError:  # the host name does not resolve: its names still count
+        pass
+    add(bind_address)
+    for name in extra:
+        add(name)
+    return dns, ips
 
 
 def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from pathlib import Path
 import pytest
 
 PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret"}
+# The CLI keeps known_hosts (and serve looks for aspera.conf) in the user's config folder:
+# the suite gets an empty one of its own, inherited by every process it starts.
+os.environ["FALLBACK_CONFIG_DIR"] = tempfile.mkdtemp(prefix="fallback-test-config-")
 _HASHES: dict[str, str] = {}
 
 

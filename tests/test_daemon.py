@@ -132,7 +132,7 @@ def test_sighup_reload_adds_a_user_while_a_transfer_runs(daemon_factory, big: Pa
     d = daemon_factory(users=("alice",))
     small = make_file(tmp_path / "bob.bin", 300_000, seed=22)
     rc, _, err = xfer(d, str(small), d.url("/", user="bob"), user="bob", check=False)
-    assert rc == 1 and err.strip() == "error: wrong user name or password"
+    assert rc == 3 and err.strip() == "error: wrong user name or password"
     # rewrite the config: bob, with a password of his own
     d.docroots["bob"] = d.base / "docroot" / "bob"
     d.docroots["bob"].mkdir(parents=True)
@@ -163,7 +163,7 @@ def test_sighup_reload_adds_a_user_while_a_transfer_runs(daemon_factory, big: Pa
     assert sha256(d.docroots["bob"] / small.name) == sha256(small)
     rc, res, err = xfer(d, str(small), d.url("/again/", user="bob"), user="bob",
                         password=PASSWORDS["bob"], check=False)  # the old one
-    assert rc == 1 and err.strip() == "error: wrong user name or password"
+    assert rc == 3 and err.strip() == "error: wrong user name or password"
     assert_log_clean(d.log())
 
 
@@ -293,10 +293,13 @@ def test_serve_without_config_uses_embedded_defaults(embedded, tmp_path: Path) -
     data = cwd / "fallback-data"
     cert = data / "cert.pem"
     assert lines[0] == "embedded defaults: user demo, password (from FALLBACK_PASSWORD)"
-    m = re.fullmatch(rf"certificate {re.escape(str(cert))} fingerprint SHA256 ({FP})", lines[1])
+    assert lines[1].startswith("no config file (looked for /etc/fallback/aspera.conf, ")
+    m = re.fullmatch(rf"certificate {re.escape(str(cert))} fingerprint SHA256 ({FP})", lines[2])
     assert m and m[1] == fingerprint(cert)
-    assert lines[2:] == ["serving http://localhost:8080/", "serving https://localhost:8443/",
-                         f"docroot demo={data / 'docroot'}"]
+    assert lines[3:6] == ["serving http://localhost:8080/", "serving https://localhost:8443/",
+                          f"docroot demo={data / 'docroot'}"]
+    assert lines[6].startswith(f"clients verify it with --cacert {cert} (names: localhost, ")
+    assert lines[7].startswith("listening on 127.0.0.1 only: other hosts cannot connect")
     assert "demo-password" not in "\n".join(lines)
     # user demo transfers over HTTPS, pinned by the printed fingerprint
     f = make_file(tmp_path / "demo.bin", 1_500_000, seed=26)

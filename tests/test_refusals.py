@@ -199,14 +199,14 @@ def test_wrong_password_and_unknown_user(srv: Daemon, work: Path) -> None:
                      "--transport", "http"),
     ], password="not-the-password")
     for r in runs:
-        assert_refused(r, WRONG)
+        assert_refused(r, WRONG, code=3)  # exit 3: the daemon refused the credentials
     # nothing written on either side, not even a partial
     assert not (srv.docroots["alice"] / "cred").exists()
     assert not (work / "down.bin").exists() and not (work / "down2.bin").exists()
     assert leftovers(work) == []
     # bob's password is not alice's
     assert_refused(cli(transfer_cmd(http_url(srv, "/f.bin"), str(work / "d3.bin"),
-                                     "--transport", "http"), PASSWORDS["bob"]), WRONG)
+                                     "--transport", "http"), PASSWORDS["bob"]), WRONG, code=3)
     lines = log_since(srv, mark)
     assert_log_clean(lines)
     assert count(lines, WRONG) == 5
@@ -484,7 +484,7 @@ def test_tls_verification(srv: Daemon, work: Path) -> None:
     runs = mixed([
         transfer_cmd(str(f), url, "--fingerprint", wrong_fp),
         transfer_cmd(str(f), url),
-        transfer_cmd(str(f), srv.url("/tls-http/", scheme="http")),  # auto upgrades to https
+        transfer_cmd(str(f), srv.url("/tls-http/", scheme="http"), "--transport", "https"),
         transfer_cmd(str(f), url + "c/", "--cacert", str(cert)),
     ], password=PASSWORDS["alice"])
     # not -q, and a real process: the warning is what the user's terminal shows

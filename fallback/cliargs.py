@@ -1,0 +1,290 @@
+"""The ``fallback`` command line's parser and its help texts (``fallback.cli`` runs the commands).
+
+Every subcommand's ``--help`` says what it does, the URL form and default ports
+where they apply, every option with its default, the environment it reads, the
+exit codes and examples. An argparse error raises ``ArgsError`` instead of
+exiting, so ``main`` can also print the JSON line ``--json`` promises, and an
+unknown option is reported with the usage of the subcommand it was given to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from typing import Any, NoReturn
+
+from transport.blocks.plan import DEFAULT_RESUME, RESUME_MODES
+
+__all__ = ["EXIT_AUTH", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "ArgsError",
+           "build_parser", "parse"]
+
+# Exit codes: a public contract (codes are added, never changed).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the transfer (or the daemon) failed; partials are kept
+EXIT_USAGE = 2  # bad usage or bad config; nothing was attempted
+EXIT_AUTH = 3  # the daemon refused the user name or password (HTTP 401)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+
+EXIT_STATUS = """\
+exit status:
+  0    success
+  1    the transfer failed (partial files are kept: run the same command again to
+       resume); also an untrusted or changed TLS certificate
+  2    bad usage or bad configuration (nothing was attempted)
+  3    the daemon refused the user name or password
+  130  interrupted (Ctrl-C); partial files are kept"""
+
+URLS = """\
+URL form:
+  http://[USER[:PASSWORD]@]HOST[:PORT]/PATH     default port 8080
+  https://[USER[:PASSWORD]@]HOST[:PORT]/PATH    default port 8443
+  PATH is inside USER's docroot. An http:// URL is used as plain HTTP and an
+  https:// one as HTTPS; --transport http|https switches to the daemon's port
+  for that scheme (and says so)."""
+
+TRANSFER_ENV = """\
+environment:
+  FALLBACK_PASSWORD     the password, when not in the URL or --password-file.
+                        Order: URL password, --password-file, FALLBACK_PASSWORD,
+                        ~/.netrc (machine HOST login USER password SECRET), and
+                        on a terminal a prompt.
+  FALLBACK_FILEPASS     the passphrase for --encrypt / --decrypt (else a prompt)
+  FALLBACK_CONFIG_DIR   where known_hosts is kept (default ~/.config/fallback)
+  HTTPS_PROXY, HTTP_PROXY, NO_PROXY
+                        not honoured yet (from issue 13 on): fallback connects
+                        to the daemon directly."""
+
+TRUST = """\
+certificates:
+  With none of --cacert, --fingerprint, --insecure, the daemon's certificate must
+  be signed by a CA the system trusts, or be remembered in
+  ~/.config/fallback/known_hosts. A self-signed one (what the daemon generates) is
+  refused with its SHA-256 fingerprint; on a terminal fallback asks whether to
+  trust it and remembers the answer (as ssh does). A remembered certificate that
+  changes is refused, naming the file and line to edit."""
+
+TRANSFER_EXAMPLES = """\
+examples:
+  fallback transfer big.iso https://alice@xfer.example:8443/incoming/
+  fallback transfer https://alice@xfer.example/incoming/big.iso ./ --cacert cert.pem
+  fallback transfer ./project/ https://alice@xfer.example/backup/ --streams 8 --json
+  fallback transfer f.bin http://alice@127.0.0.1:8080/in/ --password-file ~/.fbpass
+  fallback transfer secret.tar https://alice@xfer.example/vault/ --encrypt"""
+
+JSON_KEYS = """\
+--json: the last line of standard output is one JSON object (keys are added,
+  never renamed): ok, transports, files, bytes, sent_bytes, skipped_bytes,
+  seconds, rate_mbps, checksums, error, direction, skipped_files, content.
+  On a usage error it is {"ok": false, "error": "..."}."""
+
+SERVE_TEXT = """\
+config file:
+  --config FILE, else /etc/fallback/aspera.conf, else
+  ~/.config/fallback/aspera.conf (FALLBACK_CONFIG_DIR), whichever exists first;
+  without any, embedded defaults: loopback only (127.0.0.1), HTTP 8080 and HTTPS
+  8443, ./fallback-data for the docroot, state and a self-signed certificate,
+  one user "demo". The start-up lines say which file was used, where the
+  certificate is (for clients' --cacert) and its fingerprint.
+  Relative paths in the file (state_dir, docroot, cert_file) are relative to
+  the file's folder. Reference: docs/config.md.
+
+signals:
+  SIGHUP reloads the config (ports change only on restart); SIGTERM or Ctrl-C
+  checkpoints every transfer and exits 0.
+
+environment:
+  FALLBACK_PASSWORD     the demo user's password with embedded defaults
+                        (else one is generated and printed)
+  FALLBACK_CONFIG_DIR   the user config folder searched for aspera.conf
+
+exit status:
+  0  stopped by SIGTERM/SIGINT   1  cannot listen   2  bad config or certificate
+
+examples:
+  fallback serve
+  fallback serve --config /etc/fallback/aspera.conf
+  fallback serve --bind 0.0.0.0 --https-port 9443"""
+
+
+class ArgsError(Exception):
+    """An argparse error in (sub)command ``prog``; ``usage`` is that command's usage."""
+
+    def __init__(self, message: str, prog: str, usage: str) -> None:
+        super().__init__(message)
+        self.message, self.prog, self.usage = message, prog, usage
+
+
+class Parser(argparse.ArgumentParser):
+    """Raises ``ArgsError`` rather than printing and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgsError(message, self.prog, self.format_usage())
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and appends each option's default when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if ("default" not in text and default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{n} is out of range 1-65535")
+    return n
+
+
+def _sub(sub: Any, name: str, help: str, description: str, epilog: str = "") -> Parser:
+    p: Parser = sub.add_parser(name, help=help, description=textwrap.fill(description, 79),
+                               epilog=epilog, formatter_class=_Formatter)
+    return p
+
+
+def build_parser() -> tuple[Parser, dict[str, Parser]]:
+    """The top-level parser and every (sub)command's parser by name (``config validate``)."""
+    p = Parser(prog="fallback", formatter_class=_Formatter, description=(
+        "Bulk file transfer with resumable, verified HTTP(S) streams "
+        "(UDP path: coming in #4)."), epilog=EXIT_STATUS + "\n\nRun 'fallback COMMAND --help' "
+        "for a command's options, environment and examples.")
+    p.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
+    parsers: dict[str, Parser] = {"": p}
+
+    d = _sub(sub, "demo", "start a daemon on loopback, transfer a file up and down, report",
+             "Start a daemon on 127.0.0.1 with a temporary config (ports 8080/8443 when "
+             "free), send a generated file up and back down over HTTPS and over HTTP, "
+             "verify both copies and print transport, size, time and rate.",
+             "examples:\n  fallback demo\n  fallback demo --size 1G --streams 8")
+    d.add_argument("--size", default="256M", help="size of the generated file")
+    d.add_argument("--streams", type=int, default=4, help="parallel HTTP streams")
+    parsers["demo"] = d
+
+    s = _sub(sub, "serve", "run the daemon",
+             "Serve each user's docroot over HTTP and HTTPS (one port or two) to "
+             "`fallback transfer` and to plain HTTP clients (curl, aria2c).", SERVE_TEXT)
+    s.add_argument("--config", metavar="FILE", help="aspera.conf-style XML file "
+                   "(default: the first of /etc/fallback/aspera.conf and the user config "
+                   "folder's aspera.conf that exists, else embedded loopback defaults)")
+    s.add_argument("--docroot", help="docroot of the embedded defaults' demo user "
+                   "(default ./fallback-data/docroot)")
+    s.add_argument("--bind", metavar="ADDRESS", help="listen address, overriding "
+                   "<bind_address> (0.0.0.0: every IPv4 address)")
+    s.add_argument("--http-port", type=_port, metavar="PORT",
+                   help="HTTP port, overriding <http_port> (and enabling HTTP)")
+    s.add_argument("--https-port", type=_port, metavar="PORT",
+                   help="HTTPS port, overriding <https_port> (and enabling HTTPS)")
+    s.add_argument("--udp-port", type=_port, metavar="PORT",
+                   help="UDP port, overriding <bind_udp_port> (the UDP path is issue #4)")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parsers["serve"] = s
+
+    t = _sub(sub, "transfer", "copy SRC to DST; one of them is http(s)://[user@]host[:port]/path",
+             "Copy a file or a folder between a local path and a daemon, resumably and "
+             "verified. One of SRC and DST is a local path, the other a URL. A trailing / "
+             "on DST means 'into this folder'; otherwise an existing folder is entered "
+             "and anything else is the new name (as cp -r).",
+             "\n\n".join((URLS, TRUST, TRANSFER_ENV, JSON_KEYS, EXIT_STATUS, TRANSFER_EXAMPLES)))
+    t.add_argument("src", help="local path or URL")
+    t.add_argument("dst", help="local path or URL")
+    t.add_argument("--transport", default="auto", choices=["auto", "udp", "http", "https"],
+                   help="auto: the URL's scheme; http/https: that scheme on the daemon's port "
+                        "for it; udp: not built yet (#4)")
+    t.add_argument("--streams", type=int, default=4,
+                   help="parallel HTTP streams (1-64; the daemon caps it with streams_max)")
+    t.add_argument("--resume", default=DEFAULT_RESUME, choices=list(RESUME_MODES),
+                   help="as ascp -k: none starts over; attrs resumes if size and mtime match; "
+                        "sparse also checks sampled block digests; full (the default) checks "
+                        "every journaled block against the source, so the result says "
+                        "verified: full")
+    t.add_argument("--overwrite", default="diff", choices=["never", "always", "diff", "older"],
+                   help="an existing target: never keep it; always replace it; diff skip it "
+                        "when size and digest match; older replace only older targets")
+    t.add_argument("--cacert", metavar="FILE", help="verify the daemon's certificate with this "
+                   "CA (or the daemon's own cert.pem)")
+    t.add_argument("--fingerprint", metavar="SHA256", help="pin the daemon's certificate by its "
+                   "SHA-256 fingerprint, as the daemon prints it ('SHA256 AB:CD:...'), with or "
+                   "without prefix and colons")
+    t.add_argument("--insecure", action="store_true",
+                   help="do not verify the certificate at all (warns)")
+    t.add_argument("--user", help="user name, when not in the URL (else ~/.netrc's login)")
+    t.add_argument("--password-file", metavar="FILE",
+                   help="read the password from the first line of FILE")
+    t.add_argument("--block-size", default=None, metavar="SIZE",
+                   help="block size for uploads, 4K-64M (default 4M)")
+    t.add_argument("--encrypt", action="store_true",
+                   help="encrypt at rest: passphrase from FALLBACK_FILEPASS or a prompt")
+    t.add_argument("--decrypt", action="store_true", help="decrypt enveloped files on download")
+    t.add_argument("--no-fsync", action="store_true",
+                   help="skip fsync of received data (faster, less durable)")
+    t.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on the last line of stdout")
+    t.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress and no summary; errors are still printed")
+    t.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: transport chosen and why, streams, retries; -vv: every control call")
+    parsers["transfer"] = t
+
+    c = _sub(sub, "config", "configuration tools", "Configuration tools.",
+             "examples:\n  fallback config validate /etc/fallback/aspera.conf")
+    csub = c.add_subparsers(dest="config_cmd", metavar="SUBCOMMAND", parser_class=Parser)
+    v = _sub(csub, "validate", "check a config file and print every effective setting",
+             "Check FILE and print every effective setting and where it came from (exit 0), "
+             "or one line FILE:LINE: problem per problem (exit 2).",
+             "examples:\n  fallback config validate aspera.conf")
+    v.add_argument("file")
+    parsers["config"], parsers["config validate"] = c, v
+
+    parsers["hash-password"] = _sub(
+        sub, "hash-password", "read a password on stdin, print the value for <password_hash>",
+        "Read a password on standard input (one line) and print its Argon2id hash for "
+        "<password_hash>.", "examples:\n  echo -n 'alice-secret' | fallback hash-password")
+
+    k = _sub(sub, "checksum", "print the whole-file digest that transfers report",
+             "Print the whole-file digest (b3blocks:<hex>) that transfers report in "
+             "'checksums', for local files.", "examples:\n  fallback checksum big.iso")
+    k.add_argument("files", nargs="+")
+    k.add_argument("--block-size", default=None, metavar="SIZE",
+                   help="block size the digest is computed over (default 4M)")
+    parsers["checksum"] = k
+
+    for name, helptext, desc in (
+        ("encrypt", "encrypt a local file into an envelope (no daemon)",
+         "Encrypt SRC into DST (default SRC.fallback-env) with a passphrase from "
+         "FALLBACK_FILEPASS or a prompt."),
+        ("decrypt", "decrypt a local envelope (no daemon)",
+         "Decrypt the envelope SRC into DST (default: SRC without .fallback-env), with a "
+         "passphrase from FALLBACK_FILEPASS or a prompt."),
+    ):
+        e = _sub(sub, name, helptext, desc,
+                 "An existing default output is not replaced unless --force is given or "
+                 "DST is named.\n\nexamples:\n"
+                 + ("  fallback encrypt report.pdf" if name == "encrypt"
+                    else "  fallback decrypt report.pdf.fallback-env\n"
+                         "  fallback decrypt report.pdf.fallback-env copy.pdf"))
+        e.add_argument("src")
+        e.add_argument("dst", nargs="?")
+        e.add_argument("--force", action="store_true", help="replace an existing default output")
+        if name == "encrypt":
+            e.add_argument("--block-size", default=None, metavar="SIZE",
+                           help="plaintext block size (default 4M)")
+        parsers[name] = e
+    return p, parsers
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Parser]]:
+    """Parse ``argv``; an unknown option is reported by the subcommand it was given to."""
+    top, parsers = build_parser()
+    a, extra = top.parse_known_args(argv)
+    if extra:
+        key = " ".join(x for x in (a.cmd, getattr(a, "config_cmd", None)) if x)
+        parsers.get(key, top).error(f"unrecognized arguments: {' '.join(extra)}")
+    return a, parsers
