@@ -202,9 +202,9 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                    help="parallel HTTP streams (1-64; the daemon caps it with streams_max)")
     t.add_argument("--resume", default=DEFAULT_RESUME, choices=list(RESUME_MODES),
                    help="as ascp -k: none starts over; attrs resumes if size and mtime match; "
-                        "sparse also checks sampled block digests; full (the default) checks "
-                        "every journaled block against the source, so the result says "
-                        "verified: full")
+                        "sparse also checks sampled block digests; full checks every journaled "
+                        "block against the source, so the result says verified: full "
+                        "(default: full)")
     t.add_argument("--overwrite", default="diff", choices=["never", "always", "diff", "older"],
                    help="an existing target: never keep it; always replace it; diff skip it "
                         "when size and digest match; older replace only older targets")

@@ -398,7 +398,7 @@ def test_help_of_every_subcommand(tmp_path: Path) -> None:
                    "FALLBACK_PASSWORD", "FALLBACK_FILEPASS", "HTTPS_PROXY", "NO_PROXY",
                    "from issue 13 on", "exit status:", "3 the daemon refused",
                    "130 interrupted", "--password-file", "(default: 4)", "(default: auto)",
-                   "(default: sparse)", "(default: diff)", "--json:", "~/.netrc"):
+                   "(default: full)", "(default: diff)", "--json:", "~/.netrc"):
         assert needle in t, needle
     s = " ".join(pages["serve"].split())
     for needle in ("--bind", "--http-port", "--https-port", "--udp-port",
