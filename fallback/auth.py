@@ -24,9 +24,8 @@ import hmac
 import logging
 import re
 import secrets
-import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ __all__ = [
     "ChecksBusy",
     "CredentialCache",
     "PasswordChecker",
+    "SourceBusy",
     "hash_password",
     "hash_password_main",
     "parse_basic",
@@ -351,90 +351,206 @@ class ChecksBusy(Exception):
     """
 
 
+class SourceBusy(ChecksBusy):
+    """One client address already has ``per_source`` checks pending: answered 429 at once."""
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One admitted check: waiting in a lane, then running on the pool."""
+
+    password: str
+    stored: str
+    key: bytes  # CredentialCache digest: identical requests join this job
+    source: str | None
+    priority: bool
+    result: asyncio.Future[bool]
+    running: bool = False
+    waiters: int = 0  # requests awaiting the result
+
+
 class PasswordChecker:
-    """Password checks on their own small thread pool, with a bounded backlog.
+    """Password checks on their own small thread pool, with a bounded two-lane backlog.
 
     Each uncached check costs one full hash (~110 ms and 64 MiB for the default
     Argon2id), so checks never run on the daemon's file I/O pool, where a flood
     of wrong passwords would delay every transfer.  At most *workers* run at
-    once (memory: workers x the hash's m), and at most *max_pending* are
-    admitted (running + queued); beyond that :meth:`check` raises
-    :class:`ChecksBusy` at once.  An unknown user is checked against a dummy
-    hash made with :func:`hash_password` at construction, so it costs exactly
-    what a known user with default-cost hash costs and names cannot be probed by
-    timing.  Successful checks are cached (:class:`CredentialCache`); failures
-    never are.  Use :meth:`check` from one event loop.
+    once (memory: workers x the hash's m).  Admission, all decided at once
+    without waiting:
+
+    * a request whose credentials are in the :class:`CredentialCache` costs no
+      check and is answered at once;
+    * a request identical to a pending check (same user, password and hash:
+      a client opening several connections at once) waits for that check's
+      answer and takes no slot;
+    * a client address (*source*) may have at most *per_source* checks pending;
+      beyond that :class:`SourceBusy` (the daemon answers 429);
+    * the general lane admits at most *max_pending* checks (running + queued);
+      a *priority* check (a user coming back from an address it logged in from
+      before, see :class:`fallback.throttle.LoginThrottle`) may also use
+      *priority_pending* further slots reserved for such checks, so strangers
+      cannot fill them; beyond: :class:`ChecksBusy` (503).
+
+    A worker that frees up takes the oldest priority check first, then the
+    oldest general one, so a known user waits for at most the checks already
+    running (about one hash time), however full the general lane is.
+
+    An unknown user is checked against a dummy hash made with
+    :func:`hash_password` at construction, so it costs exactly what a known
+    user with default-cost hash costs and names cannot be probed by timing.
+    Successful checks are cached; failures never are.  Use :meth:`check` from
+    one event loop.
     """
 
     def __init__(self, workers: int = 2, max_pending: int = 16,
-                 cache: CredentialCache | None = None) -> None:
-        if workers < 1 or max_pending < workers:
-            raise ValueError("need workers >= 1 and max_pending >= workers")
+                 cache: CredentialCache | None = None, *,
+                 priority_pending: int = 8, per_source: int = 2) -> None:
+        if workers < 1 or max_pending < workers or priority_pending < 0 or per_source < 1:
+            raise ValueError("need workers >= 1, max_pending >= workers, priority_pending >= 0 "
+                             "and per_source >= 1")
         self.cache = cache if cache is not None else CredentialCache()
+        self.workers = workers
         self.max_pending = max_pending
+        self.priority_pending = priority_pending
+        self.per_source = per_source
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fb-auth")
-        self._lock = threading.Lock()
-        self._pending = 0
+        self._lanes: tuple[deque[_Job], deque[_Job]] = (deque(), deque())  # priority, general
+        self._jobs: dict[bytes, _Job] = {}  # every admitted job, by credentials digest
+        self._by_source: dict[str, int] = {}  # pending jobs per source (no zero entries)
+        self._general = 0  # admitted through the general lane
+        self._running = 0
+        self._closed = False
         self._busy_logged = -_BUSY_LOG_INTERVAL
         self._dummy = hash_password(secrets.token_urlsafe(32))
 
     @property
     def pending(self) -> int:
-        """Checks admitted and not finished (running or queued)."""
-        return self._pending
+        """Checks admitted and not finished (running or queued), both lanes."""
+        return len(self._jobs)
 
-    def _release(self, _: Future[bool]) -> None:
-        # Runs when the pool future finishes or is cancelled, not when the awaiting
-        # request goes away: a client that hangs up must not free a slot early.
-        with self._lock:
-            self._pending -= 1
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` was called."""
+        return self._closed
 
-    async def check(self, user: str, password: str, encoded: str | None) -> bool:
-        """Return whether *password* is right for *user* whose stored hash is *encoded*.
-
-        ``encoded=None`` means no such user: the same work is done against the
-        dummy hash and the answer is False.  Raises :class:`ChecksBusy` when
-        ``max_pending`` checks are already admitted or after :meth:`shutdown`,
-        and ``ValueError`` for a malformed *encoded* (config validation rules
-        that out).
-        """
-        stored = self._dummy if encoded is None else encoded
-        if self.cache.lookup(user, password, stored):
-            return encoded is not None
-        with self._lock:
-            busy = self._pending >= self.max_pending
-            if not busy:
-                self._pending += 1
-        if busy:
+    def _admit(self, source: str | None, priority: bool) -> None:
+        """Raise unless a new check from *source* fits; see the class docstring."""
+        if self._closed:
+            raise ChecksBusy("the daemon is shutting down")
+        if source is not None and self._by_source.get(source, 0) >= self.per_source:
+            raise SourceBusy("too many logins at once from this address, retry later")
+        general_full = self._general >= self.max_pending
+        if general_full and (not priority
+                             or len(self._jobs) >= self.max_pending + self.priority_pending):
             now = time.monotonic()
             if now - self._busy_logged >= _BUSY_LOG_INTERVAL:
                 self._busy_logged = now
                 log.warning("password checks saturated (%d pending): refusing logins with 503",
-                            self.max_pending)
+                            len(self._jobs))
             raise ChecksBusy("too many logins at once, retry later")
+
+    async def check(self, user: str, password: str, encoded: str | None, *,
+                    source: str | None = None, priority: bool = False) -> bool:
+        """Return whether *password* is right for *user* whose stored hash is *encoded*.
+
+        ``encoded=None`` means no such user: the same work is done against the
+        dummy hash and the answer is False.  *source* is the client's address
+        key (None: no per-address cap); *priority* puts the check in the
+        reserved lane.  Raises :class:`SourceBusy` or :class:`ChecksBusy` when
+        not admitted (after :meth:`shutdown` too, and for checks still queued
+        then), and ``ValueError`` for a malformed *encoded* (config validation
+        rules that out).
+        """
+        stored = self._dummy if encoded is None else encoded
+        if self.cache.lookup(user, password, stored):
+            return encoded is not None
+        key = self.cache._digest(user, password, stored)
+        job = self._jobs.get(key)
+        if job is None:
+            self._admit(source, priority)
+            job = _Job(password, stored, key, source, priority,
+                       asyncio.get_running_loop().create_future())
+            self._jobs[key] = job
+            if source is not None:
+                self._by_source[source] = self._by_source.get(source, 0) + 1
+            if not priority or self._general < self.max_pending:
+                job.priority = False  # a free general slot: no need to use the reserve
+                self._general += 1
+            self._lanes[0 if job.priority else 1].append(job)
+            self._dispatch()
+        job.waiters += 1
         try:
-            fut = self._pool.submit(verify_password, password, stored)
-        except RuntimeError:  # after shutdown()
-            with self._lock:
-                self._pending -= 1
-            raise ChecksBusy("the daemon is shutting down") from None
-        fut.add_done_callback(self._release)
-        try:
-            ok = await asyncio.wrap_future(fut)
+            ok = await asyncio.shield(job.result)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if fut.cancelled() and task is not None and not task.cancelling():
-                # Dropped from the queue by shutdown(), not a cancelled request: answer it.
-                raise ChecksBusy("the daemon is shutting down") from None
+            # The request went away.  A queued job nobody else awaits is dropped (no hash
+            # runs, so its slot is free at once); a running one keeps its slot until done.
+            job.waiters -= 1
+            lane = self._lanes[0 if job.priority else 1]
+            if not job.waiters and not job.running and job in lane:
+                lane.remove(job)
+                self._release(job)
+                job.result.cancel()
             raise
         if encoded is None or not ok:
             return False
         self.cache.remember(user, password, encoded)
         return True
 
+    def _dispatch(self) -> None:
+        """Start queued jobs, priority lane first, while a worker is free."""
+        while self._running < self.workers and not self._closed:
+            lane = self._lanes[0] or self._lanes[1]
+            if not lane:
+                return
+            job = lane.popleft()
+            job.running = True
+            self._running += 1
+            fut = self._pool.submit(verify_password, job.password, job.stored)
+
+            def done(f: Future[bool], job: _Job = job) -> None:
+                # In the pool's thread: finish on the event loop (gone if the daemon is).
+                try:
+                    job.result.get_loop().call_soon_threadsafe(self._finished, job, f)
+                except RuntimeError:
+                    pass
+
+            fut.add_done_callback(done)
+
+    def _finished(self, job: _Job, fut: Future[bool]) -> None:
+        self._running -= 1
+        self._release(job)
+        if not job.result.done():
+            exc = None if fut.cancelled() else fut.exception()
+            if fut.cancelled():
+                job.result.set_exception(ChecksBusy("the daemon is shutting down"))
+            elif exc is not None:
+                job.result.set_exception(exc)
+            else:
+                job.result.set_result(fut.result())
+        self._dispatch()
+
+    def _release(self, job: _Job) -> None:
+        """Free the slots of an admitted job (once it finished, or left the queue)."""
+        del self._jobs[job.key]
+        if not job.priority:
+            self._general -= 1
+        if job.source is not None:
+            left = self._by_source[job.source] - 1
+            if left:
+                self._by_source[job.source] = left
+            else:
+                del self._by_source[job.source]
+
     def shutdown(self) -> None:
-        """Stop the pool: queued and later checks raise :class:`ChecksBusy` at once;
-        running ones end on their own (one hash each, ~0.1 s)."""
+        """Stop: queued and later checks raise :class:`ChecksBusy` at once; running
+        ones end on their own (one hash each, ~0.1 s)."""
+        self._closed = True
+        for lane in self._lanes:
+            while lane:
+                job = lane.popleft()
+                self._release(job)
+                if not job.result.done():
+                    job.result.set_exception(ChecksBusy("the daemon is shutting down"))
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -37,11 +37,11 @@ from aiohttp import web
 
 from fallback import control, plainhttp
 from fallback import sessions as S
-from fallback.auth import ChecksBusy, PasswordChecker, parse_basic
+from fallback.auth import PasswordChecker, parse_basic
 from fallback.config import Config, UserConfig
 from fallback.paths import confine, relpath_in, resolve, split_urlpath, urlpath_of
 from fallback.ratelog import RateLimitedLog
-from fallback.throttle import LoginThrottle
+from fallback.throttle import LoginRefused, LoginThrottle, check_login
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import MAX_ENTRIES, FileEntry, check_relpath
 from transport.blocks.receiver import FileReceiver
@@ -131,7 +131,8 @@ def _scheme(request: web.Request) -> str:
 
 
 async def authenticate(request: web.Request) -> UserConfig:
-    """Check HTTP Basic credentials: 401 if wrong, 429 while throttled, 503 if checks back up.
+    """Check HTTP Basic credentials: 401 if wrong, 429 while throttled or when the address
+    has checks pending, 503 if checks back up (fallback.throttle.check_login).
 
     Throttled attempts are refused before any password hash runs (fallback.throttle);
     an unknown user costs the same hash as a known one (PasswordChecker's dummy).
@@ -141,17 +142,15 @@ async def authenticate(request: web.Request) -> UserConfig:
     if creds is None:
         raise PathError("authentication required", status=401)
     name, password = creds
-    if wait := st.throttle.retry_after(request.remote, name):
-        raise _refusal(web.HTTPTooManyRequests, "too many failed logins, retry later", wait)
     user = st.config.user(name)
     try:
-        ok = await st.checker.check(name, password, user.password_hash if user else None)
-    except ChecksBusy as exc:
-        raise _refusal(web.HTTPServiceUnavailable, str(exc), 1) from None
+        ok = await check_login(st.checker, st.throttle, request.remote, name, password,
+                               user.password_hash if user else None)
+    except LoginRefused as exc:
+        cls = web.HTTPTooManyRequests if exc.status == 429 else web.HTTPServiceUnavailable
+        raise _refusal(cls, str(exc), exc.retry_after) from None
     if not ok or user is None:
-        st.throttle.failed(request.remote, name)
         raise PathError("wrong user name or password", status=401)
-    st.throttle.succeeded(name)
     return user
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
+from fallback.auth import hash_password
 from fallback.throttle import LoginThrottle
 from tests.conftest import PASSWORDS, Daemon, make_file, sha256
 
@@ -87,7 +88,9 @@ async def test_concurrent_wrong_logins_then_right_then_sigterm(daemon_factory, n
     d = daemon_factory()
     users = ["alice", "bob"] * (n // 2)  # at most 2 failures per name: under the throttle
     t0 = time.monotonic()
-    got = await statuses([request(d, u, f"wrong{i}", timeout=15) for i, u in enumerate(users)])
+    # One address per request: an address may have only 2 checks pending.
+    got = await statuses([request(d, u, f"wrong{i}", source=fresh_address(), timeout=15)
+                          for i, u in enumerate(users)])
     assert got == [401] * n, got
     assert time.monotonic() - t0 < 10
     assert await statuses([request(d, u, PASSWORDS[u], timeout=15)
@@ -155,9 +158,11 @@ async def test_per_user_throttle_then_delay_then_success(daemon_factory) -> None
     assert (await request(d, "bob", PASSWORDS["bob"], source=here)).status == 200
     await asyncio.sleep(int(refused[-1].retry_after or 0) + 0.2)
     assert (await request(d, "alice", PASSWORDS["alice"], source=here)).status == 200
-    # The success forgot alice's failures: two more wrong passwords are checked again (401),
-    # where a 6th counted failure would have had the 7th refused.
-    again = [await request(d, "alice", f"later{i}", source=here) for i in range(2)]
+    # The success forgot alice's failures: two more wrong passwords (from an address alice
+    # never logged in from, where the per-user rule applies) are checked again (401), where a
+    # 6th counted failure would have had the 7th refused.
+    stranger = fresh_address()
+    again = [await request(d, "alice", f"later{i}", source=stranger) for i in range(2)]
     assert [r.status for r in again] == [401, 401]
     log = d.log()
     assert len(re.findall(r"login throttled: user 'alice'", log)) == 1, log  # not per request
@@ -177,6 +182,152 @@ async def test_per_address_throttle_refuses_every_name_from_that_address(daemon_
     assert (await request(d, "bob", PASSWORDS["bob"], source=fresh_address())).status == 200
     log = d.log()
     assert len(re.findall(rf"login throttled: address '{re.escape(here)}'", log)) == 1, log
+
+
+# -- floods from many addresses; known (user, address) pairs -----------------------------------
+
+async def _rotate_hash(d: Daemon, user: str) -> None:
+    """Give *user* a fresh hash of the same password and SIGHUP: the daemon's credential
+    cache (keyed by the hash) no longer holds the password, as 5 minutes after a login."""
+    assert d.proc is not None
+    text = d.config_path.read_text()
+    old = re.search(rf"<name>{user}</name><password_hash>([^<]+)<", text)
+    assert old is not None
+    fresh = await asyncio.to_thread(hash_password, PASSWORDS[user])
+    reloads = d.log().count("reloaded ")
+    d.config_path.write_text(text.replace(old.group(1), fresh))
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while d.log().count("reloaded ") == reloads:
+        assert time.monotonic() < deadline, d.log()[-2000:]
+        await asyncio.sleep(0.05)
+
+
+class Flood:
+    """*workers* clients sending wrong passwords for random names as fast as answered, each
+    moving to a new address every 10 tries (so no address reaches the per-address rule)."""
+
+    def __init__(self, d: Daemon, workers: int) -> None:
+        self.d, self.seen, self.stop = d, [], asyncio.Event()  # type: ignore[var-annotated]
+        self.tasks = [asyncio.ensure_future(self._worker(k)) for k in range(workers)]
+
+    async def _worker(self, k: int) -> None:
+        source = fresh_address()
+        for i in itertools.count():
+            if self.stop.is_set():
+                return
+            if i % 10 == 9:
+                source = fresh_address()
+            r = await request(self.d, f"ghost{k}-{i}", "x", source=source, timeout=60)
+            self.seen.append(r.status)
+
+    async def end(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+
+
+def _clear_refusal(r: Reply) -> None:
+    assert r.status in (429, 503), r
+    assert r.retry_after is not None and 1 <= int(r.retry_after) <= 60, r
+    assert b'"error"' in r.body, r
+
+
+async def test_known_pair_gets_in_under_a_many_address_flood(daemon_factory) -> None:
+    """Issue #10 retest: 40 clients with wrong passwords, each on a new address every 10
+    tries, kept the 16-check backlog full, so bob's right (uncached) password got 503 on every
+    try. Now bob, coming back from the address he logged in from, goes to the reserved
+    priority lane and is served next: 200 on the first try, twice, within a few seconds.
+
+    A brand-new user (alice, never logged in, a new address) cannot be told from the flood:
+    while the general backlog is full she gets 503 with Retry-After (or 429 with Retry-After
+    once 10 refusals from her address count), never a hang; when a slot frees or the flood
+    ends she gets in."""
+    d = daemon_factory()
+    home = fresh_address()
+    assert (await request(d, "bob", PASSWORDS["bob"], source=home)).status == 200
+    flood = Flood(d, 20)
+    newcomer: list[Reply] = []
+    try:
+        await asyncio.sleep(1.5)  # the general backlog is full
+        newcomer_address = fresh_address()
+
+        async def newcomer_retries() -> None:
+            for _ in range(4):
+                r = await request(d, "alice", PASSWORDS["alice"], source=newcomer_address)
+                newcomer.append(r)
+                if r.status == 200:
+                    return
+                await asyncio.sleep(int(r.retry_after or 1))
+
+        alice = asyncio.ensure_future(newcomer_retries())
+        for _ in range(2):
+            await _rotate_hash(d, "bob")  # not cached: a real check, in the priority lane
+            r = await request(d, "bob", PASSWORDS["bob"], source=home, timeout=30)
+            assert r.status == 200 and r.seconds < 5, (r, flood.seen.count(503))
+        await alice
+    finally:
+        await flood.end()
+    assert flood.seen.count(503) > 20 and 401 in flood.seen, set(flood.seen)  # it was a flood
+    assert 429 not in flood.seen  # 10 tries per address: the address rule never engaged
+    for r in newcomer:
+        if r.status != 200:
+            _clear_refusal(r)
+            assert r.seconds < 3, r  # refused at once, no check
+    if newcomer[-1].status != 200:
+        await asyncio.sleep(int(newcomer[-1].retry_after or 1))
+        assert (await request(d, "alice", PASSWORDS["alice"], source=newcomer_address)).status \
+            == 200
+
+
+async def test_one_address_gets_two_checks_and_busy_refusals_count(daemon_factory) -> None:
+    """Before, one address could hold the whole backlog, and its 503s were not counted, so
+    it was never throttled. Now: at most 2 checks pending per address (the rest: 429 at
+    once), and each refusal counts as a failure of that address, so 6 at once plus 4 more
+    wrong tries reach the address rule's 10 and the address is refused (429, Retry-After 2)."""
+    d = daemon_factory()
+    here = fresh_address()
+    burst = await asyncio.gather(*(request(d, f"ghost{i}", "x", source=here) for i in range(6)))
+    assert sorted(r.status for r in burst) == [401, 401, 429, 429, 429, 429], burst
+    fastest = min(r.seconds for r in burst if r.status == 401)
+    for r in burst:
+        if r.status == 429:
+            _refused(r, fastest)
+            assert r.retry_after == "1" and b"from this address" in r.body, r
+    # Identical credentials on parallel connections (aria2c -x, curl -Z) share one check,
+    # so a cold start of 4 connections is not refused by the 2-per-address cap.
+    same = await asyncio.gather(*(request(d, "alice", PASSWORDS["alice"], source=here)
+                                  for _ in range(4)))
+    assert [r.status for r in same] == [200] * 4, same
+    for i in range(4):  # failures 7 to 10 of this address (the 4 refusals were 3 to 6)
+        assert (await request(d, f"ghost{i}", "y", source=here)).status == 401
+    r = await request(d, "bob", PASSWORDS["bob"], source=here)
+    _refused(r, fastest)
+    assert r.retry_after == "2" and b"too many failed logins" in r.body, r
+    assert re.search(rf"login throttled: address '{re.escape(here)}'", d.log())
+
+
+async def test_per_user_throttle_spares_known_addresses_not_strangers(daemon_factory) -> None:
+    """Issue #10 retest: 5 wrong tries for alice from another address got 429 for alice's
+    own right, cached login from her usual address. Now the per-user rule skips a (user,
+    address) pair that logged in in the last 24 h, cached or not; it still refuses alice's
+    name from any other address, her right password included (answering that one 200 from
+    the cache would tell a guesser which guess is right, at no cost)."""
+    d = daemon_factory()
+    home, stranger, elsewhere = fresh_address(), fresh_address(), fresh_address()
+    assert (await request(d, "alice", PASSWORDS["alice"], source=home)).status == 200
+    fails = [await request(d, "alice", f"guess{i}", source=stranger) for i in range(5)]
+    assert [r.status for r in fails] == [401] * 5
+    fastest = min(r.seconds for r in fails)
+    _refused(await request(d, "alice", f"guess{5}", source=stranger), fastest)
+    _refused(await request(d, "alice", PASSWORDS["alice"], source=elsewhere), fastest)
+    # From home: the cached login, a wrong password (checked, 401: the per-user rule does not
+    # apply), and a right one after the cache lost it.
+    assert (await request(d, "alice", PASSWORDS["alice"], source=home)).status == 200
+    assert (await request(d, "alice", "typo", source=home)).status == 401
+    await _rotate_hash(d, "alice")
+    assert (await request(d, "alice", PASSWORDS["alice"], source=home)).status == 200
+    # The successes from home cleared alice's count: the stranger is checked again.
+    assert (await request(d, "alice", "guess6", source=stranger)).status == 401
 
 
 # -- timing: names cannot be probed --------------------------------------------------------------
@@ -293,7 +444,7 @@ def test_success_resets_the_user_not_the_address(clock: FakeClock) -> None:
     t = LoginThrottle(address_free=3, user_free=3, clock=clock)
     for _ in range(2):
         t.failed("10.0.0.1", "alice")
-    t.succeeded("alice")
+    t.succeeded("10.0.0.9", "alice")
     t.failed("10.0.0.2", "alice")
     assert t.retry_after("10.0.0.2", "alice") == 0  # 1 failure since the success, not 3
     t.failed("10.0.0.1", "bob")  # the address's third failure: its count was not reset
