@@ -4,10 +4,13 @@ Against real daemons over raw HTTP: concurrent cold password checks neither
 deadlock nor stop SIGTERM from working; failed logins are throttled per client
 address and per user name with 429 + ``Retry-After`` and no password hash; known
 and unknown user names fail in the same time; a flood of wrong passwords does
-not slow file transfers of a logged-in user. Client sockets bind to distinct
+not slow file transfers of a logged-in user; a flood from many addresses does not keep
+out a user returning from a known address (priority lane), one address gets at most 2
+checks, and the per-user rule spares the user's known addresses. Client sockets bind to distinct
 loopback addresses (127.0.0.0/8) to stand for distinct clients.
 
-Plus unit tests of :class:`fallback.throttle.LoginThrottle` with a fake clock.
+Plus unit tests of :class:`fallback.throttle.LoginThrottle` with a fake clock and of
+:class:`fallback.auth.PasswordChecker`'s lanes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from fallback.auth import hash_password
+from fallback.auth import ChecksBusy, PasswordChecker, hash_password
 from fallback.throttle import LoginThrottle
 from tests.conftest import PASSWORDS, Daemon, make_file, sha256
 
@@ -496,6 +499,86 @@ def test_one_log_line_per_refusal_period(clock: FakeClock,
         t.failed("10.0.0.1", "alice")  # a new period
         assert len(caplog.records) == 2
     assert "user 'alice' refused for 2 s after 2 failed logins" in caplog.records[0].getMessage()
+
+
+def test_known_pair_skips_the_user_rule_only(clock: FakeClock) -> None:
+    t = LoginThrottle(user_free=2, address_free=3, known_ttl=86400, clock=clock)
+    t.succeeded("10.0.0.1", "alice")
+    for _ in range(2):
+        t.failed("10.6.6.6", "alice")
+    assert t.known("10.0.0.1", "alice") and not t.known("10.6.6.6", "alice")
+    assert not t.known("10.0.0.1", "bob")  # a pair, not an address
+    assert t.retry_after("10.6.6.6", "alice", known=False) == 2
+    assert t.retry_after("10.0.0.1", "alice", known=True) == 0
+    t.refused("10.0.0.1")  # busy refusals count for the address ...
+    t.refused("10.0.0.1")
+    t.failed("10.0.0.1", "alice")
+    assert t.retry_after("10.0.0.1", "alice", known=True) == 2  # ... whose rule still applies
+    clock.now += 86399
+    assert t.known("10.0.0.1", "alice")
+    clock.now += 1
+    assert not t.known("10.0.0.1", "alice") and t.known_pairs == 0  # expired and pruned
+
+
+def test_known_pairs_are_lru_bounded_and_ipv6_per_64(clock: FakeClock) -> None:
+    t = LoginThrottle(known_maxsize=100, clock=clock)
+    for i in range(5000):
+        t.succeeded(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", f"user{i}" + "x" * 1000)
+    assert t.known_pairs == 100
+    assert t.known("10.0.19.135", "user4999" + "x" * 1000)
+    assert not t.known("10.0.0.0", "user0" + "x" * 1000)  # evicted
+    t.succeeded("2001:db8:1:2::1", "bob")
+    assert t.known("2001:db8:1:2:ffff::9", "bob") and not t.known("2001:db8:1:3::1", "bob")
+
+
+async def test_checker_serves_the_priority_lane_first() -> None:
+    """One worker, general lane of 3: with it full, a priority check is admitted (the
+    reserve) and runs next, before the general checks queued ahead of it."""
+    stored = hash_password("pw")
+    checker = PasswordChecker(workers=1, max_pending=3, priority_pending=1, per_source=5)
+    order: list[str] = []
+
+    async def one(name: str, **kw: object) -> None:
+        await checker.check(name, "wrong", stored, **kw)  # type: ignore[arg-type]
+        order.append(name)
+
+    try:
+        general = [asyncio.ensure_future(one(f"g{i}", source="a")) for i in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(ChecksBusy):
+            await checker.check("g3", "wrong", stored, source="b")  # general lane full
+        vip = asyncio.ensure_future(one("vip", source="c", priority=True))
+        await asyncio.sleep(0)
+        assert checker.pending == 4
+        with pytest.raises(ChecksBusy):  # the reserve is full too
+            await checker.check("vip2", "wrong", stored, priority=True)
+        await asyncio.gather(*general, vip)
+        assert order == ["g0", "vip", "g1", "g2"], order
+        assert checker.pending == 0 and not checker._by_source  # nothing left behind
+    finally:
+        checker.shutdown()
+
+
+async def test_checker_frees_a_queued_slot_when_its_request_goes_away() -> None:
+    """A queued check whose request is cancelled leaves the queue at once (no hash runs);
+    a running one keeps its slot until the hash ends; a joined one runs for the others."""
+    stored = hash_password("pw")
+    checker = PasswordChecker(workers=1, max_pending=3, per_source=3)
+    try:
+        running = asyncio.ensure_future(checker.check("a", "w1", stored, source="s"))
+        queued = asyncio.ensure_future(checker.check("b", "w2", stored, source="s"))
+        joined = [asyncio.ensure_future(checker.check("c", "w3", stored)) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert checker.pending == 3
+        queued.cancel()
+        joined[0].cancel()
+        running.cancel()
+        await asyncio.sleep(0)
+        assert checker.pending == 2  # "b" left; "a" runs on, "c" has a waiter still
+        assert await joined[1] is False
+        assert checker.pending == 0 and not checker._by_source
+    finally:
+        checker.shutdown()
 
 
 @pytest.mark.parametrize("kwargs", [
