@@ -39,6 +39,7 @@ from transport.blocks import envelope as env
 from transport.blocks.digest import digest_path, file_digest
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.blocks.manifest import FileEntry
+from transport.blocks.modes import dir_mode
 from transport.blocks.plan import (
     DEFAULT_RESUME,
     OVERWRITE_MODES,
@@ -453,7 +454,7 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
         for i in reversed(range(len(entries))):
             if entries[i].is_dir:
                 path = target_for(root, entries[i].path)
-                os.chmod(path, entries[i].mode & 0o7777 | 0o700)
+                os.chmod(path, dir_mode(entries[i].mode))  # no set-id/sticky; umask applies
                 os.utime(path, ns=(entries[i].mtime_ns, entries[i].mtime_ns))
         progress.finish()
     finally:

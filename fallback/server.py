@@ -44,6 +44,7 @@ from fallback.ratelog import RateLimitedLog
 from fallback.throttle import LoginThrottle
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import MAX_ENTRIES, FileEntry, check_relpath
+from transport.blocks.modes import file_mode
 from transport.blocks.receiver import FileReceiver
 from transport.blocks.statedir import STATE_DIR, StateDir, is_state_dir
 from transport.blocks.tree import describe_envelopes, walk_source
@@ -605,7 +606,7 @@ async def _receive_plain(request: web.Request, target: Path, state: StateDir) ->
         if size is not None and written != size:
             raise ProtocolError(f"body ended after {written} of {size} bytes")
         os.utime(rec.partial)
-        os.chmod(rec.partial, 0o644)
+        os.chmod(rec.partial, file_mode(0o644))  # the daemon's umask applies
         await loop.run_in_executor(st.executor, functools.partial(
             state.publish, rec.partial, target, replace=True))  # a copy when cross-device
         rec.discard()

@@ -24,6 +24,7 @@ from fallback.config import UserConfig
 from fallback.paths import confine, relpath_in
 from transport.blocks.digest import digest_path, file_digest
 from transport.blocks.manifest import FileEntry
+from transport.blocks.modes import dir_mode
 from transport.blocks.plan import TargetState
 from transport.blocks.ranges import RangeSet
 from transport.blocks.receiver import FileReceiver, inspect_partial
@@ -400,7 +401,7 @@ def finish_dirs(session: Session) -> None:
         if e.is_dir:
             path = session.target(i)
             try:
-                os.chmod(path, e.mode & 0o7777 | 0o700)
+                os.chmod(path, dir_mode(e.mode))  # no set-id/sticky bits; the umask applies
                 os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
             except OSError:
                 pass
