@@ -64,14 +64,16 @@ from transport.errors import (
     ConnectionLost,
     IntegrityError,
     PathError,
+    ProtocolError,
     TransportError,
 )
 from transport.http.client import download_stream, upload_stream
 
 MAX_ROUNDS = 6
 DIGEST_BATCH = 32
-"""Blocks per ``/digests`` call: the daemon reads them within one request (32 x 4 MiB
-is well under a second of disk), so no call nears the client's read timeout."""
+"""Blocks per ``/digests`` call; the daemon reads at most 64 MiB per call (its
+``MAX_DIGEST_BYTES``) and leaves the rest out of its answer, which the client asks
+for again, so no call nears the client's read timeout."""
 
 log = logging.getLogger("fallback.client")  # -v: info, -vv: debug (fallback.cli)
 
@@ -493,9 +495,7 @@ async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: 
             action = "transfer"  # ciphertext and plaintext digests are not comparable
         else:
             local = await loop.run_in_executor(executor, digest_path, target, entry.block_size)
-            remote_d = await remote.call("POST", remote.session_url("/digests"),
-                                         {"file": i, "blocks": [], "root": True})
-            action = "skip" if local == digests_answer(remote_d)[1] else "transfer"
+            action = "skip" if local == await _source_root(remote, i) else "transfer"
             if action == "skip":
                 result.checksums[shown] = local
     if action == "skip":
@@ -530,10 +530,26 @@ async def _source_digests(remote: Remote, file: int, blocks: list[int]) -> dict[
     """The daemon's digests of some blocks of a download's source, over its current bytes."""
     out: dict[int, bytes] = {}
     for part in batches(blocks, DIGEST_BATCH):
-        got = await remote.call("POST", remote.session_url("/digests"),
-                                {"file": file, "blocks": part, "root": False})
-        out.update(digests_answer(got)[0])
+        while part:  # the daemon reads at most MAX_DIGEST_BYTES per call: ask for the rest
+            got = await remote.call("POST", remote.session_url("/digests"),
+                                    {"file": file, "blocks": part, "root": False})
+            answered = {b: d for b, d in digests_answer(got)[0].items() if b in part}
+            if not answered:
+                raise ProtocolError("refused the daemon's digests answer: no digest given")
+            out.update(answered)
+            part = [b for b in part if b not in answered]
     return out
+
+
+async def _source_root(remote: Remote, file: int) -> str | None:
+    """The daemon's whole-file digest of a download's source over its current bytes
+    (it answers ``pending`` until it has read the file within its per-call budget)."""
+    while True:
+        got = await remote.call("POST", remote.session_url("/digests"),
+                                {"file": file, "blocks": [], "root": True})
+        root = digests_answer(got)[1]
+        if root is not None or not got.get("pending"):
+            return root
 
 
 async def _commit_downloads(remote: Remote, receivers: dict[int, FileReceiver],
@@ -555,9 +571,12 @@ async def _commit_downloads(remote: Remote, receivers: dict[int, FileReceiver],
     roots: dict[str, str] = {}
     errors: dict[str, str] = {}
     for part in batches(sorted(receivers), DIGEST_BATCH * 32):
-        got = await remote.call("POST", remote.session_url("/digests"), {"roots": part})
-        roots.update(got.get("roots", {}))
-        errors.update(got.get("errors", {}))
+        while part:  # files the daemon did not finish within its per-call budget: ask again
+            got = await remote.call("POST", remote.session_url("/digests"), {"roots": part})
+            roots.update(got.get("roots", {}))
+            errors.update(got.get("errors", {}))
+            pending = got.get("pending", [])
+            part = [i for i in part if i in pending] if isinstance(pending, list) else []
     for i, rec in list(receivers.items()):
         shown = _display(name, entries[i], i in transforms)
         expected = roots.get(str(i))

@@ -446,14 +446,23 @@ async def digests(request: web.Request) -> web.Response:
     if session.feed is None:
         raise ProtocolError("not a download session", status=409)
     msg = await _json(request, control.parse_digests)
-    if isinstance(msg, control.RootsRequest):
-        return web.json_response(await _run(request, S.source_roots, session, list(msg.files)))
-    count = S.file_entry(session, msg.file).layout().count
-    if msg.blocks and msg.blocks[-1] >= count:
-        raise ProtocolError(f"digests: block {msg.blocks[-1]} out of range for file {msg.file} "
-                            f"({count} blocks)")
-    out = await _run(request, S.source_digests, session, msg.file, list(msg.blocks), msg.root)
-    return web.json_response(out)
+    if session.digesting:
+        raise ProtocolError("a digests call is already running in this session", status=429)
+    session.digesting = True
+    session.streams += 1  # busy while it reads: not idle to a takeover
+    try:
+        if isinstance(msg, control.RootsRequest):
+            return web.json_response(await S.source_roots(session, list(msg.files)))
+        count = S.file_entry(session, msg.file).layout().count
+        if msg.blocks and msg.blocks[-1] >= count:
+            raise ProtocolError(f"digests: block {msg.blocks[-1]} out of range for file {msg.file} "
+                                f"({count} blocks)")
+        out = await S.source_digests(session, msg.file, list(msg.blocks), msg.root)
+        return web.json_response(out)
+    finally:
+        session.digesting = False
+        session.streams -= 1
+        session.touch()
 
 
 async def want(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,13 @@ MAX_DIGEST_BLOCKS = 4096
 """Most block digests (or file roots) one ``/digests`` call may ask for; the
 client batches far below this."""
 
+MAX_DIGEST_BYTES = 64 << 20
+"""Source bytes one ``/digests`` call reads at most (at least one block, so every call
+makes progress): blocks asked for beyond it are left out of the answer, and a root
+not reached is answered ``pending`` (the client calls again; blocks read stay
+recorded in ``SentSource``). Each block is one executor job, so other requests on
+the daemon's I/O pool interleave with a long verification."""
+
 IDLE_TAKEOVER = 2.0
 """Seconds without a request or an open stream after which a session's
 write locks may be taken over by a new session for the same targets: this is
@@ -79,6 +87,7 @@ class Session:
     feed: BlockFeed | None = None
     verifier: asyncio.Task[None] | None = None
     planning: bool = False  # a plan call is running or succeeded: there is one plan per session
+    digesting: bool = False  # a /digests call is running: one at a time per session
     committed: int = 0
     skipped: int = 0
     error: str | None = None
@@ -438,6 +447,14 @@ class SentSource(FileSource):
         self._digests[index] = digest
         return data, digest
 
+    def digest_of(self, index: int) -> bytes:
+        """The digest recorded when block ``index`` was last read (KeyError if never)."""
+        return self._digests[index]
+
+    def unread(self) -> list[int]:
+        """Blocks whose digest this session has not recorded yet (``root`` reads them)."""
+        return [b for b in range(self.layout.count) if b not in self._digests]
+
     def root(self) -> str:
         """Whole-file digest of the current bytes: recorded digests, reading only the rest.
         Raises ``SourceChanged`` when the file changed since the session opened."""
@@ -475,40 +492,71 @@ def _source(session: Session, index: int) -> SentSource:
     return src
 
 
-def source_digests(session: Session, index: int, blocks: list[int], root: bool) -> dict[str, object]:
-    """Digests of some source blocks, and optionally the whole-file digest (worker thread).
+async def _read_digests(session: Session, src: SentSource, blocks: Iterable[int],
+                        budget: list[int]) -> bool:
+    """Read ``blocks`` (one executor job each, so other requests interleave FIFO on the
+    I/O pool) while ``budget[0]`` (bytes, ``MAX_DIGEST_BYTES`` per call) lasts; every
+    read is recorded. Returns False when the budget ran out first."""
+    loop = asyncio.get_running_loop()
+    for b in blocks:
+        if budget[0] <= 0:
+            return False
+        await loop.run_in_executor(session.executor, src.read_block, b)
+        budget[0] -= src.entry.block_size
+    return True
 
-    Every block read is recorded (``SentSource``), so a later ``root`` does not
-    read it again. At most ``MAX_DIGEST_BLOCKS`` blocks per call.
+
+async def source_digests(session: Session, index: int, blocks: list[int],
+                         root: bool) -> dict[str, object]:
+    """``{digests: {block: hex}, root?: hex, pending?: true}``: digests of some source
+    blocks and optionally the whole-file digest, reading at most ``MAX_DIGEST_BYTES``.
+
+    Blocks beyond the budget are left out (the client asks for them again); a root not
+    reached within it is answered ``pending: true`` (the blocks read stay recorded, so
+    the next call goes on from there). At most ``MAX_DIGEST_BLOCKS`` blocks per call.
     """
     src = _source(session, index)
     if len(blocks) > MAX_DIGEST_BLOCKS:
         raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} blocks per digests call")
-    out: dict[str, object] = {}
     count = src.layout.count
-    digests = {}
     for b in blocks:
         if not 0 <= b < count:
             raise ProtocolError(f"block {b} out of range")
-        digests[b] = src.read_block(b)[1]
-    out["digests"] = {str(b): d.hex() for b, d in digests.items()}
+    budget = [MAX_DIGEST_BYTES]
+    done: list[int] = []
+    for b in blocks:
+        if not await _read_digests(session, src, [b], budget):
+            break
+        done.append(b)
+    out: dict[str, object] = {"digests": {str(b): src.digest_of(b).hex() for b in done}}
     if root:
-        out["root"] = src.root()
+        if len(done) == len(blocks) and await _read_digests(session, src, src.unread(), budget):
+            out["root"] = await asyncio.get_running_loop().run_in_executor(session.executor, src.root)
+        else:
+            out["pending"] = True
     return out
 
 
-def source_roots(session: Session, files: list[int]) -> dict[str, object]:
-    """Whole-file digests over the current bytes of some files (worker thread), for the
-    client's check before it publishes them: ``{roots: {file: root}, errors: {file: message}}``.
-    A file changed since the session opened is an error for that file only."""
+async def source_roots(session: Session, files: list[int]) -> dict[str, object]:
+    """Whole-file digests over the current bytes of some files, for the client's check
+    before it publishes them: ``{roots: {file: root}, errors: {file: message},
+    pending: [file, ...]}``. At most ``MAX_DIGEST_BYTES`` are read per call; files not
+    finished within it are ``pending`` (ask again: blocks read stay recorded). A file
+    changed since the session opened is an error for that file only."""
     if len(files) > MAX_DIGEST_BLOCKS:
         raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} files per digests call")
     roots: dict[str, str] = {}
     errors: dict[str, str] = {}
+    pending: list[int] = []
+    budget = [MAX_DIGEST_BYTES]
+    loop = asyncio.get_running_loop()
     for i in files:
         src = _source(session, i)
         try:
-            roots[str(i)] = src.root()
+            if pending or not await _read_digests(session, src, src.unread(), budget):
+                pending.append(i)
+                continue
+            roots[str(i)] = await loop.run_in_executor(session.executor, src.root)
         except SourceChanged as exc:
             errors[str(i)] = exc.message
-    return {"roots": roots, "errors": errors}
+    return {"roots": roots, "errors": errors, "pending": pending}
