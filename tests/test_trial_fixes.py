@@ -7,12 +7,14 @@ import asyncio
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.conftest import PASSWORDS, Daemon, make_file
 from tests.control_client import BS, PERMS, Api, start_daemon
@@ -134,3 +136,122 @@ def test_download_of_a_file_over_the_digest_budget_verifies(daemon_factory, tmp_
     rc, res, err = d.transfer(d.url("/sparse.bin"), str(dst))
     assert res["ok"] and res["verified"] == "full", (res, err)
     assert digest_path(dst / "sparse.bin", 4 << 20) == digest_path(src, 4 << 20)
+
+
+# -- 3, 4. a hostile server: bounded bodies, no redirects followed ---------------------------------
+class FakeDaemon:
+    """A hostile "daemon" on loopback speaking just enough of the control API (aiohttp
+    server in the test's loop): each route's behaviour is set by the test."""
+
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self.hits: list[str] = []
+        self.sent = 0
+        self.port = 0
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, routes: dict[tuple[str, str], Any]) -> FakeDaemon:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.hits.append(f"{request.method} {request.path}")
+            key = (request.method, request.path.rsplit("/", 1)[-1])
+            fn = routes.get(key) or routes.get((request.method, "*"))
+            if fn is None:
+                return web.json_response({"error": "nope"}, status=404)
+            return await fn(request)  # type: ignore[no-any-return]
+
+        self.app.router.add_route("*", "/{tail:.*}", handle)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def url(self, path: str) -> str:
+        return f"http://alice@127.0.0.1:{self.port}{path}"
+
+    def info(self) -> Any:
+        async def fn(request: web.Request) -> web.Response:
+            return web.json_response({"product": "fallback", "api": 1, "enable_http": True,
+                                      "http_port": self.port, "enable_https": False,
+                                      "https_port": 1, "udp_port": 1, "udp": False,
+                                      "scheme": "http"})
+        return fn
+
+
+def _json(body: Any, status: int = 200) -> Any:
+    async def fn(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(body, status=status)
+    return fn
+
+
+def _redirect(to: str, status: int = 307) -> Any:
+    async def fn(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": to})
+    return fn
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    env = {**os.environ, "FALLBACK_PASSWORD": "pw"}
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fallback", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(p.communicate(), 120)
+    return p.returncode or 0, (out + err).decode()
+
+
+_DOWNLOAD = {"id": "s1", "token": "t1", "name": "f", "skipped": [], "streams_max": 1,
+             "entries": [{"path": "", "kind": "file", "size": 10, "mtime_ns": 1, "mode": 0o644,
+                          "block_size": 65536}]}
+
+
+async def test_client_reads_at_most_64_kib_of_an_error_body(tmp_path: Path) -> None:
+    fake = FakeDaemon()
+
+    async def huge_error(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=500)
+        await resp.prepare(request)
+        piece = b"x" * (1 << 20)
+        try:
+            for _ in range(256):  # 256 MiB, unless the client stops reading
+                await resp.write(piece)
+                fake.sent += len(piece)
+        except (ConnectionError, OSError):
+            pass
+        return resp
+
+    await fake.start({("GET", "info"): fake.info(), ("POST", "session"): _json(_DOWNLOAD),
+                      ("POST", "want"): _json({"queued": 1}), ("GET", "blocks"): huge_error,
+                      ("DELETE", "s1"): _json({"closed": True})})
+    try:
+        rc, out = await _cli("transfer", fake.url("/f"), str(tmp_path), "-q")
+    finally:
+        await fake.stop()
+    assert rc != 0
+    assert "GET /.fallback/v1/session/s1/blocks" in fake.hits
+    assert fake.sent < 32 << 20, f"the client read {fake.sent >> 20} MiB of an error body"
+
+
+@pytest.mark.parametrize("where", ["info", "session"])
+async def test_client_refuses_redirects(tmp_path: Path, where: str) -> None:
+    other = FakeDaemon()
+    fake = FakeDaemon()
+    await other.start({("GET", "info"): other.info(), ("POST", "session"): _json(_DOWNLOAD),
+                       ("POST", "*"): _json({"queued": 1}), ("GET", "blocks"): _json({}, 404)})
+    routes = {("GET", "info"): fake.info(), ("POST", "session"): _json({"error": "no"}, 401)}
+    routes[("GET" if where == "info" else "POST", where)] = _redirect(
+        f"http://127.0.0.1:{other.port}/.fallback/v1/{where}")
+    await fake.start(routes)
+    try:
+        rc, out = await _cli("transfer", fake.url("/f"), str(tmp_path), "-q")
+    finally:
+        await fake.stop()
+        await other.stop()
+    assert rc != 0
+    assert other.hits == [], "the client followed a redirect to another address"
+    assert "307 redirecting to" in out and f":{other.port}/" in out, out
