@@ -202,6 +202,7 @@ def _session(request: web.Request, direction: str | None, call: str) -> S.Sessio
     if direction is not None:
         S.check_access(s, st.config.user(s.user), direction, call)
     s.touch(_scheme(request))
+    s.used = True
     return s
 
 
@@ -225,12 +226,15 @@ async def open_session(request: web.Request) -> web.Response:
     if st.stopping.is_set():
         raise ProtocolError("daemon is shutting down", status=503)
     user = await authenticate(request)
-    st.table.admit(user.name, st.config.sessions_per_user_max)
-    msg = await _json(request, control.parse_open)
-    Path(user.docroot).mkdir(parents=True, exist_ok=True)  # before paths are confined to it
-    if isinstance(msg, control.OpenUpload):
-        return await _open_upload(request, st, user, msg)
-    return await _open_download(request, st, user, msg)
+    st.table.admit(user.name, st.config.sessions_per_user_max)  # reserves the slot at once
+    try:
+        msg = await _json(request, control.parse_open)
+        Path(user.docroot).mkdir(parents=True, exist_ok=True)  # before paths are confined to it
+        if isinstance(msg, control.OpenUpload):
+            return await _open_upload(request, st, user, msg)
+        return await _open_download(request, st, user, msg)
+    finally:
+        st.table.release(user.name)
 
 
 def _common(request: web.Request, st: DaemonState, user: UserConfig, overwrite: str) -> dict[str, Any]:

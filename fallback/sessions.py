@@ -58,6 +58,11 @@ not reached is answered ``pending`` (the client calls again; blocks read stay
 recorded in ``SentSource``). Each block is one executor job, so other requests on
 the daemon's I/O pool interleave with a long verification."""
 
+MAX_OPENING = 2
+"""Session opens one user may have under way at a time (``SessionTable.admit``): an
+upload open inspects every target (up to 2^22 entries) on the daemon's shared I/O
+pool, so one user cannot occupy it with many at once. Beyond it: 429."""
+
 IDLE_TAKEOVER = 2.0
 """Seconds without a request or an open stream after which a session's
 write locks may be taken over by a new session for the same targets: this is
@@ -88,6 +93,7 @@ class Session:
     verifier: asyncio.Task[None] | None = None
     planning: bool = False  # a plan call is running or succeeded: there is one plan per session
     digesting: bool = False  # a /digests call is running: one at a time per session
+    used: bool = False  # a call was made after the open (the reaper's shorter bound otherwise)
     committed: int = 0
     skipped: int = 0
     error: str | None = None
@@ -135,6 +141,7 @@ class SessionTable:
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
         self.writers: dict[Path, Session] = {}
+        self.opening: dict[str, int] = {}  # user -> opens admitted and not finished
 
     def new(self, **kw: object) -> Session:
         sid = secrets.token_hex(16)
@@ -151,12 +158,29 @@ class SessionTable:
         return s
 
     def admit(self, user: str, limit: int) -> None:
-        """Refuse a new session (429) when ``user`` already has ``limit`` open: each one
-        holds memory and descriptors until it is closed or times out."""
-        n = sum(1 for s in self.sessions.values() if s.user == user and not s.closed)
+        """Reserve a session slot for ``user``, or refuse (429) when ``user`` already has
+        ``limit`` sessions open or being opened (each holds memory and descriptors until
+        it is closed or times out), or ``MAX_OPENING`` opens under way (an open walks or
+        inspects up to 2^22 entries on the shared I/O pool). Counted at once, before any
+        await, so concurrent opens cannot pass together; the caller ``release``s the
+        reservation when its open ends, however it ends."""
+        opening = self.opening.get(user, 0)
+        if opening >= MAX_OPENING:
+            raise ProtocolError(f"user {user} is already opening {opening} sessions: try again "
+                                "when they are open", status=429)
+        n = opening + sum(1 for s in self.sessions.values() if s.user == user and not s.closed)
         if n >= limit:
             raise ProtocolError(f"user {user} has {n} open sessions (sessions_per_user_max is "
                                 f"{limit}): let some finish, or try again later", status=429)
+        self.opening[user] = opening + 1
+
+    def release(self, user: str) -> None:
+        """End the reservation ``admit`` made (the session, if opened, now counts itself)."""
+        left = self.opening.get(user, 0) - 1
+        if left > 0:
+            self.opening[user] = left
+        else:
+            self.opening.pop(user, None)
 
     async def close(self, s: Session, error: str | None = None) -> None:
         if s.closed:
@@ -176,10 +200,13 @@ class SessionTable:
         self.sessions.pop(s.id, None)
         log.info(s.summary())
 
-    async def reap(self, timeout: float) -> None:
+    async def reap(self, timeout: float, unused: float | None = None) -> None:
+        """Close sessions with no stream and no request for ``timeout`` seconds, or for
+        ``unused`` seconds (default ``timeout``) when no call was made after the open."""
         now = time.monotonic()
         for s in list(self.sessions.values()):
-            if s.streams == 0 and now - s.last_activity > timeout:
+            limit = timeout if s.used or unused is None else unused
+            if s.streams == 0 and now - s.last_activity > limit:
                 await self.close(s, "session activity timeout")
 
     async def close_all(self, reason: str) -> None:

@@ -4,6 +4,7 @@ every defect kind here has a test that failed before its fix."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import subprocess
@@ -16,8 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import PASSWORDS, Daemon, make_file
-from tests.control_client import BS, PERMS, Api, start_daemon
+from tests.conftest import PASSWORDS, Daemon, free_port, make_file
+from tests.control_client import BS, PERMS, Api, Sess, conf_xml, start_daemon
 from transport.blocks.digest import digest_path
 
 MAX_DIGEST_BYTES = 64 << 20  # fallback.sessions.MAX_DIGEST_BYTES, as docs/protocol.md states it
@@ -255,3 +256,60 @@ async def test_client_refuses_redirects(tmp_path: Path, where: str) -> None:
     assert rc != 0
     assert other.hits == [], "the client followed a redirect to another address"
     assert "307 redirecting to" in out and f":{other.port}/" in out, out
+
+
+# -- 5. sessions_per_user_max holds under concurrent opens; unused sessions are reaped -------------
+def _daemon_with(base: Path, http_server_xml: str, perms: dict[str, tuple[bool, bool]] | None = None
+                 ) -> Daemon:
+    d = Daemon(base, free_port(), free_port(), {"alice": base / "docroot" / "alice"})
+    base.mkdir(parents=True, exist_ok=True)
+    xml = conf_xml(d, perms or {"alice": PERMS["rw"]})
+    d.config_path.write_text(xml.replace("</http_server>", http_server_xml + "</http_server>", 1))
+    return d.start()
+
+
+async def test_concurrent_opens_cannot_pass_sessions_per_user_max(tmp_path: Path, api_for: Any) -> None:
+    d = _daemon_with(tmp_path / "d", "<sessions_per_user_max>4</sessions_per_user_max>")
+    tree = d.docroots["alice"] / "tree"
+    tree.mkdir()
+    for k in range(4000):  # an open walks them: long enough for opens to overlap
+        (tree / f"f{k}").write_bytes(b"x")
+    api = api_for(d)
+    body = json.dumps({"direction": "download", "path": "/tree"}).encode()
+    replies = await asyncio.gather(*(api.open_raw("alice", body) for _ in range(24)))
+    ok = [r for r in replies if r.status == 200]
+    assert 1 <= len(ok) <= 4, sorted(r.status for r in replies)
+    # the others: over the limit (429), or the daemon's bound on password checks at once (503)
+    assert all(r.status in (429, 503) for r in replies if r.status != 200), \
+        {(r.status, r.error) for r in replies}
+    # every reservation was released: once those close, as many may open again
+    for r in ok:
+        s = Sess(r.json["id"], r.json["token"])
+        assert (await api.call(s, "DELETE", "", {})).status == 200
+    for _ in range(4):
+        await api.open("alice", {"direction": "download", "path": "/tree"})
+    assert (await api.open_raw("alice", body)).status == 429
+
+
+async def test_sessions_unused_after_open_are_reaped_without_a_timeout(tmp_path: Path) -> None:
+    """``session_activity_timeout`` 0: a session with no call after its open ends after
+    ``UNUSED_LIMIT`` (10 minutes), a used one after ``IDLE_LIMIT`` (an hour); in-process,
+    on the daemon's own table, with the clocks of the sessions set back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fallback.daemon import IDLE_LIMIT, UNUSED_LIMIT
+    from fallback.sessions import SessionTable
+
+    table = SessionTable()
+    with ThreadPoolExecutor(1) as ex:
+        kw: dict[str, Any] = dict(user="alice", peer="x", direction="download", docroot=tmp_path,
+                                  root=tmp_path, entries=[], executor=ex)
+        unused, used, fresh = table.new(**kw), table.new(**kw), table.new(**kw)
+        used.used = True
+        unused.last_activity -= UNUSED_LIMIT + 1
+        used.last_activity -= UNUSED_LIMIT + 1
+        await table.reap(IDLE_LIMIT, unused=UNUSED_LIMIT)
+        assert set(table.sessions) == {used.id, fresh.id}
+        used.last_activity -= IDLE_LIMIT
+        await table.reap(IDLE_LIMIT, unused=UNUSED_LIMIT)
+        assert set(table.sessions) == {fresh.id}
