@@ -32,6 +32,7 @@ from fallback.answers import (
     streams_cap,
     upload_states,
 )
+from fallback.control import MAX_RANGES
 from fallback.errors import TransferError, UsageError
 from fallback.remote import Remote, Url, is_url, parse_url
 from fallback.result import Progress, ProgressCallback, TransferResult
@@ -443,7 +444,9 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                 log.info("retry round %d: %d blocks still missing", rounds,
                          sum(b - a for _, a, b in want))
             rounds += 1
-            await remote.call("POST", remote.session_url("/want"), {"blocks": want})
+            for k in range(0, len(want), MAX_RANGES):  # the daemon takes that many per call
+                await remote.call("POST", remote.session_url("/want"),
+                                  {"blocks": want[k:k + MAX_RANGES]})
             await _run_streams(lambda: download_stream(
                 remote.http, remote.session_url("/blocks"), sink,
                 headers=remote.stream_headers, ssl=remote.ssl), streams, None)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from aiohttp import web
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file
 from tests.control_client import BS, PERMS, Api, Sess, conf_xml, start_daemon
 from transport.blocks.digest import digest_path
+from transport.blocks.ranges import RangeSet
 
 MAX_DIGEST_BYTES = 64 << 20  # fallback.sessions.MAX_DIGEST_BYTES, as docs/protocol.md states it
 
@@ -313,3 +316,31 @@ async def test_sessions_unused_after_open_are_reaped_without_a_timeout(tmp_path:
         used.last_activity -= IDLE_LIMIT
         await table.reap(IDLE_LIMIT, unused=UNUSED_LIMIT)
         assert set(table.sessions) == {fresh.id}
+
+
+# -- 6. a want call is bounded and cheap -----------------------------------------------------------
+async def test_want_takes_at_most_65536_ranges_quickly(tmp_path: Path, api_for: Any) -> None:
+    d = start_daemon(tmp_path / "d", {"alice": PERMS["rw"]})
+    _sparse(d.docroots["alice"] / "big", 1 << 40)  # 2^24 blocks of 64 KiB
+    api = api_for(d)
+    s = await api.open("alice", {"direction": "download", "path": "/big"})
+    over = [[0, 2 * k, 2 * k + 1] for k in range(65537)]
+    r = await api.call(s, "POST", "/want", {"blocks": over})
+    assert r.status == 400 and "65536" in r.error, (r.status, r.error)
+    # the most a call may name, in the worst order (descending, none adjacent): fast
+    most = [[0, 2 * k, 2 * k + 1] for k in reversed(range(65536))]
+    t0 = time.monotonic()
+    r = await api.call(s, "POST", "/want", {"blocks": most})
+    assert r.status == 200 and r.json == {"queued": 65536}, (r.status, r.error)
+    assert time.monotonic() - t0 < 5
+
+
+def test_rangeset_merge_equals_adding_one_by_one() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        base = [(a, a + rng.randint(0, 5)) for a in rng.sample(range(200), 20)]
+        new = [(a, a + rng.randint(0, 9)) for a in rng.sample(range(220), 30)]
+        one, bulk = RangeSet(base), RangeSet(base)
+        one.update(new)
+        bulk.merge(new)
+        assert bulk == one
