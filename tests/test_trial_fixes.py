@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file
-from tests.control_client import BS, PERMS, Api, Sess, conf_xml, start_daemon
+from tests.control_client import BS, PERMS, T0, Api, Sess, conf_xml, entry, start_daemon
 from transport.blocks.digest import digest_path
 from transport.blocks.ranges import RangeSet
 
@@ -344,3 +344,19 @@ def test_rangeset_merge_equals_adding_one_by_one() -> None:
         one.update(new)
         bulk.merge(new)
         assert bulk == one
+
+
+# -- 7. upload opens: batched inspection, at most 2 under way per user -----------------------------
+async def test_at_most_two_opens_per_user_under_way(tmp_path: Path, api_for: Any) -> None:
+    d = start_daemon(tmp_path / "d", {"alice": PERMS["rw"]})
+    api = api_for(d)
+    entries = [{"path": "", "kind": "dir", "mtime_ns": T0, "mode": 0o755}]
+    entries += [entry(f"f{k}", size=1) for k in range(20000)]  # seconds to inspect
+    bodies = [json.dumps({"direction": "upload", "path": f"/up{n}", "into_dir": False,
+                          "entries": entries}).encode() for n in range(5)]
+    replies = await asyncio.gather(*(api.open_raw("alice", b) for b in bodies))
+    statuses = sorted(r.status for r in replies)
+    assert 200 in statuses, {(r.status, r.error) for r in replies}
+    busy = [r for r in replies if r.status == 429]
+    assert busy and all("already opening" in r.error for r in busy), \
+        {(r.status, r.error) for r in replies}
