@@ -360,3 +360,22 @@ async def test_at_most_two_opens_per_user_under_way(tmp_path: Path, api_for: Any
     busy = [r for r in replies if r.status == 429]
     assert busy and all("already opening" in r.error for r in busy), \
         {(r.status, r.error) for r in replies}
+
+
+# -- 8. PUT with Content-Range is refused, not taken for the whole file --------------------------
+@pytest.mark.parametrize("existing", [True, False])
+def test_partial_put_is_refused(daemon_factory, tmp_path: Path, existing: bool) -> None:
+    d = daemon_factory()
+    target = d.docroots["alice"] / "f.bin"
+    if existing:
+        make_file(target, 5000)
+    before = target.read_bytes() if existing else None
+    frag = make_file(tmp_path / "frag", 100, seed=3)
+    p = subprocess.run(["curl", "-sk", "-o", "-", "-w", "\n%{http_code}", "-T", str(frag),
+                        "-H", "Content-Range: bytes 100-199/5000",
+                        "-u", f"alice:{PASSWORDS['alice']}", d.url("/f.bin").replace("alice@", "")],
+                       capture_output=True, text=True)
+    body, status = p.stdout.rsplit("\n", 1)
+    assert status == "400", p.stdout
+    assert "Content-Range" in json.loads(body)["error"]
+    assert (target.read_bytes() if existing else target.exists()) == (before if existing else False)
