@@ -46,7 +46,7 @@ from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import MAX_ENTRIES, FileEntry, check_relpath
 from transport.blocks.modes import file_mode
 from transport.blocks.receiver import FileReceiver
-from transport.blocks.statedir import STATE_DIR, StateDir, is_state_dir
+from transport.blocks.statedir import STATE_DIR, StateDir, crosses_state_dir, is_state_dir
 from transport.blocks.tree import describe_envelopes, walk_source
 from transport.errors import (
     RESOURCE_ERRNOS,
@@ -219,8 +219,9 @@ def _docroot_state(request: web.Request, docroot: Path) -> StateDir:
 
 
 def _refuse_reserved(request: web.Request, docroot: Path, path: Path) -> None:
-    """403 for the docroot's state folder and anything in it (by name or through a symlink)."""
-    if _docroot_state(request, docroot).holds(path):
+    """403 for the docroot's state folder and anything in it (by name or through a symlink),
+    and for any path through a marked state folder below the docroot (a nested user's)."""
+    if _docroot_state(request, docroot).holds(path) or crosses_state_dir(docroot, path):
         raise PathError("that name is reserved", status=403)
 
 

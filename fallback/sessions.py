@@ -31,7 +31,7 @@ from transport.blocks.ranges import RangeSet
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource, SourceWindow
-from transport.blocks.statedir import StateDir
+from transport.blocks.statedir import StateDir, crosses_state_dir
 from transport.blocks.tree import target_for
 from transport.errors import ConflictError, PathError, ProtocolError, SourceChanged
 
@@ -278,7 +278,7 @@ def target_state(session: Session, index: int, *, want_root: bool) -> TargetStat
     target = session.target(index)
     confine(session.docroot, target)
     state = session.state
-    if state.holds(target):
+    if state.holds(target) or crosses_state_dir(session.docroot, target):
         raise PathError(f"{relpath_in(session.docroot, target)}: that name is reserved")
     try:
         st = os.lstat(target)

@@ -4,6 +4,7 @@ every defect kind here has a test that failed before its fix."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import random
@@ -379,3 +380,49 @@ def test_partial_put_is_refused(daemon_factory, tmp_path: Path, existing: bool) 
     assert status == "400", p.stdout
     assert "Content-Range" in json.loads(body)["error"]
     assert (target.read_bytes() if existing else target.exists()) == (before if existing else False)
+
+
+# -- 9. nested docroots: the outer user cannot reach the inner user's state folder ---------------
+async def test_outer_user_cannot_reach_a_nested_users_state_folder(tmp_path: Path, api_for: Any) -> None:
+    base = tmp_path / "d"
+    base.mkdir()
+    outer = base / "docroot" / "alice"
+    d = Daemon(base, free_port(), free_port(), {"alice": outer, "bob": outer / "nest"})
+    d.config_path.write_text(conf_xml(d, {"alice": PERMS["rw"], "bob": PERMS["rw"]}))
+    d.start()
+    api = api_for(d)
+    # bob leaves a partial upload: his state folder (marked) holds a partial and a journal
+    s = await api.open("bob", {"direction": "upload", "path": "/x.bin", "into_dir": False,
+                               "entries": [entry()]})
+    r = await api.call(s, "POST", "/plan", {"files": [{"file": 0, "action": "fresh"}]})
+    assert r.status == 200, r.error
+    state = outer / "nest" / ".fallback"
+    assert (state / "README").is_file()
+    journals = sorted(p.name for p in (state / "parts").iterdir())
+    assert journals
+    auth = {"Authorization": "Basic " + base64.b64encode(b"alice:alice-secret-pw").decode()}
+    plain = f"http://127.0.0.1:{d.http_port}"
+
+    async def req(method: str, path: str, data: bytes | None = None) -> int:
+        async with api.http.request(method, plain + path, headers=auth, data=data) as resp:
+            await resp.read()
+            return resp.status
+
+    assert await req("GET", "/nest/.fallback/parts/") == 403
+    assert await req("GET", "/nest/.fallback/README") == 403
+    assert await req("HEAD", "/nest/.fallback/README") == 403
+    assert await req("GET", f"/nest/.fallback/parts/{journals[0]}") == 403
+    assert await req("PUT", f"/nest/.fallback/parts/{journals[0]}", b"junk") == 403
+    async with api.http.get(plain + "/nest/", headers=auth) as resp:
+        assert ".fallback" not in (await resp.json())["entries"]
+    # session paths: a download of it, an upload into it, an upload whose entries cross it
+    for body in ({"direction": "download", "path": "/nest/.fallback"},
+                 {"direction": "upload", "path": "/nest/.fallback/parts/y", "into_dir": False,
+                  "entries": [entry()]},
+                 {"direction": "upload", "path": "/nest", "into_dir": False,
+                  "entries": [{"path": "", "kind": "dir", "mtime_ns": T0, "mode": 0o755},
+                              {"path": ".fallback", "kind": "dir", "mtime_ns": T0, "mode": 0o755},
+                              entry(".fallback/README")]}):
+        r = await api.open_raw("alice", json.dumps(body).encode())
+        assert r.status == 403, (body, r.status, r.error)
+    assert sorted(p.name for p in (state / "parts").iterdir()) == journals
