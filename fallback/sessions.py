@@ -284,6 +284,9 @@ def target_state(session: Session, index: int, *, want_root: bool) -> TargetStat
         st = os.lstat(target)
     except FileNotFoundError:
         st = None
+    except NotADirectoryError:  # /file/x: a file where one of its folders would be
+        raise ConflictError(f"{relpath_in(session.docroot, target)}: a file is in the way of "
+                            "its folder") from None
     partial = inspect_partial(target, state=state) if not entry.is_dir else None
     exists = st is not None
     is_dir = bool(st) and os.path.isdir(target) and not os.path.islink(target)

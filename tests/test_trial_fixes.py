@@ -426,3 +426,28 @@ async def test_outer_user_cannot_reach_a_nested_users_state_folder(tmp_path: Pat
         r = await api.open_raw("alice", json.dumps(body).encode())
         assert r.status == 403, (body, r.status, r.error)
     assert sorted(p.name for p in (state / "parts").iterdir()) == journals
+
+
+# -- 10. smaller ones -------------------------------------------------------------------------------
+def test_upload_under_a_file_is_a_409_with_a_clear_message(daemon_factory, tmp_path: Path) -> None:
+    d = daemon_factory('<file_system><overwrite>deny</overwrite></file_system>')
+    make_file(d.docroots["alice"] / "file", 10)
+    src = make_file(tmp_path / "x", 1000)
+    rc, res, err = d.transfer(str(src), d.url("/file/x"), check=False)
+    assert rc == 1 and res["ok"] is False
+    assert res["error"] == "/file/x: a file is in the way of its folder", res
+    assert "500" not in d.log() and "Not a directory" not in d.log()
+
+
+def test_failed_result_has_no_rate_without_bytes_and_no_verified(daemon_factory, tmp_path: Path) -> None:
+    d = daemon_factory()
+    make_file(d.docroots["alice"] / "file", 10)
+    src = make_file(tmp_path / "x", 5 << 20)
+    rc, res, err = d.transfer(str(src), d.url("/file/x"), check=False)
+    assert rc == 1 and res["ok"] is False and res["sent_bytes"] == 0
+    assert res["rate_mbps"] == 0 and res["bytes"] == 5 << 20
+    assert "verified" in res and res["verified"] is None
+    # a successful run: the rate is what it carried over its time
+    rc, res, err = d.transfer(str(src), d.url("/y"))
+    assert res["verified"] == "full" and res["sent_bytes"] == 5 << 20
+    assert res["rate_mbps"] == pytest.approx(res["sent_bytes"] * 8 / 1e6 / res["seconds"], rel=0.01)
