@@ -55,6 +55,9 @@ in the state folder (``parts/<hash>.journal``), but a suffix that could make a t
 look like an old journal (or an envelope) is still refused, so no name of ours can ever be
 taken for another of ours by an older client or a person cleaning up."""
 
+MAX_SUFFIX_BYTES = 64
+"""Longest ``partial_file_suffix`` in bytes (UTF-8): the temporary name a cross-device
+commit makes beside its target is ``.`` + 16 hex digits + the suffix."""
 _RESERVED_SUFFIXES = ((JOURNAL_SUFFIX, "journal", "a journal"),
                       (ENVELOPE_SUFFIX, "envelope", "an encrypted file"))
 
@@ -70,6 +73,9 @@ def _partial_suffix(name: str, text: str, base: Path) -> str:
     stored as ``.x.fallback-env``).
     """
     text = _suffix(name, text, base)
+    if len(text.encode()) > MAX_SUFFIX_BYTES:
+        raise _Bad(f"{name}: {len(text.encode())} bytes, at most {MAX_SUFFIX_BYTES} (a file's "
+                   "name plus its suffix must stay within the 255-byte name limit)")
     for reserved, what, victim in _RESERVED_SUFFIXES:
         if text.endswith(reserved) or reserved.endswith(text):
             raise _Bad(f"{name}: {_q(text)} collides with the {what} suffix {_q(reserved)} "

@@ -15,7 +15,7 @@ fields without breaking an older daemon.
 
 Limits (besides the 64 MiB body limit of ``server.MAX_CONTROL_BODY``):
 at most ``manifest.MAX_ENTRIES`` items in a plan or commit, at most
-``MAX_RANGES`` ranges in a ``want`` and ``MAX_RANGES`` blocks in a ``digests``.
+``MAX_RANGES`` ranges in a ``want`` and ``MAX_DIGESTS`` blocks in a ``digests``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from transport.blocks.manifest import MAX_ENTRIES, MAX_PATH_BYTES, FileEntry, en
 from transport.blocks.plan import OVERWRITE_MODES
 from transport.errors import ProtocolError
 
-MAX_RANGES = 1 << 22
+MAX_RANGES = 1 << 16
+"""Ranges one ``want`` call may name: the client sends one per file and missing run,
+at most this many per call (it splits a larger want into several calls), so one
+call costs the daemon's event loop tens of milliseconds, not seconds."""
 MAX_DIGESTS = 4096
 """Blocks (or files) one ``/digests`` call may name: each costs the daemon a read of a
 block (up to 64 MiB), so one call is bounded to a few GiB of reading at most."""

@@ -30,6 +30,7 @@ READ_BUFSIZE = 1 << 20
 """Request-body buffer before aiohttp pauses the socket: its 64 KiB default makes a
 4 MiB block cost ~60 pause/resume round trips and capped uploads near 130 MB/s."""
 IDLE_LIMIT = 3600.0  # sessions with no timeout configured are still dropped after an hour idle
+UNUSED_LIMIT = 600.0  # ... and after 10 minutes when no call was made after the open
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -205,8 +206,8 @@ def _reload(state: DaemonState) -> None:
 async def _reap(state: DaemonState) -> None:
     while True:
         await asyncio.sleep(REAP_INTERVAL)
-        timeout = state.config.session_activity_timeout or IDLE_LIMIT
-        await state.table.reap(timeout)
+        timeout = state.config.session_activity_timeout
+        await state.table.reap(timeout or IDLE_LIMIT, unused=timeout or UNUSED_LIMIT)
 
 
 def serve(config: Config, verbose: bool = False) -> int:

@@ -32,6 +32,7 @@ from fallback.answers import (
     streams_cap,
     upload_states,
 )
+from fallback.control import MAX_RANGES
 from fallback.errors import TransferError, UsageError
 from fallback.remote import Remote, Url, is_url, parse_url
 from fallback.result import Progress, ProgressCallback, TransferResult
@@ -39,6 +40,7 @@ from transport.blocks import envelope as env
 from transport.blocks.digest import digest_path, file_digest
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.blocks.manifest import FileEntry
+from transport.blocks.modes import dir_mode
 from transport.blocks.plan import (
     DEFAULT_RESUME,
     OVERWRITE_MODES,
@@ -63,14 +65,16 @@ from transport.errors import (
     ConnectionLost,
     IntegrityError,
     PathError,
+    ProtocolError,
     TransportError,
 )
 from transport.http.client import download_stream, upload_stream
 
 MAX_ROUNDS = 6
 DIGEST_BATCH = 32
-"""Blocks per ``/digests`` call: the daemon reads them within one request (32 x 4 MiB
-is well under a second of disk), so no call nears the client's read timeout."""
+"""Blocks per ``/digests`` call; the daemon reads at most 64 MiB per call (its
+``MAX_DIGEST_BYTES``) and leaves the rest out of its answer, which the client asks
+for again, so no call nears the client's read timeout."""
 
 log = logging.getLogger("fallback.client")  # -v: info, -vv: debug (fallback.cli)
 
@@ -440,7 +444,9 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
                 log.info("retry round %d: %d blocks still missing", rounds,
                          sum(b - a for _, a, b in want))
             rounds += 1
-            await remote.call("POST", remote.session_url("/want"), {"blocks": want})
+            for k in range(0, len(want), MAX_RANGES):  # the daemon takes that many per call
+                await remote.call("POST", remote.session_url("/want"),
+                                  {"blocks": want[k:k + MAX_RANGES]})
             await _run_streams(lambda: download_stream(
                 remote.http, remote.session_url("/blocks"), sink,
                 headers=remote.stream_headers, ssl=remote.ssl), streams, None)
@@ -453,7 +459,7 @@ async def _download(remote: Remote, url: Url, dst: Path, into: bool, opts: Optio
         for i in reversed(range(len(entries))):
             if entries[i].is_dir:
                 path = target_for(root, entries[i].path)
-                os.chmod(path, entries[i].mode & 0o7777 | 0o700)
+                os.chmod(path, dir_mode(entries[i].mode))  # no set-id/sticky; umask applies
                 os.utime(path, ns=(entries[i].mtime_ns, entries[i].mtime_ns))
         progress.finish()
     finally:
@@ -492,9 +498,7 @@ async def _plan_download_file(remote: Remote, i: int, entry: FileEntry, target: 
             action = "transfer"  # ciphertext and plaintext digests are not comparable
         else:
             local = await loop.run_in_executor(executor, digest_path, target, entry.block_size)
-            remote_d = await remote.call("POST", remote.session_url("/digests"),
-                                         {"file": i, "blocks": [], "root": True})
-            action = "skip" if local == digests_answer(remote_d)[1] else "transfer"
+            action = "skip" if local == await _source_root(remote, i) else "transfer"
             if action == "skip":
                 result.checksums[shown] = local
     if action == "skip":
@@ -529,10 +533,26 @@ async def _source_digests(remote: Remote, file: int, blocks: list[int]) -> dict[
     """The daemon's digests of some blocks of a download's source, over its current bytes."""
     out: dict[int, bytes] = {}
     for part in batches(blocks, DIGEST_BATCH):
-        got = await remote.call("POST", remote.session_url("/digests"),
-                                {"file": file, "blocks": part, "root": False})
-        out.update(digests_answer(got)[0])
+        while part:  # the daemon reads at most MAX_DIGEST_BYTES per call: ask for the rest
+            got = await remote.call("POST", remote.session_url("/digests"),
+                                    {"file": file, "blocks": part, "root": False})
+            answered = {b: d for b, d in digests_answer(got)[0].items() if b in part}
+            if not answered:
+                raise ProtocolError("refused the daemon's digests answer: no digest given")
+            out.update(answered)
+            part = [b for b in part if b not in answered]
     return out
+
+
+async def _source_root(remote: Remote, file: int) -> str | None:
+    """The daemon's whole-file digest of a download's source over its current bytes
+    (it answers ``pending`` until it has read the file within its per-call budget)."""
+    while True:
+        got = await remote.call("POST", remote.session_url("/digests"),
+                                {"file": file, "blocks": [], "root": True})
+        root = digests_answer(got)[1]
+        if root is not None or not got.get("pending"):
+            return root
 
 
 async def _commit_downloads(remote: Remote, receivers: dict[int, FileReceiver],
@@ -554,9 +574,12 @@ async def _commit_downloads(remote: Remote, receivers: dict[int, FileReceiver],
     roots: dict[str, str] = {}
     errors: dict[str, str] = {}
     for part in batches(sorted(receivers), DIGEST_BATCH * 32):
-        got = await remote.call("POST", remote.session_url("/digests"), {"roots": part})
-        roots.update(got.get("roots", {}))
-        errors.update(got.get("errors", {}))
+        while part:  # files the daemon did not finish within its per-call budget: ask again
+            got = await remote.call("POST", remote.session_url("/digests"), {"roots": part})
+            roots.update(got.get("roots", {}))
+            errors.update(got.get("errors", {}))
+            pending = got.get("pending", [])
+            part = [i for i in part if i in pending] if isinstance(pending, list) else []
     for i, rec in list(receivers.items()):
         shown = _display(name, entries[i], i in transforms)
         expected = roots.get(str(i))

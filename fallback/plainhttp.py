@@ -63,7 +63,7 @@ from typing import Literal
 from aiohttp import web
 from multidict import MultiMapping
 
-from transport.errors import ConflictError, PathError
+from transport.errors import ConflictError, PathError, ProtocolError
 
 log = logging.getLogger("fallback.daemon")
 
@@ -431,7 +431,13 @@ async def check_put(request: web.Request, path: str, *, label: str,
     """Preconditions of a PUT to ``path`` (RFC 9110 §13.1.1 If-Match, §13.1.4
     If-Unmodified-Since, §13.1.2 If-None-Match; ``If-None-Match: *`` makes it
     create-only). Raises ``ConflictError`` (412) if one fails. A file in the way
-    of the target's folder is left to the 409 the caller answers next (§13.2.1)."""
+    of the target's folder is left to the 409 the caller answers next (§13.2.1).
+    A ``Content-Range`` (a partial PUT) is a ``ProtocolError`` (400): RFC 9110 §14.5
+    says a server that does not support partial PUT MUST reject it, since taking the
+    fragment for the whole file would replace the file with it."""
+    if "Content-Range" in request.headers:
+        raise ProtocolError(f"{label}: partial PUT (Content-Range) is not supported; send the "
+                            "whole file", status=400)
     cond = Conditions.from_headers(request.headers)
     if cond.if_match is None and cond.if_none_match is None and cond.if_unmodified_since is None:
         return

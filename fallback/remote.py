@@ -23,7 +23,8 @@ from fallback.errors import UsageError
 from fallback.known_hosts import CertificateChanged, CertificateNotTrusted, KnownHost
 from fallback.tls import client_ssl, format_fingerprint
 from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
-from transport.http.client import SSLArg, describe, error_text
+from transport.http.client import SSLArg, describe, error_text, read_error, refuse_redirect
+from transport.http.client import read_bounded as _read_bounded
 
 log = logging.getLogger("fallback.client")
 PREFIX = "/.fallback/v1"
@@ -205,11 +206,14 @@ class Remote:
     async def call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
         try:
             async with self.http.request(method, url, json=body or {}, headers=self._headers(),
-                                         ssl=self.ssl) as resp:
+                                         ssl=self.ssl, allow_redirects=False) as resp:
+                refuse_redirect(resp, self.base)
+                if resp.status != 200:
+                    raw = await read_error(resp)
+                    log.debug("%s %s: %d, %d bytes", method, url, resp.status, len(raw))
+                    raise RemoteError(error_text(raw, resp.status), status=resp.status)
                 raw = await read_bounded(resp, self.base)
                 log.debug("%s %s: %d, %d bytes", method, url, resp.status, len(raw))
-                if resp.status != 200:
-                    raise RemoteError(error_text(raw, resp.status), status=resp.status)
                 return parse_answer(raw, self.base)
         except TransportError:
             raise
@@ -243,8 +247,9 @@ async def _info(url: Url, ssl: Any, known: KnownHost | None = None) -> dict[str,
     """The daemon's public facts (ports, enabled schemes): no auth needed."""
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
-            async with http.get(f"{url.base()}{PREFIX}/info",
+            async with http.get(f"{url.base()}{PREFIX}/info", allow_redirects=False,
                                 ssl=ssl if url.scheme == "https" else True) as resp:
+                refuse_redirect(resp, url.base())
                 if resp.status != 200:
                     raise RemoteError(f"{url.base()} is not a fallback daemon (HTTP {resp.status})",
                                       status=resp.status)
@@ -270,16 +275,12 @@ _TOKEN = re.compile(r"[0-9A-Za-z_.~+/=-]{1,512}")
 
 
 async def read_bounded(resp: aiohttp.ClientResponse, base: str, limit: int = MAX_ANSWER) -> bytes:
-    """A control answer's body, refusing (``ProtocolError``) more than ``limit`` bytes."""
-    if resp.content_length is not None and resp.content_length > limit:
-        raise ProtocolError(f"{base}: answer of {resp.content_length} bytes is larger than "
-                            f"{limit} bytes")
-    body = bytearray()
-    while chunk := await resp.content.read(1 << 20):
-        body += chunk
-        if len(body) > limit:
-            raise ProtocolError(f"{base}: answer larger than {limit} bytes")
-    return bytes(body)
+    """A control answer's body, refusing (``ProtocolError``) more than ``limit`` bytes
+    (``transport.http.client.read_bounded``, its message naming ``base``)."""
+    try:
+        return await _read_bounded(resp, limit)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{base}: {exc.message}") from None
 
 
 def parse_answer(raw: bytes, base: str) -> Any:

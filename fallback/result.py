@@ -44,7 +44,7 @@ class TransferResult:
     the weakest over all files; ``verified_files`` names each file below
     ``"full"`` with its level (``{}`` when ``verified`` is ``"full"``). Files
     skipped because they exist (``never``, ``older``) are not in ``checksums``
-    and not counted.
+    and not counted. A failed run (``ok`` false) reports ``verified`` as ``null``.
     """
 
     ok: bool = False
@@ -72,7 +72,9 @@ class TransferResult:
 
     @property
     def rate_mbps(self) -> float:
-        return self.bytes * 8 / 1e6 / self.seconds if self.seconds > 0 else 0.0
+        """Megabits per second of the bytes this run carried (``sent_bytes``, not the
+        total ``bytes``: skipped and resumed bytes did not move); 0 when nothing moved."""
+        return self.sent_bytes * 8 / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,7 +91,7 @@ class TransferResult:
             "direction": self.direction,
             "skipped_files": dict(self.skipped_files),
             "content": dict(self.content),
-            "verified": self.verified,
+            "verified": self.verified if self.ok else None,  # a failed run verified nothing as a whole
             "verified_files": dict(self.verified_files),
         }
 

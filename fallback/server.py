@@ -44,8 +44,9 @@ from fallback.ratelog import RateLimitedLog
 from fallback.throttle import LoginRefused, LoginThrottle, check_login
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import MAX_ENTRIES, FileEntry, check_relpath
+from transport.blocks.modes import file_mode
 from transport.blocks.receiver import FileReceiver
-from transport.blocks.statedir import STATE_DIR, StateDir, is_state_dir
+from transport.blocks.statedir import STATE_DIR, StateDir, crosses_state_dir, is_state_dir
 from transport.blocks.tree import describe_envelopes, walk_source
 from transport.errors import (
     RESOURCE_ERRNOS,
@@ -184,6 +185,10 @@ async def _json(request: web.Request, parse: Callable[[dict[str, Any]], M]) -> M
     return parse(control.loads(raw))
 
 
+STATE_BATCH = 512
+"""Entries whose target state one executor job inspects when an upload opens: one job
+per entry made a 300,000-entry open cost over a minute of pool hand-offs."""
+
 _INLINE_BODY = 64 << 10
 """Bodies up to this size are parsed on the event loop (about a millisecond at most)."""
 
@@ -200,6 +205,7 @@ def _session(request: web.Request, direction: str | None, call: str) -> S.Sessio
     if direction is not None:
         S.check_access(s, st.config.user(s.user), direction, call)
     s.touch(_scheme(request))
+    s.used = True
     return s
 
 
@@ -212,8 +218,9 @@ def _docroot_state(request: web.Request, docroot: Path) -> StateDir:
 
 
 def _refuse_reserved(request: web.Request, docroot: Path, path: Path) -> None:
-    """403 for the docroot's state folder and anything in it (by name or through a symlink)."""
-    if _docroot_state(request, docroot).holds(path):
+    """403 for the docroot's state folder and anything in it (by name or through a symlink),
+    and for any path through a marked state folder below the docroot (a nested user's)."""
+    if _docroot_state(request, docroot).holds(path) or crosses_state_dir(docroot, path):
         raise PathError("that name is reserved", status=403)
 
 
@@ -223,12 +230,15 @@ async def open_session(request: web.Request) -> web.Response:
     if st.stopping.is_set():
         raise ProtocolError("daemon is shutting down", status=503)
     user = await authenticate(request)
-    st.table.admit(user.name, st.config.sessions_per_user_max)
-    msg = await _json(request, control.parse_open)
-    Path(user.docroot).mkdir(parents=True, exist_ok=True)  # before paths are confined to it
-    if isinstance(msg, control.OpenUpload):
-        return await _open_upload(request, st, user, msg)
-    return await _open_download(request, st, user, msg)
+    st.table.admit(user.name, st.config.sessions_per_user_max)  # reserves the slot at once
+    try:
+        msg = await _json(request, control.parse_open)
+        Path(user.docroot).mkdir(parents=True, exist_ok=True)  # before paths are confined to it
+        if isinstance(msg, control.OpenUpload):
+            return await _open_upload(request, st, user, msg)
+        return await _open_download(request, st, user, msg)
+    finally:
+        st.table.release(user.name)
 
 
 def _common(request: web.Request, st: DaemonState, user: UserConfig, overwrite: str) -> dict[str, Any]:
@@ -274,9 +284,18 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
                            **_common(request, st, user, overwrite))
     session.touch(_scheme(request))
     want_root = msg.overwrite == "diff"
-    states = []
-    for i in range(len(entries)):
-        states.append((await _run(request, lambda i=i: S.target_state(session, i, want_root=want_root))).to_json())
+
+    def batch(k: int) -> list[dict[str, Any]]:  # one executor job per STATE_BATCH entries
+        return [S.target_state(session, i, want_root=want_root).to_json()
+                for i in range(k, min(k + STATE_BATCH, len(entries)))]
+
+    states: list[dict[str, Any]] = []
+    try:
+        for k in range(0, len(entries), STATE_BATCH):
+            states += await _run(request, batch, k)
+    except BaseException as exc:  # a refused target: do not leave the session open
+        await st.table.close(session, getattr(exc, "message", None) or type(exc).__name__)
+        raise
     log.info("session %s opened: user=%s peer=%s upload to %s (%d entries)", session.id[:8],
              user.name, request.remote, relpath_in(Path(user.docroot), root), len(entries))
     return web.json_response({"id": session.id, "token": session.token, "states": states,
@@ -444,14 +463,23 @@ async def digests(request: web.Request) -> web.Response:
     if session.feed is None:
         raise ProtocolError("not a download session", status=409)
     msg = await _json(request, control.parse_digests)
-    if isinstance(msg, control.RootsRequest):
-        return web.json_response(await _run(request, S.source_roots, session, list(msg.files)))
-    count = S.file_entry(session, msg.file).layout().count
-    if msg.blocks and msg.blocks[-1] >= count:
-        raise ProtocolError(f"digests: block {msg.blocks[-1]} out of range for file {msg.file} "
-                            f"({count} blocks)")
-    out = await _run(request, S.source_digests, session, msg.file, list(msg.blocks), msg.root)
-    return web.json_response(out)
+    if session.digesting:
+        raise ProtocolError("a digests call is already running in this session", status=429)
+    session.digesting = True
+    session.streams += 1  # busy while it reads: not idle to a takeover
+    try:
+        if isinstance(msg, control.RootsRequest):
+            return web.json_response(await S.source_roots(session, list(msg.files)))
+        count = S.file_entry(session, msg.file).layout().count
+        if msg.blocks and msg.blocks[-1] >= count:
+            raise ProtocolError(f"digests: block {msg.blocks[-1]} out of range for file {msg.file} "
+                                f"({count} blocks)")
+        out = await S.source_digests(session, msg.file, list(msg.blocks), msg.root)
+        return web.json_response(out)
+    finally:
+        session.digesting = False
+        session.streams -= 1
+        session.touch()
 
 
 async def want(request: web.Request) -> web.Response:
@@ -604,7 +632,7 @@ async def _receive_plain(request: web.Request, target: Path, state: StateDir) ->
         if size is not None and written != size:
             raise ProtocolError(f"body ended after {written} of {size} bytes")
         os.utime(rec.partial)
-        os.chmod(rec.partial, 0o644)
+        os.chmod(rec.partial, file_mode(0o644))  # the daemon's umask applies
         await loop.run_in_executor(st.executor, functools.partial(
             state.publish, rec.partial, target, replace=True))  # a copy when cross-device
         rec.discard()

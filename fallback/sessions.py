@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,13 @@ from fallback.config import UserConfig
 from fallback.paths import confine, relpath_in
 from transport.blocks.digest import digest_path, file_digest
 from transport.blocks.manifest import FileEntry
+from transport.blocks.modes import dir_mode
 from transport.blocks.plan import TargetState
 from transport.blocks.ranges import RangeSet
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.blocks.source import FileSource, SourceWindow
-from transport.blocks.statedir import StateDir
+from transport.blocks.statedir import StateDir, crosses_state_dir
 from transport.blocks.tree import target_for
 from transport.errors import ConflictError, PathError, ProtocolError, SourceChanged
 
@@ -48,6 +50,18 @@ COMMIT_WAIT = 20.0
 MAX_DIGEST_BLOCKS = 4096
 """Most block digests (or file roots) one ``/digests`` call may ask for; the
 client batches far below this."""
+
+MAX_DIGEST_BYTES = 64 << 20
+"""Source bytes one ``/digests`` call reads at most (at least one block, so every call
+makes progress): blocks asked for beyond it are left out of the answer, and a root
+not reached is answered ``pending`` (the client calls again; blocks read stay
+recorded in ``SentSource``). Each block is one executor job, so other requests on
+the daemon's I/O pool interleave with a long verification."""
+
+MAX_OPENING = 2
+"""Session opens one user may have under way at a time (``SessionTable.admit``): an
+upload open inspects every target (up to 2^22 entries) on the daemon's shared I/O
+pool, so one user cannot occupy it with many at once. Beyond it: 429."""
 
 IDLE_TAKEOVER = 2.0
 """Seconds without a request or an open stream after which a session's
@@ -78,6 +92,8 @@ class Session:
     feed: BlockFeed | None = None
     verifier: asyncio.Task[None] | None = None
     planning: bool = False  # a plan call is running or succeeded: there is one plan per session
+    digesting: bool = False  # a /digests call is running: one at a time per session
+    used: bool = False  # a call was made after the open (the reaper's shorter bound otherwise)
     committed: int = 0
     skipped: int = 0
     error: str | None = None
@@ -125,6 +141,7 @@ class SessionTable:
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
         self.writers: dict[Path, Session] = {}
+        self.opening: dict[str, int] = {}  # user -> opens admitted and not finished
 
     def new(self, **kw: object) -> Session:
         sid = secrets.token_hex(16)
@@ -141,12 +158,29 @@ class SessionTable:
         return s
 
     def admit(self, user: str, limit: int) -> None:
-        """Refuse a new session (429) when ``user`` already has ``limit`` open: each one
-        holds memory and descriptors until it is closed or times out."""
-        n = sum(1 for s in self.sessions.values() if s.user == user and not s.closed)
+        """Reserve a session slot for ``user``, or refuse (429) when ``user`` already has
+        ``limit`` sessions open or being opened (each holds memory and descriptors until
+        it is closed or times out), or ``MAX_OPENING`` opens under way (an open walks or
+        inspects up to 2^22 entries on the shared I/O pool). Counted at once, before any
+        await, so concurrent opens cannot pass together; the caller ``release``s the
+        reservation when its open ends, however it ends."""
+        opening = self.opening.get(user, 0)
+        if opening >= MAX_OPENING:
+            raise ProtocolError(f"user {user} is already opening {opening} sessions: try again "
+                                "when they are open", status=429)
+        n = opening + sum(1 for s in self.sessions.values() if s.user == user and not s.closed)
         if n >= limit:
             raise ProtocolError(f"user {user} has {n} open sessions (sessions_per_user_max is "
                                 f"{limit}): let some finish, or try again later", status=429)
+        self.opening[user] = opening + 1
+
+    def release(self, user: str) -> None:
+        """End the reservation ``admit`` made (the session, if opened, now counts itself)."""
+        left = self.opening.get(user, 0) - 1
+        if left > 0:
+            self.opening[user] = left
+        else:
+            self.opening.pop(user, None)
 
     async def close(self, s: Session, error: str | None = None) -> None:
         if s.closed:
@@ -166,10 +200,13 @@ class SessionTable:
         self.sessions.pop(s.id, None)
         log.info(s.summary())
 
-    async def reap(self, timeout: float) -> None:
+    async def reap(self, timeout: float, unused: float | None = None) -> None:
+        """Close sessions with no stream and no request for ``timeout`` seconds, or for
+        ``unused`` seconds (default ``timeout``) when no call was made after the open."""
         now = time.monotonic()
         for s in list(self.sessions.values()):
-            if s.streams == 0 and now - s.last_activity > timeout:
+            limit = timeout if s.used or unused is None else unused
+            if s.streams == 0 and now - s.last_activity > limit:
                 await self.close(s, "session activity timeout")
 
     async def close_all(self, reason: str) -> None:
@@ -241,12 +278,15 @@ def target_state(session: Session, index: int, *, want_root: bool) -> TargetStat
     target = session.target(index)
     confine(session.docroot, target)
     state = session.state
-    if state.holds(target):
+    if state.holds(target) or crosses_state_dir(session.docroot, target):
         raise PathError(f"{relpath_in(session.docroot, target)}: that name is reserved")
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         st = None
+    except NotADirectoryError:  # /file/x: a file where one of its folders would be
+        raise ConflictError(f"{relpath_in(session.docroot, target)}: a file is in the way of "
+                            "its folder") from None
     partial = inspect_partial(target, state=state) if not entry.is_dir else None
     exists = st is not None
     is_dir = bool(st) and os.path.isdir(target) and not os.path.islink(target)
@@ -400,7 +440,7 @@ def finish_dirs(session: Session) -> None:
         if e.is_dir:
             path = session.target(i)
             try:
-                os.chmod(path, e.mode & 0o7777 | 0o700)
+                os.chmod(path, dir_mode(e.mode))  # no set-id/sticky bits; the umask applies
                 os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
             except OSError:
                 pass
@@ -436,6 +476,14 @@ class SentSource(FileSource):
         data, digest = super().read_block(index)
         self._digests[index] = digest
         return data, digest
+
+    def digest_of(self, index: int) -> bytes:
+        """The digest recorded when block ``index`` was last read (KeyError if never)."""
+        return self._digests[index]
+
+    def unread(self) -> list[int]:
+        """Blocks whose digest this session has not recorded yet (``root`` reads them)."""
+        return [b for b in range(self.layout.count) if b not in self._digests]
 
     def root(self) -> str:
         """Whole-file digest of the current bytes: recorded digests, reading only the rest.
@@ -474,40 +522,71 @@ def _source(session: Session, index: int) -> SentSource:
     return src
 
 
-def source_digests(session: Session, index: int, blocks: list[int], root: bool) -> dict[str, object]:
-    """Digests of some source blocks, and optionally the whole-file digest (worker thread).
+async def _read_digests(session: Session, src: SentSource, blocks: Iterable[int],
+                        budget: list[int]) -> bool:
+    """Read ``blocks`` (one executor job each, so other requests interleave FIFO on the
+    I/O pool) while ``budget[0]`` (bytes, ``MAX_DIGEST_BYTES`` per call) lasts; every
+    read is recorded. Returns False when the budget ran out first."""
+    loop = asyncio.get_running_loop()
+    for b in blocks:
+        if budget[0] <= 0:
+            return False
+        await loop.run_in_executor(session.executor, src.read_block, b)
+        budget[0] -= src.entry.block_size
+    return True
 
-    Every block read is recorded (``SentSource``), so a later ``root`` does not
-    read it again. At most ``MAX_DIGEST_BLOCKS`` blocks per call.
+
+async def source_digests(session: Session, index: int, blocks: list[int],
+                         root: bool) -> dict[str, object]:
+    """``{digests: {block: hex}, root?: hex, pending?: true}``: digests of some source
+    blocks and optionally the whole-file digest, reading at most ``MAX_DIGEST_BYTES``.
+
+    Blocks beyond the budget are left out (the client asks for them again); a root not
+    reached within it is answered ``pending: true`` (the blocks read stay recorded, so
+    the next call goes on from there). At most ``MAX_DIGEST_BLOCKS`` blocks per call.
     """
     src = _source(session, index)
     if len(blocks) > MAX_DIGEST_BLOCKS:
         raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} blocks per digests call")
-    out: dict[str, object] = {}
     count = src.layout.count
-    digests = {}
     for b in blocks:
         if not 0 <= b < count:
             raise ProtocolError(f"block {b} out of range")
-        digests[b] = src.read_block(b)[1]
-    out["digests"] = {str(b): d.hex() for b, d in digests.items()}
+    budget = [MAX_DIGEST_BYTES]
+    done: list[int] = []
+    for b in blocks:
+        if not await _read_digests(session, src, [b], budget):
+            break
+        done.append(b)
+    out: dict[str, object] = {"digests": {str(b): src.digest_of(b).hex() for b in done}}
     if root:
-        out["root"] = src.root()
+        if len(done) == len(blocks) and await _read_digests(session, src, src.unread(), budget):
+            out["root"] = await asyncio.get_running_loop().run_in_executor(session.executor, src.root)
+        else:
+            out["pending"] = True
     return out
 
 
-def source_roots(session: Session, files: list[int]) -> dict[str, object]:
-    """Whole-file digests over the current bytes of some files (worker thread), for the
-    client's check before it publishes them: ``{roots: {file: root}, errors: {file: message}}``.
-    A file changed since the session opened is an error for that file only."""
+async def source_roots(session: Session, files: list[int]) -> dict[str, object]:
+    """Whole-file digests over the current bytes of some files, for the client's check
+    before it publishes them: ``{roots: {file: root}, errors: {file: message},
+    pending: [file, ...]}``. At most ``MAX_DIGEST_BYTES`` are read per call; files not
+    finished within it are ``pending`` (ask again: blocks read stay recorded). A file
+    changed since the session opened is an error for that file only."""
     if len(files) > MAX_DIGEST_BLOCKS:
         raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} files per digests call")
     roots: dict[str, str] = {}
     errors: dict[str, str] = {}
+    pending: list[int] = []
+    budget = [MAX_DIGEST_BYTES]
+    loop = asyncio.get_running_loop()
     for i in files:
         src = _source(session, i)
         try:
-            roots[str(i)] = src.root()
+            if pending or not await _read_digests(session, src, src.unread(), budget):
+                pending.append(i)
+                continue
+            roots[str(i)] = await loop.run_in_executor(session.executor, src.root)
         except SourceChanged as exc:
             errors[str(i)] = exc.message
-    return {"roots": roots, "errors": errors}
+    return {"roots": roots, "errors": errors, "pending": pending}

@@ -308,6 +308,9 @@ PROBLEMS = [
      'overwrite: "sometimes" is not one of allow, deny'),
     ("<file_system>\n<partial_file_suffix>.x/y</partial_file_suffix>\n</file_system>\n", ".x/y",
      'partial_file_suffix: ".x/y" must not contain a path separator'),
+    ("<file_system>\n<partial_file_suffix>" + "p" * 300 + "</partial_file_suffix>\n</file_system>\n",
+     "ppp", "partial_file_suffix: 300 bytes, at most 64 (a file's name plus its suffix must "
+     "stay within the 255-byte name limit)"),
     ("<file_system>\n<docroot>/nonexistent/docroot</docroot>\n</file_system>\n", "/nonexistent",
      "docroot: /nonexistent/docroot does not exist"),
     ("<http_server>\n<http_port>1</http_port>\n<http_port>2</http_port>\n</http_server>\n",

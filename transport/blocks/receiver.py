@@ -36,6 +36,7 @@ from transport.blocks.digest import block_digest, file_digest
 from transport.blocks.journal import Journal
 from transport.blocks.layout import BlockLayout
 from transport.blocks.manifest import FileEntry
+from transport.blocks.modes import file_mode
 from transport.blocks.ranges import RangeSet
 from transport.blocks.statedir import StateDir
 from transport.blocks.transform import BlockTransform
@@ -431,7 +432,7 @@ class FileReceiver:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(self.partial, self.entry.mode & 0o7777)
+        os.chmod(self.partial, file_mode(self.entry.mode))  # no set-id bits; the umask applies
         os.utime(self.partial, ns=(self.entry.mtime_ns, self.entry.mtime_ns))
         if self.target.is_dir() and not self.target.is_symlink():
             raise ConflictError(f"{self.target.name}: a folder of that name exists")

@@ -76,10 +76,12 @@ class BlockFeed:
         for f, start, stop in ranges:
             self.check_range(f, start, stop)
         named = 0
+        wanted: list[tuple[int, int]] = []
         for f, start, stop in ranges:
             base = self._bases[self._slot(f)]
-            self._queue.add(base + start, base + stop)
+            wanted.append((base + start, base + stop))
             named += stop - start
+        self._queue.merge(wanted)  # one sort and one pass, not an insert per range
         self._changed.set()
         return named
 

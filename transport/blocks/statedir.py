@@ -85,6 +85,24 @@ def in_state_dir(path: Path) -> bool:
     return any(is_state_dir(q) for q in (p, *p.parents) if q.name == STATE_DIR)
 
 
+def crosses_state_dir(root: Path, path: Path) -> bool:
+    """Whether ``path`` or one of its ancestors below ``root`` is a *marked* state folder
+    (``is_state_dir``), by name or through symlinks (the real path of its deepest
+    existing ancestor, below the real ``root``). A daemon refuses such paths whoever's
+    state folder it is: a docroot nested in another user's holds one the outer user
+    must not read or write."""
+    def marked(p: Path, top: Path) -> bool:
+        return any(q.name == STATE_DIR and is_state_dir(q)
+                   for q in (p, *p.parents) if top in q.parents)
+
+    if marked(Path(os.path.abspath(path)), Path(os.path.abspath(root))):
+        return True
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    return marked(Path(os.path.realpath(probe)), Path(os.path.realpath(root)))
+
+
 @dataclass(frozen=True, slots=True)
 class StateDir:
     """The state folder for the targets under ``root``.

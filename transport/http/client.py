@@ -14,13 +14,56 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
+import yarl
 
 from transport.blocks.session import BlockFeed, BlockSink
-from transport.errors import ConnectionLost, RemoteError, TransportError
+from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from transport.http.framing import CONTENT_TYPE, FrameHeader
 from transport.http.server import receive_blocks
 
 SSLArg = ssl_mod.SSLContext | aiohttp.Fingerprint | bool
+
+MAX_ERROR_BODY = 64 << 10
+"""Bytes of a peer's error body the client reads (the rest is dropped): an error
+text is one line; a hostile server's 800 MiB "error" must not fill memory."""
+
+MAX_STREAM_ANSWER = 64 << 10
+"""Largest answer to an upload stream (``{received: n}``) the client reads, in bytes."""
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A peer's whole body, refusing (``ProtocolError``) more than ``limit`` bytes:
+    by its Content-Length at once, else as soon as more has arrived."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ProtocolError(f"answer of {resp.content_length} bytes is larger than {limit} bytes")
+    body = bytearray()
+    while chunk := await resp.content.read(min(1 << 20, limit + 1)):
+        body += chunk
+        if len(body) > limit:
+            raise ProtocolError(f"answer larger than {limit} bytes")
+    return bytes(body)
+
+
+async def read_error(resp: aiohttp.ClientResponse, limit: int = MAX_ERROR_BODY) -> bytes:
+    """At most ``limit`` bytes of a peer's error body (the rest is not read; the
+    connection is then closed rather than drained)."""
+    body = bytearray()
+    while len(body) < limit and (chunk := await resp.content.read(limit - len(body))):
+        body += chunk
+    if len(body) >= limit:
+        resp.close()
+    return bytes(body)
+
+
+def refuse_redirect(resp: aiohttp.ClientResponse, base: str) -> None:
+    """``RemoteError`` for any 3xx answer: the client never follows a redirect (to
+    another host it would send the session's token and the user's data there), so
+    every request is made with ``allow_redirects=False`` and a 3xx stops here."""
+    if 300 <= resp.status < 400:
+        where = resp.headers.get("Location", "")
+        raise RemoteError(f"{base} answered HTTP {resp.status} redirecting to {where[:200] or '?'}; "
+                          "fallback does not follow redirects: use the daemon's own address",
+                          status=502)
 
 
 async def _frames(feed: BlockFeed, taken: list[tuple[int, int]]) -> AsyncIterator[bytes | bytearray]:
@@ -64,11 +107,16 @@ async def upload_stream(
     taken: list[tuple[int, int]] = []
     hdrs = {**headers, "Content-Type": CONTENT_TYPE}
     try:
-        async with http.put(url, data=_frames(feed, taken), headers=hdrs, ssl=ssl) as resp:
-            body = await resp.read()
+        async with http.put(url, data=_frames(feed, taken), headers=hdrs, ssl=ssl,
+                            allow_redirects=False) as resp:
+            refuse_redirect(resp, _origin(url))
             if resp.status != 200:
-                raise RemoteError(error_text(body, resp.status), status=resp.status)
-            result: dict[str, Any] = json.loads(body)
+                raise RemoteError(error_text(await read_error(resp), resp.status), status=resp.status)
+            try:
+                result: dict[str, Any] = json.loads(await read_bounded(resp, MAX_STREAM_ANSWER))
+            except ValueError:
+                raise ProtocolError(f"{_origin(url)}: the answer to an upload stream is not "
+                                    "JSON") from None
             return result
     except TransportError:
         raise
@@ -86,14 +134,20 @@ async def download_stream(
 ) -> int:
     """One download stream: GET frames until the server's feed runs dry."""
     try:
-        async with http.get(url, headers=headers, ssl=ssl) as resp:
+        async with http.get(url, headers=headers, ssl=ssl, allow_redirects=False) as resp:
+            refuse_redirect(resp, _origin(url))
             if resp.status != 200:
-                raise RemoteError(error_text(await resp.read(), resp.status), status=resp.status)
+                raise RemoteError(error_text(await read_error(resp), resp.status), status=resp.status)
             return await receive_blocks(resp.content, sink)
     except TransportError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise ConnectionLost(f"download stream lost: {describe(exc)}") from exc
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of a URL, for messages."""
+    return str(yarl.URL(url).origin())
 
 
 def error_text(body: bytes, status: int) -> str:
