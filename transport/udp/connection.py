@@ -122,6 +122,7 @@ class UdpConnection:
         self._queue_delay = 0.0
         self._delivery_rate = 0.0
         self._app_limited = False
+        self._loss_hist: deque[tuple[float, int, int]] = deque()
         self._last_sample = now
         self._last_lost = 0
         self._last_acked = 0
@@ -658,12 +659,26 @@ class UdpConnection:
             now=now, interval=max(0.0, now - self._last_sample), queue_delay=self._queue_delay,
             delivery_rate=self._delivery_rate, delivery_max=dmax, min_rtt=rec.rtt.min_rtt,
             srtt=rec.rtt.smoothed, acked_bytes=rec.acked_bytes - self._last_acked,
-            lost_bytes=rec.lost_bytes - self._last_lost, app_limited=self._app_limited)
+            lost_bytes=rec.lost_bytes - self._last_lost, loss_rate=self._loss_rate(now),
+            app_limited=self._app_limited)
         self._last_sample = now
         self._last_acked = rec.acked_bytes
         self._last_lost = rec.lost_bytes
         self._app_limited = not self._queue
         self.controller.on_feedback(sample)
+
+    def _loss_rate(self, now: float) -> float:
+        """Fraction of packets lost among those resolved over the last ~8 RTTs (>= 0.5 s)."""
+        rec = self.recovery
+        hist = self._loss_hist
+        hist.append((now, rec.acked_packets, rec.lost_packets))
+        horizon = max(0.5, 8 * rec.rtt.smoothed)
+        while len(hist) > 2 and now - hist[1][0] > horizon:
+            hist.popleft()
+        _, a0, l0 = hist[0]
+        lost = rec.lost_packets - l0
+        total = lost + rec.acked_packets - a0
+        return lost / total if total > 0 else 0.0
 
     # == statistics =======================================================================
     def stats(self) -> Stats:

@@ -44,6 +44,7 @@ Q_DETECT = 0.0005        # queueing delay (s) below which the link is taken as n
 BASE_BUCKET = 6.0        # seconds per base-delay bucket
 BASE_HISTORY = 10        # buckets kept (one minute)
 CURRENT_FILTER = 4       # RFC 6817 section 3.4.2
+DRAIN_INTERVAL = 4.0     # seconds of standing queue before a delay-based flow drains
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,7 @@ class RateConfig:
     min_rate: float = 0.0
     initial_rate: float = 10e6
     alpha: int = 64 * 1024          # bytes a fair flow keeps queued at the bottleneck
-    gamma: float = 0.5              # FAST TCP's step (0 < gamma <= 1)
+    gamma: float = 1.0              # FAST TCP's step (0 < gamma <= 1)
     low_target_delay: float = 0.002  # LEDBAT TARGET for ``low`` (s)
 
     def __post_init__(self) -> None:
@@ -82,6 +83,7 @@ class RateSample:
     srtt: float
     acked_bytes: int
     lost_bytes: int
+    loss_rate: float             # fraction of packets lost recently (0..1)
     app_limited: bool
 
 
@@ -144,30 +146,60 @@ class DelayRate(RateController):
         self.weight = weight
         self.alpha = config.alpha * weight
         self.state = "startup"
+        self._base_seen = 0.0      # last time the queue was seen empty (base confirmed)
+        self._drain_until = 0.0
+        self._saved_rate = 0.0
 
     def on_feedback(self, s: RateSample) -> None:
         q = s.queue_delay
-        tau = max(s.min_rtt + q, MIN_TAU) if s.min_rtt < float("inf") else 0.1
+        base = s.min_rtt if s.min_rtt < float("inf") else 0.1
+        tau = max(base + q, MIN_TAU)
         step = min(s.interval / tau, 1.0)
+        if q < Q_DETECT:
+            self._base_seen = s.now
+        if self.state == "drain":
+            if s.now < self._drain_until:
+                return
+            self.state = "steady"
+            self.rate = self._saved_rate
+            self._base_seen = s.now
+        elif (self.state == "steady" and not s.app_limited
+              and s.now - self._base_seen > max(DRAIN_INTERVAL, 30 * tau)):
+            # A flow that joined a standing queue takes it for base delay and gets
+            # more than its share (FAST's and LEDBAT's latecomer problem, RFC 6817
+            # section 4.4). Every few seconds without an empty queue, send at a
+            # quarter rate for one RTT so the queue drains and the base is measured
+            # again (BBR's PROBE_RTT does the same): about 0.75 RTT of sending lost
+            # per DRAIN_INTERVAL, only while the queue never empties by itself.
+            self.state = "drain"
+            self._saved_rate = self.rate
+            self._drain_until = s.now + tau
+            self.rate = self.clamp(0.25 * self.rate)
+            return
         r = self.rate
+        d = s.delivery_rate / (1.0 - min(s.loss_rate, 0.5))  # what the path carried
         if self.state == "startup":
-            # Exit when the queue holds about half the flow's share of alpha.
+            # Leave when the queue holds about half this flow's alpha (or 2 ms).
             if q > max(4 * Q_DETECT, 0.5 * self.alpha / max(r, 1.0)):
                 self.state = "steady"
-                if s.delivery_rate > 0:
-                    r = min(r, s.delivery_rate)
+                if d > 0:
+                    r = min(r, d)
             elif not s.app_limited:
                 r *= 2.0 ** step
-        elif q < Q_DETECT:
-            if not s.app_limited:
-                r *= 1.0 + 0.25 * step
-        else:
-            delta = step * self.config.gamma * (self.alpha - r * q) / tau
-            if delta > 0 and s.app_limited:
-                delta = 0.0
-            r = max(r + delta, r * (1.0 - 0.5 * step))
-        if s.delivery_max > 0 and not s.app_limited:
-            r = min(r, (4.0 if self.state == "startup" else 2.0) * s.delivery_max)
+                if d > 0:
+                    r = min(r, 2.5 * d)
+        elif d > 0:
+            # FAST's window law w' = w * base/RTT + alpha with w the delivered window
+            # d * RTT, as a rate: d * base/RTT + alpha/RTT. Its fixed point keeps
+            # d * q = alpha. An empty queue means spare capacity: probe 25 % above
+            # what was delivered (BBR's pacing gain), which bounds any overshoot to a
+            # quarter of the rate for one feedback delay.
+            target = (d * base + self.alpha) / (base + q)
+            if q < Q_DETECT:
+                target = max(target, 1.25 * d)
+            if target > r and s.app_limited:
+                target = r
+            r += step * self.config.gamma * (target - r)
         self.rate = self.clamp(r)
 
     def on_silence(self) -> None:
@@ -177,11 +209,11 @@ class DelayRate(RateController):
 
 @register
 class LedbatRate(RateController):
-    """RFC 6817 LEDBAT in rate form (``low``): ``rate *= 1 + G * off_target * dt/rtt``.
+    """RFC 6817 LEDBAT in rate form (``low``): aims at ``delivered * (1 + G * off_target)``.
 
     ``off_target = (TARGET - q) / TARGET`` clipped to ``[-2, 1]`` with ``G`` 0.25: at
-    most +25 % per RTT on an empty queue, -50 % per RTT when the queue is three times
-    the target. Loss is ignored (RFC 6817 halves on loss; random loss is not
+    most 25 % above the delivered rate on an empty queue, 50 % below it when the queue
+    is three times the target; the rate moves half way there per RTT. Loss is ignored (RFC 6817 halves on loss; random loss is not
     congestion here, and a queue that overflows shows as delay first).
     """
 
@@ -193,15 +225,17 @@ class LedbatRate(RateController):
         self.state = "low"
 
     def on_feedback(self, s: RateSample) -> None:
-        tau = max(s.min_rtt + s.queue_delay, MIN_TAU) if s.min_rtt < float("inf") else 0.1
-        step = min(s.interval / tau, 1.0)
-        off = max(-2.0, min(1.0, (self.target - s.queue_delay) / self.target))
-        if off > 0 and s.app_limited:
+        q = s.queue_delay
+        base = s.min_rtt if s.min_rtt < float("inf") else 0.1
+        step = min(s.interval / max(base + q, MIN_TAU), 1.0)
+        off = max(-2.0, min(1.0, (self.target - q) / self.target))
+        d = s.delivery_rate / (1.0 - min(s.loss_rate, 0.5))
+        if d <= 0:
             return
-        r = self.rate * (1.0 + 0.25 * off * step)
-        if s.delivery_max > 0 and not s.app_limited:
-            r = min(r, 2.0 * s.delivery_max)
-        self.rate = self.clamp(r)
+        target = d * (1.0 + 0.25 * off)   # up to +25 % over delivery, down to -50 %
+        if target > self.rate and s.app_limited:
+            return
+        self.rate = self.clamp(self.rate + step * 0.5 * (target - self.rate))
 
 
 @register
