@@ -13,7 +13,9 @@ tag (16 bytes)``; all integers are network byte order::
 Bodies (after decryption):
 
 * DATA and KEEPALIVE: ``ts_us u32 | floor_delta u32`` then, for DATA, one or more pieces
-  ``file u32 | block u32 | offset u32 | length u16 | length bytes``. ``ts_us`` is the
+  ``file u32 | block u32 | offset u32 | length u16 | length bytes``; fewer than 14 bytes
+  left after the last piece are zero padding (so full datagrams keep one size for GSO,
+  and a 14-byte zero "piece header" is malformed). ``ts_us`` is the
   sender's clock in microseconds modulo 2**32 (one-way-delay samples, no synchronised
   clocks needed); ``packet number - floor_delta`` is the sender's oldest packet whose
   fate it does not know yet (gQUIC's STOP_WAITING: the receiver forgets older numbers).
@@ -248,15 +250,15 @@ def parse_data(body: bytes | memoryview) -> DataFrame:
     ts, floor = DATA_PREFIX.unpack_from(body, 0)
     pos, end = DATA_PREFIX.size, len(body)
     pieces: list[Piece] = []
-    while pos < end:
-        if pos + PIECE_HEADER.size > end:
-            raise ProtocolError("truncated piece header")
+    while pos + PIECE_HEADER.size <= end:
         file, block, offset, length = PIECE_HEADER.unpack_from(body, pos)
         pos += PIECE_HEADER.size
         if length == 0 or pos + length > end:
             raise ProtocolError(f"piece length {length} outside the datagram")
         pieces.append(Piece(file, block, offset, bytes(body[pos:pos + length])))
         pos += length
+    if any(body[pos:]):
+        raise ProtocolError("DATA padding (fewer bytes than a piece header) must be zero")
     return DataFrame(ts, floor, tuple(pieces))
 
 

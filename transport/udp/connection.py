@@ -326,7 +326,7 @@ class UdpConnection:
             return None
         count = self._build_data(now)
         if count == 0:
-            return None
+            return self.build_batch(now) if self._control else None  # e.g. the ERROR
         last = self._last_len
         return self._out_mv[:(count - 1) * self.size + last], self.size, count, peer
 

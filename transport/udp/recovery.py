@@ -37,6 +37,7 @@ SentRecord = tuple[float, int, tuple[PieceRef, ...] | None]
 
 K_PACKET_THRESHOLD = 3          # RFC 9002 section 6.1.1
 K_MAX_PACKET_THRESHOLD = 20     # quiche's MAX_PACKET_THRESHOLD
+K_NO_PACKET_THRESHOLD = 1 << 62  # time threshold only
 K_TIME_THRESHOLD = 9 / 8        # RFC 9002 section 6.1.2
 K_MAX_TIME_THRESHOLD = 2.0
 K_GRANULARITY = 0.001           # RFC 9002 section 6.1.2 (kGranularity)
@@ -222,9 +223,13 @@ class Recovery:
                 del self.lost_recent[pn]
                 self.spurious_packets += 1
                 if by_packet:
+                    # Reordering deeper than the threshold: widen it; past 20 packets
+                    # (quiche's cap) count no more packets and rely on time alone, as
+                    # RACK does once reordering is seen (RFC 8985 section 6.2).
                     distance = self.largest_acked - pn
-                    self.packet_threshold = min(K_MAX_PACKET_THRESHOLD,
-                                                max(self.packet_threshold, distance + 1))
+                    wider = max(self.packet_threshold, distance + 1)
+                    self.packet_threshold = (wider if wider <= K_MAX_PACKET_THRESHOLD
+                                             else K_NO_PACKET_THRESHOLD)
                 else:
                     self.time_threshold = min(K_MAX_TIME_THRESHOLD, self.time_threshold + 0.125)
 
