@@ -12,6 +12,7 @@ loop would, and calls the owners after each step.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -207,7 +208,7 @@ class Sim:
 
     def run(self, until: float, stop: Callable[[], bool] = lambda: False,
             every: tuple[float, Callable[[float], None]] | None = None) -> None:
-        next_tick = every[0] if every else float("inf")
+        next_tick = (math.floor(self.now / every[0] + 1e-9) + 1) * every[0] if every else math.inf
         for name in self.peers:
             self._drain(name)
             self._flush(name)
@@ -235,6 +236,8 @@ class Sim:
             for name in self.peers:
                 self._drain(name)
                 self._flush(name)
+        if every is not None and next_tick <= until + 1e-9 and not stop():
+            every[1](next_tick)
 
 
 def pair(config_a: UdpConfig | None = None, config_b: UdpConfig | None = None, *,
@@ -247,3 +250,38 @@ def pair(config_a: UdpConfig | None = None, config_b: UdpConfig | None = None, *
     b = UdpConnection(config_b or UdpConfig(), cid, derive_path_keys(secret, initiator=False),
                       start)
     return a, b
+
+
+class Endless:
+    """Sending owner with an endless supply (for rate tests): 256 KiB pieces of zeros."""
+
+    def __init__(self) -> None:
+        self.block = 0
+        self.data = bytes(256 * 1024)
+        self.relost: list[tuple[int, int, int, int]] = []
+        self.acked = 0
+
+    def feed(self, conn: UdpConnection) -> None:
+        while self.relost and conn.send_budget() >= self.relost[-1][3]:
+            f, b, off, n = self.relost.pop()
+            conn.queue_piece(f, b, off, memoryview(self.data)[:n], retransmission=True)
+        while conn.send_budget() >= len(self.data):
+            conn.queue_piece(0, self.block, 0, self.data)
+            self.block += 1
+
+    def on_event(self, ev: object) -> None:
+        if isinstance(ev, PiecesLost):
+            self.relost.extend(ev.pieces)
+        elif isinstance(ev, PiecesAcked):
+            self.acked += sum(p[3] for p in ev.pieces)
+
+
+class Counter:
+    """Receiving owner that counts piece bytes (goodput)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def on_event(self, ev: object) -> None:
+        if isinstance(ev, PiecesReceived):
+            self.bytes += sum(len(p[3]) for p in ev.pieces)
