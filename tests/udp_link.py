@@ -212,6 +212,7 @@ class Sim:
         for name in self.peers:
             self._drain(name)
             self._flush(name)
+        same = 0
         while self.now < until and not stop():
             times = [self._heap[0][0]] if self._heap else []
             for p in self.peers.values():
@@ -224,6 +225,12 @@ class Sim:
             if t >= next_tick and every is not None:
                 every[1](next_tick)
                 next_tick += every[0]
+            if t <= self.now and not (self._heap and self._heap[0][0] <= self.now):
+                same += 1
+                if same > 10_000:  # a timer that never moves: a bug, fail fast
+                    raise RuntimeError(f"timers stuck at t={self.now}")
+            else:
+                same = 0
             self.now = min(t, until)
             self.steps += 1
             while self._heap and self._heap[0][0] <= self.now:

@@ -44,6 +44,7 @@ Q_DETECT = 0.0005        # queueing delay (s) below which the link is taken as n
 BASE_BUCKET = 6.0        # seconds per base-delay bucket
 BASE_HISTORY = 10        # buckets kept (one minute)
 CURRENT_FILTER = 4       # RFC 6817 section 3.4.2
+CURRENT_WINDOW = 0.010   # ... and at least this many seconds of samples
 DRAIN_INTERVAL = 4.0     # seconds of standing queue before a delay-based flow drains
 
 
@@ -191,9 +192,12 @@ class DelayRate(RateController):
         elif d > 0:
             # FAST's window law w' = w * base/RTT + alpha with w the delivered window
             # d * RTT, as a rate: d * base/RTT + alpha/RTT. Its fixed point keeps
-            # d * q = alpha. An empty queue means spare capacity: probe 25 % above
-            # what was delivered (BBR's pacing gain), which bounds any overshoot to a
-            # quarter of the rate for one feedback delay.
+            # d * q = alpha whatever ``base`` is, so ``base`` is floored at MIN_TAU:
+            # on loopback (base 0.1 ms) the raw law would swing the rate tenfold on a
+            # millisecond of scheduling noise. An empty queue means spare capacity:
+            # probe 25 % above what was delivered (BBR's pacing gain), which bounds any
+            # overshoot to a quarter of the rate for one feedback delay.
+            base = max(base, MIN_TAU)
             target = (d * base + self.alpha) / (base + q)
             if q < Q_DETECT:
                 target = max(target, 1.25 * d)
@@ -286,7 +290,10 @@ class DelayTracker:
     """Queueing delay from one-way-delay samples (RFC 6817 sections 3.4.2 and 4.1).
 
     ``update(now, owd_us)`` takes the minimum one-way delay of one feedback interval in
-    microseconds (any constant offset) and returns the queueing delay in seconds.
+    microseconds (any constant offset) and returns the queueing delay in seconds: the
+    current delay (minimum of the last ``CURRENT_FILTER`` samples, and of all samples
+    of the last ``CURRENT_WINDOW`` seconds: a scheduler's hiccup on a busy host lasts
+    a few milliseconds and must not read as a queue) minus the base.
     """
 
     __slots__ = ("_buckets", "_bucket_start", "_current")
@@ -294,7 +301,7 @@ class DelayTracker:
     def __init__(self) -> None:
         self._buckets: deque[int] = deque()
         self._bucket_start = -1.0
-        self._current: deque[int] = deque(maxlen=CURRENT_FILTER)
+        self._current: deque[tuple[float, int]] = deque()
 
     def update(self, now: float, owd_us: int) -> float:
         if self._bucket_start < 0 or now - self._bucket_start >= BASE_BUCKET:
@@ -304,8 +311,11 @@ class DelayTracker:
                 self._buckets.popleft()
         elif owd_us < self._buckets[-1]:
             self._buckets[-1] = owd_us
-        self._current.append(owd_us)
-        return max(0, min(self._current) - min(self._buckets)) / 1e6
+        cur = self._current
+        cur.append((now, owd_us))
+        while len(cur) > CURRENT_FILTER and now - cur[0][0] > CURRENT_WINDOW:
+            cur.popleft()
+        return max(0, min(d for _, d in cur) - min(self._buckets)) / 1e6
 
     def reset_current(self) -> None:
         self._current.clear()
