@@ -68,6 +68,7 @@ class UdpEndpoint:
         self.send_errors = 0
         self.recv_calls = 0
         self.send_calls = 0
+        self.blocked_sends = 0
         fd = sock.fileno()
         loop.add_reader(fd, self._on_readable)
 
@@ -206,6 +207,7 @@ class UdpEndpoint:
             view, seg, count, addr = batch
             done = self._transmit(view, seg, count, addr)
             if done < count:  # socket full: keep the rest (a copy: the view is reused)
+                self.blocked_sends += 1
                 self._pending.append((bytes(view[done * seg:]), seg, count - done, addr))
                 self._want_write()
                 return False
