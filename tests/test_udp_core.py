@@ -291,15 +291,40 @@ def test_large_datagrams() -> None:
     assert r.a.stats().sent_packets < (16 << 20) / 60000 * 1.1
 
 
-def test_nat_rebinding_follows_new_highest_packet_only() -> None:
+def _probes(conn: UdpConnection, now: float) -> list[tuple[bytes, object]]:
+    return [(d, to) for d, to in conn.datagrams_to_send(now) if d[2] == codec.PROBE]
+
+
+def test_nat_rebinding_moves_the_peer_only_after_path_validation() -> None:
     a, b = pair()
     a.queue_piece(0, 0, 0, bytes(20_000))
     dgs = [d for d, _ in a.datagrams_to_send(0.0)]
     b.receive_datagram(dgs[1], ("a", 1), 0.0)
-    b.receive_datagram(dgs[0], ("a", 2), 0.0)  # older packet from elsewhere: ignored
+    assert b.peer == ("a", 1)  # first contact
+    b.receive_datagram(dgs[0], ("a", 2), 0.0)  # an older packet from elsewhere: ignored
+    assert not _probes(b, 0.0)
+    b.receive_datagram(dgs[2], ("a", 3), 0.0)  # the newest, from a new address
+    assert b.peer == ("a", 1)  # not yet: it could be a spoofed copy
+    probes = _probes(b, 0.0)
+    assert [to for _, to in probes] == [("a", 3)]
+    assert len(probes[0][0]) <= 3 * len(dgs[2])  # no amplification
+    a.receive_datagram(probes[0][0], ("b", 1), 0.0)
+    answer = [d for d, _ in a.datagrams_to_send(0.0) if d[2] == codec.PROBE_ACK]
+    # An on-path attacker races the answer from elsewhere: not adopted, only probed.
+    b.receive_datagram(answer[0], ("mallory", 9), 0.0)
     assert b.peer == ("a", 1)
-    b.receive_datagram(dgs[2], ("a", 3), 0.0)  # newest authenticated: the peer moved
-    assert b.peer == ("a", 3)
+    assert [to for _, to in _probes(b, 0.0)] == [("mallory", 9)]
+    # The genuine answer is now a replay; a later datagram from a3 probes again.
+    a.queue_piece(0, 1, 0, bytes(2000))
+    newer = [d for d, _ in a.datagrams_to_send(1.0) if d[2] == codec.DATA]
+    b.receive_datagram(newer[0], ("a", 3), 1.0)
+    again = _probes(b, 1.0)
+    assert [to for _, to in again] == [("a", 3)]
+    a.receive_datagram(again[0][0], ("b", 1), 1.0)
+    answer = [d for d, _ in a.datagrams_to_send(1.0) if d[2] == codec.PROBE_ACK]
+    b.receive_datagram(answer[0], ("a", 3), 1.0)
+    assert b.peer == ("a", 3)  # validated
+    assert not any(isinstance(e, ProbeAnswered) for e in iter(b.next_event, None))
 
 
 def test_packet_numbers_exhausted_closes_with_error() -> None:

@@ -23,6 +23,8 @@ flood of strangers' datagrams costs a struct unpack each.
 
 from __future__ import annotations
 
+import os
+
 from cryptography.exceptions import InvalidTag
 
 from transport.errors import ProtocolError
@@ -70,8 +72,8 @@ class UdpConnection(SendHalf):
     """One UDP path between two ends sharing ``keys`` and ``connection_id``.
 
     ``peer`` is the peer's address when known (the client); the daemon's end learns it
-    from the first authenticated datagram, and follows a NAT rebinding when a datagram
-    with a new highest packet number comes from another address.
+    from the first authenticated datagram, and follows a NAT rebinding once the new
+    address answered a PROBE (path validation, ``_new_address``).
     """
 
     def __init__(self, config: UdpConfig, connection_id: int, keys: PathKeys, now: float,
@@ -98,6 +100,7 @@ class UdpConnection(SendHalf):
         self._silent = False
         self._silent_since = now
         self.drops = dict.fromkeys(_DROP_KINDS, 0)
+        self._validating: dict[int, tuple[Address, float]] = {}  # token -> (address, sent)
 
     # == owner API: sending ===============================================================
     @property
@@ -108,7 +111,7 @@ class UdpConnection(SendHalf):
         """Send a PROBE (answered by ``ProbeAnswered``); padded to ``pad_to`` bytes
         (default: the datagram size, so the answer proves full-size datagrams pass)."""
         body = codec.encode_probe(token, int(now * 1e6), self.size if pad_to is None else pad_to)
-        self._control.append((codec.PROBE, body))
+        self._control.append((codec.PROBE, body, None))
 
     def close(self, now: float, code: int = 0, reason: str = "", *, error: bool = False) -> None:
         """Close: send CLOSE (or ERROR), report unacknowledged and unsent pieces lost."""
@@ -116,7 +119,7 @@ class UdpConnection(SendHalf):
             return
         self._control.clear()
         self._control.append((codec.ERROR if error else codec.CLOSE,
-                              codec.encode_close(code, reason)))
+                              codec.encode_close(code, reason), None))
         self._finish(code, reason, error, by_peer=False)
 
     def _finish(self, code: int, reason: str, error: bool, by_peer: bool) -> None:
@@ -248,15 +251,15 @@ class UdpConnection(SendHalf):
         replay.slots[pn & replay.mask] = pn  # replay.mark(pn), inlined
         if d < 0:
             replay.highest = pn
-            if self.peer != addr:  # first contact, or NAT rebinding (new highest only)
-                self.peer = addr
+            if self.peer != addr:
+                self._new_address(addr, n, now)
         self._last_heard = now
         if self._silent:
             self._silent = False
             self._events.append(PathResumed(now - self._silent_since))
         if type_ != DATA:
             try:
-                self._on_control(type_, body, pn, now)
+                self._on_control(type_, body, pn, now, addr)
             except ProtocolError:
                 self.drops["malformed"] += 1
             return
@@ -351,7 +354,31 @@ class UdpConnection(SendHalf):
             self._rx_first_pending = now
         self._rx_pending += 1
 
-    def _on_control(self, type_: int, body: bytes, pn: int, now: float) -> None:
+    def _new_address(self, addr: Address, size: int, now: float) -> None:
+        """The newest authenticated datagram came from ``addr``, not from the peer.
+
+        First contact: adopt it. Otherwise (NAT rebinding, or an on-path attacker
+        racing a copy of a genuine datagram from a spoofed source) keep sending to the
+        old address and validate the new one first, as QUIC does (RFC 9000 section
+        8.2): a PROBE there, at most 3x the triggering datagram's size (no
+        amplification); only the PROBE_ACK it elicits, from that address, moves the peer.
+        """
+        if self.peer is None:
+            self.peer = addr
+            return
+        retry = max(2 * self.recovery.rtt.smoothed, 0.01)  # a PROBE or its answer got lost
+        if any(a == addr and now - t < retry for a, t in self._validating.values()):
+            return
+        token = int.from_bytes(os.urandom(8), "big")
+        if len(self._validating) >= 4:  # bounded: forget the oldest attempt
+            del self._validating[next(iter(self._validating))]
+        self._validating[token] = (addr, now)
+        pad = min(self.size, max(3 * size, codec.HEADER_SIZE + codec.TAG_SIZE + 16))
+        self._control.append((codec.PROBE, codec.encode_probe(token, int(now * 1e6), pad),
+                              addr))
+
+    def _on_control(self, type_: int, body: bytes, pn: int, now: float,
+                    addr: Address) -> None:
         if type_ == FEEDBACK:
             self._on_feedback(codec.parse_feedback(body), now)
         elif type_ == KEEPALIVE:
@@ -361,11 +388,16 @@ class UdpConnection(SendHalf):
             self._rx_bytes -= HEADER_SIZE + len(body) + TAG_SIZE
             self._feedback_now = True
         elif type_ == codec.PROBE:
-            probe = codec.parse_probe(body)
+            probe = codec.parse_probe(body)  # answered where it came from
             self._control.append((codec.PROBE_ACK, codec.encode_probe_ack(
-                probe.token, probe.send_time_us, probe.size)))
+                probe.token, probe.send_time_us, probe.size), addr))
         elif type_ == codec.PROBE_ACK:
             ack = codec.parse_probe_ack(body)
+            if ack.token in self._validating:  # ours, for path validation
+                if addr == self._validating[ack.token][0]:
+                    self.peer = addr
+                    self._validating.clear()
+                return
             self._events.append(ProbeAnswered(ack.token, max(0.0, now - ack.echo_time_us / 1e6),
                                               ack.probe_size))
         else:  # CLOSE / ERROR

@@ -105,7 +105,8 @@ class SendHalf:
         self._seg_views = [(self._out_mv[o:o + HEADER_SIZE],
                             self._out_mv[o + HEADER_SIZE:o + self.size])
                            for o in range(0, len(self._out), self.size)]
-        self._control: deque[tuple[int, bytes]] = deque()  # (type, body) to send first
+        # (type, body, address or None for the peer's): control datagrams go first
+        self._control: deque[tuple[int, bytes, Address | None]] = deque()
         self._keepalive_due = False
         self._last_eliciting = -1e9
 
@@ -181,10 +182,10 @@ class SendHalf:
         if peer is None:
             return None
         if self._control:
-            type_, body = self._control.popleft()
+            type_, body, to = self._control.popleft()
             if type_ in (codec.CLOSE, codec.ERROR):
                 self._control.clear()
-            return self._single(type_, body, now), self.size, 1, peer
+            return self._single(type_, body, now), self.size, 1, to or peer
         if self._closed:
             return None
         if self._feedback_wanted():
