@@ -107,7 +107,7 @@ class SendHalf:
                            for o in range(0, len(self._out), self.size)]
         # (type, body, address or None for the peer's): control datagrams go first
         self._control: deque[tuple[int, bytes, Address | None]] = deque()
-        self._keepalive_due = False
+        self._keepalive_due = peer is not None  # the first datagram tells our address
         self._last_eliciting = -1e9
 
     # -- hooks the connection provides -------------------------------------------------------
@@ -255,6 +255,8 @@ class SendHalf:
         cid = self.connection_id
         ts = int(now * 1e6) & U32
         floor = rec.floor(self._pn)
+        if self._pn + n - floor > U32:  # a packet unresolved for 2**32 packets: say less
+            floor = self._pn + n - U32
         body_room = size - HEADER_SIZE - TAG_SIZE
         data_start = DATA_PREFIX.size + _PH
         piece_room = body_room - data_start
@@ -272,8 +274,7 @@ class SendHalf:
             aad, sealed = seg_views[count]
             if left >= piece_room:  # the common case: one piece fills the datagram
                 offset = c.offset + pos
-                pack_first(scratch, 0, ts, min(pn - floor, U32), c.file, c.block, offset,
-                           piece_room)
+                pack_first(scratch, 0, ts, pn - floor, c.file, c.block, offset, piece_room)
                 scratch[data_start:body_room] = view[pos:pos + piece_room]
                 encrypt_into(nonce(iv_hi, iv_lo ^ pn), full_plain, aad, sealed)
                 sent[pn] = (now, size, ((c.file, c.block, offset, piece_room),))
@@ -283,7 +284,7 @@ class SendHalf:
                 else:
                     c.pos = pos + piece_room
             else:
-                DATA_PREFIX.pack_into(scratch, 0, ts, min(pn - floor, U32))
+                DATA_PREFIX.pack_into(scratch, 0, ts, pn - floor)
                 p, got, refs = self._pack_pieces(body_room)
                 piece_bytes += got
                 dlen = HEADER_SIZE + p + TAG_SIZE
