@@ -178,6 +178,32 @@ async def test_two_sessions_one_socket_and_strangers() -> None:
             ep.close()
 
 
+async def test_pause_reading_backpressure_then_complete() -> None:
+    """An owner that pauses reading: datagrams wait in the kernel, the sender's delay
+    signal rises and it slows; resumed, everything arrives."""
+    server = await UdpEndpoint.bind("127.0.0.1", 0)
+    client_ep = await UdpEndpoint.bind("127.0.0.1", 0)
+    try:
+        total = 16 << 20
+        client, daemon = _pair(5, server)
+        snd, rcv = Sender(total), Receiver()
+        server.add(daemon, rcv.on_event)
+        snd.feed(client)
+        client_ep.add(client, snd.on_event)
+        while rcv.bytes < 2 << 20:
+            await asyncio.sleep(0.005)
+        server.pause_reading()
+        got = rcv.bytes
+        await asyncio.sleep(0.3)
+        assert rcv.bytes == got  # nothing read while paused
+        server.resume_reading()
+        await asyncio.wait_for(snd.done, 60)
+        assert rcv.complete(total) and rcv.wrong == 0
+    finally:
+        server.close()
+        client_ep.close()
+
+
 async def test_peer_going_away_is_reported_silent() -> None:
     cfg = UdpConfig(silent_after=0.5, keepalive_interval=0.1)
     server = await UdpEndpoint.bind("127.0.0.1", 0)

@@ -147,12 +147,18 @@ def test_fixed_holds_its_rate_under_heavy_loss() -> None:
     assert net.mean(0, 1, 4) == pytest.approx(expected, rel=0.05)
 
 
-def test_target_rate_caps_a_fair_flow() -> None:
+def test_target_rate_caps_a_fair_flow_and_changes_mid_transfer() -> None:
     net = Flows(100 * MBIT, 0.05)
-    net.add("fair", target_rate=30 * MBIT)
+    a = net.add("fair", target_rate=30 * MBIT)
     net.run(4.0)
     assert max(net.rates[0]) <= 30.0 + 1e-9
     assert net.mean(0, 1, 4) >= 0.95 * 30 * 1394 / 1452
+    a.controller.set_limits(10 * MBIT, 0.0)  # lowered mid-transfer: at once
+    net.run(6.0)
+    assert max(net.rates[0][4:]) <= 10.0 + 1e-9
+    assert net.goodput[0][5] == pytest.approx(10 * 1394 / 1452, rel=0.05)
+    with pytest.raises(ValueError):
+        a.controller.set_limits(1e6, 2e6)
 
 
 # -- units ------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class UdpEndpoint:
         self._writing = False
         self._wake_scheduled = False
         self._closed = False
+        self._paused = False
         self.unknown_cid = 0
         self.send_errors = 0
         self.recv_calls = 0
@@ -111,6 +112,18 @@ class UdpEndpoint:
             self._wake_scheduled = True
             self.loop.call_soon(self._on_wake)
 
+    def pause_reading(self) -> None:
+        """Stop reading the socket (an owner that cannot keep up): datagrams queue in the
+        kernel buffer, their one-way delay grows and delay-based senders slow down."""
+        if not self._closed and not self._paused:
+            self._paused = True
+            self.loop.remove_reader(self.sock.fileno())
+
+    def resume_reading(self) -> None:
+        if not self._closed and self._paused:
+            self._paused = False
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
     def close(self) -> None:
         """Stop serving (no CLOSE is sent: close connections first for that)."""
         if self._closed:
@@ -118,7 +131,8 @@ class UdpEndpoint:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        self.loop.remove_reader(self.sock.fileno())
+        if not self._paused:
+            self.loop.remove_reader(self.sock.fileno())
         if self._writing:
             self.loop.remove_writer(self.sock.fileno())
         self.sock.close()

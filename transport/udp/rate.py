@@ -101,6 +101,15 @@ class RateController:
         self.rate = self.clamp(config.initial_rate / 8)
         self.state = "start"
 
+    def set_limits(self, target_rate: float | None, min_rate: float) -> None:
+        """Change the cap and floor (bits/s) mid-transfer (Aspera users ask for it: the
+        ascp issue tracker's #229); ``ValueError`` when the floor exceeds the cap."""
+        if min_rate < 0 or (target_rate is not None and target_rate < min_rate):
+            raise ValueError("min_rate must be >= 0 and <= target_rate")
+        self.min = min_rate / 8
+        self.max = target_rate / 8 if target_rate is not None else float("inf")
+        self.rate = self.clamp(self.rate)
+
     def clamp(self, rate: float) -> float:
         return min(self.max, max(self.min, rate, 2.0 * self.mss))
 
@@ -133,6 +142,12 @@ class FixedRate(RateController):
 
     def on_silence(self) -> None:
         pass
+
+    def set_limits(self, target_rate: float | None, min_rate: float) -> None:
+        if target_rate is None:
+            raise ValueError("policy fixed needs a target_rate")
+        super().set_limits(target_rate, min_rate)
+        self.rate = self.max
 
 
 @register
