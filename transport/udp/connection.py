@@ -95,7 +95,6 @@ class UdpConnection(SendHalf):
         self._owd_max = -_I32
         self._owd_count = 0
         # both
-        self._created = now
         self._last_heard = now
         self._silent = False
         self._silent_since = now

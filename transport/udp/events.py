@@ -2,9 +2,9 @@
 
 Pieces travel in *batches* (``PiecesReceived``, ``PiecesAcked``, ``PiecesLost``): one
 event per ``next_event`` call carries every piece since the previous call. A frozen
-dataclass per piece costs about 0.6 us to build (measured here with Python 3.11), as
-much as a quarter of the whole per-datagram budget at 250 MB/s, so the hot path builds
-plain tuples and the events carry lists of them.
+dataclass per piece costs about 0.7 us to build (a tuple 0.05 us; measured here with
+Python 3.11), an eighth of the whole per-datagram budget of one side at 250 MB/s
+(5.6 us), so the hot path builds plain tuples and the events carry lists of them.
 """
 
 from __future__ import annotations

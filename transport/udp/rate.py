@@ -8,14 +8,20 @@ names map to controllers (``controller_for``):
 * ``fair`` -> ``DelayRate`` (weight 1): delay-based in FASP's spirit. Random loss is
   not a signal; the signal is *queueing delay*, one-way delay minus its minimum over a
   window. The steady-state law is FAST TCP's (Wei, Jin, Low, Hegde, "FAST TCP:
-  motivation, architecture, algorithms, performance", IEEE/ACM ToN 14(6), 2006) in rate
-  form: per RTT, ``rate += gamma * (alpha - rate * q) / rtt``, whose equilibrium keeps
-  ``alpha`` bytes of each flow in the bottleneck queue: flows with equal ``alpha`` get
-  equal shares (proportional fairness) whatever their RTT, and the queue holds
-  ``sum(alpha) / capacity`` seconds, bounded. Start-up doubles per RTT (TCP slow start,
-  BBR's STARTUP) until queueing delay appears; while the queue is empty (link not
-  full) the rate grows 25 % per RTT instead of FAST's slow additive term.
-* ``high`` -> ``DelayRate`` (weight 2): ``alpha`` doubled, so about twice a fair flow.
+  motivation, architecture, algorithms, performance", IEEE/ACM ToN 14(6), 2006),
+  ``w' = w * base/RTT + alpha``, written for a rate and driven by the *delivered*
+  rate ``d`` the receiver reports (corrected for loss): ``rate -> (d * base + alpha) /
+  (base + q)``, half way per RTT. Its fixed point keeps ``alpha`` bytes of each flow
+  in the bottleneck queue (``d * q = alpha``): flows with equal ``alpha`` get equal
+  shares whatever their RTT, and the queue holds ``sum(alpha) / capacity`` seconds.
+  Steering by the delivered rate rather than by our own bounds any overshoot (a rate
+  loop alone, without TCP's self-clocking window, oscillated between an empty and a
+  full queue in the simulator). Start-up doubles per RTT (TCP slow start, BBR's
+  STARTUP) until queueing delay appears; while the queue is empty (link not full) the
+  target is 25 % above the delivered rate (BBR's probing gain) instead of FAST's slow
+  additive term; every ``DRAIN_INTERVAL`` seconds without an empty queue the flow
+  sends at a quarter rate for one RTT so a latecomer re-measures its base delay (the
+  latecomer advantage, RFC 6817 section 4.4; BBR's PROBE_RTT does the same).* ``high`` -> ``DelayRate`` (weight 2): ``alpha`` doubled, so about twice a fair flow.
 * ``low`` -> ``LedbatRate``: LEDBAT (RFC 6817) in rate form: a small delay target
   (default 2 ms, below the queue a fair flow keeps), linear-in-off-target growth and
   decrease, so it uses spare capacity only and yields to ``fair``/``fixed``/TCP flows.
@@ -26,7 +32,9 @@ One-way delay needs no synchronised clocks: the receiver reports ``receive time 
 send time`` with an unknown constant offset; only differences (``q``) are used. The
 base is the minimum over ``BASE_HISTORY`` buckets of ``BASE_BUCKET`` seconds (RFC 6817
 section 4.1's base-delay history, shortened to bound clock-skew drift); the current
-delay is the minimum of the last 4 interval minima (RFC 6817 ``CURRENT_FILTER``).
+delay is the minimum of the last 4 interval minima (RFC 6817 ``CURRENT_FILTER``) and
+of every sample of the last 10 ms. Control steps use an RTT of at least ``MIN_TAU``
+(10 ms): on loopback (0.1 ms) the raw law swung the rate tenfold on scheduling noise.
 """
 
 from __future__ import annotations
