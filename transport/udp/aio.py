@@ -310,4 +310,9 @@ class UdpEndpoint:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = at
-        self._timer = self.loop.call_later(max(0.0, at - self.clock()), self._on_timer)
+        delay = at - self.clock()
+        # Event-loop timers tick in milliseconds (uvloop truncates a 0.3 ms delay to 0
+        # and would spin until the pacer's tokens are there): sleep at least 1 ms; the
+        # pacer's 2 ms bucket keeps the rate, and batches get fuller.
+        self._timer = self.loop.call_later(0.0 if delay <= 0 else max(delay, 0.001),
+                                           self._on_timer)
