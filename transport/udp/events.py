@@ -1,0 +1,147 @@
+"""Events a ``UdpConnection`` hands its owner, its statistics and its configuration.
+
+Pieces travel in *batches* (``PiecesReceived``, ``PiecesAcked``, ``PiecesLost``): one
+event per ``next_event`` call carries every piece since the previous call. A frozen
+dataclass per piece costs about 0.7 us to build (a tuple 0.05 us; measured here with
+Python 3.11), an eighth of the whole per-datagram budget of one side at 250 MB/s
+(5.6 us), so the hot path builds plain tuples and the events carry lists of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transport.udp.codec import DEFAULT_DATAGRAM, check_datagram_size, max_piece_payload
+from transport.udp.rate import RateConfig
+
+#: ``(file, block, offset, data)`` of a received piece; ``data`` is valid until the owner
+#: drops it (it views the decrypted datagram, no copy).
+ReceivedPiece = tuple[int, int, int, memoryview]
+#: ``(file, block, offset, length)`` of a piece that was sent.
+PieceRef = tuple[int, int, int, int]
+#: A socket address as the adapter gives it (``(host, port)`` or the IPv6 4-tuple).
+Address = tuple[Any, ...]
+
+#: CLOSE codes.
+CLOSE_DONE = 0
+CLOSE_ABORTED = 1
+CLOSE_PN_EXHAUSTED = 2
+CLOSE_IDLE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class UdpConfig:
+    """Per-connection options.
+
+    ``datagram_size``: UDP payload bytes (Aspera's ``-Z``); 1452 fits a 1,500-byte MTU
+    under IPv6 (40) and UDP (8) headers, so IPv4 too. ``max_queue_bytes``: bound of the
+    piece bytes queued but not yet sent (the owner reads ahead at most that much).
+    Feedback goes back after ``ack_every`` DATA datagrams or ``max_ack_delay`` seconds
+    after the first unreported one, whichever comes first, and at once for KEEPALIVE.
+    """
+
+    datagram_size: int = DEFAULT_DATAGRAM
+    rate: RateConfig = field(default_factory=RateConfig)
+    max_queue_bytes: int = 4 << 20
+    ack_every: int = 64
+    max_ack_delay: float = 0.004
+    silent_after: float = 3.0
+    keepalive_interval: float = 1.0
+    replay_window: int = 4096
+    burst_time: float = 0.002
+    max_tracked_ranges: int = 8192
+
+    def __post_init__(self) -> None:
+        check_datagram_size(self.datagram_size)
+        if self.max_queue_bytes < max_piece_payload(self.datagram_size):
+            raise ValueError("max_queue_bytes smaller than one datagram")
+        if self.ack_every < 1 or self.max_ack_delay <= 0 or self.silent_after <= 0:
+            raise ValueError("ack_every, max_ack_delay and silent_after must be positive")
+        if self.replay_window < 64 or self.replay_window & (self.replay_window - 1):
+            raise ValueError("replay_window: a power of two, at least 64 packets")
+
+
+@dataclass(frozen=True, slots=True)
+class PiecesReceived:
+    pieces: list[ReceivedPiece]
+
+
+@dataclass(frozen=True, slots=True)
+class PiecesAcked:
+    """The receiver acknowledged these pieces: delivered."""
+
+    pieces: list[PieceRef]
+
+
+@dataclass(frozen=True, slots=True)
+class PiecesLost:
+    """Not (known to be) delivered: lost, or abandoned at close. The owner re-leases them."""
+
+    pieces: list[PieceRef]
+
+
+@dataclass(frozen=True, slots=True)
+class SendReady:
+    """The send queue fell to half its bound: ``budget`` bytes may be queued."""
+
+    budget: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeAnswered:
+    token: int
+    rtt: float       # seconds
+    size: int        # bytes of the probe datagram that crossed the path
+
+
+@dataclass(frozen=True, slots=True)
+class PathSilent:
+    """Nothing authenticated heard from the peer since ``since`` (seconds, owner's clock)."""
+
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class PathResumed:
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    code: int
+    reason: str
+    error: bool
+    by_peer: bool
+
+
+Event = (PiecesReceived | PiecesAcked | PiecesLost | SendReady | ProbeAnswered | PathSilent
+         | PathResumed | Closed)
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot. Bytes count datagram payloads unless named ``piece``; rates in bits/s."""
+
+    rtt_ms: float
+    min_rtt_ms: float
+    queue_delay_ms: float
+    loss_pct: float               # packets declared lost / ack-eliciting packets resolved
+    rate: float                   # pacing rate
+    delivery_rate: float          # receiver's receive rate as last reported
+    sent_bytes: int
+    sent_packets: int
+    sent_piece_bytes: int
+    retransmitted_bytes: int      # piece bytes queued by the owner as retransmissions
+    lost_bytes: int
+    spurious_losses: int
+    received_bytes: int
+    received_packets: int
+    received_piece_bytes: int
+    bytes_in_flight: int
+    queued_bytes: int
+    controller: str
+    controller_state: str
+    packet_threshold: int
+    time_threshold: float
+    drops: dict[str, int]
