@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,7 +120,12 @@ def write_report(out: Path, results: Sequence[PeerResult], emulator: dict[str, d
                  meta: dict[str, Any]) -> Path:
     """Write report.md, results.json and the plots into *out*; returns the report path."""
     out.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(out, results)
+    try:
+        plots = write_plots(out, results)
+    except ImportError:  # matplotlib is the optional [bench] extra: the tables still count
+        print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')",
+              file=sys.stderr)
+        plots = []
     parts = [
         "# fallback WAN benchmark report",
         "",
