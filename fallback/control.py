@@ -2,7 +2,9 @@
 
 One frozen dataclass per request body (``docs/protocol.md``, "Control API"),
 each with a ``from_json`` that checks every field's JSON type and bounds and
-raises ``ProtocolError`` (HTTP 400) with a message naming the field. The
+raises ``ProtocolError`` (HTTP 400) with a message naming the field, and a
+``to_json`` the client (``fallback.client.control``) sends: both ends share one
+definition of each message. The answers are in ``fallback.answers``. The
 daemon's handlers work on these messages only, never on raw dicts, so a
 malformed body (a float where an integer belongs, a boolean, a missing key, an
 unknown action, ``2**70``) is refused in one place, before any work.
@@ -142,6 +144,12 @@ class OpenUpload:
     encrypt: bool
     strong_pass: bool
 
+    def to_json(self) -> dict[str, Any]:
+        return {"direction": "upload", "path": self.path, "into_dir": self.into_dir,
+                "name": self.name, "entries": [e.to_json() for e in self.entries],
+                "overwrite": self.overwrite, "encrypt": self.encrypt,
+                "strong_pass": self.strong_pass}
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> OpenUpload:
         w = "upload"
@@ -168,6 +176,9 @@ class OpenDownload:
 
     path: str
 
+    def to_json(self) -> dict[str, Any]:
+        return {"direction": "download", "path": self.path}
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> OpenDownload:
         return cls(path=_str(d, "path", "download", default="/"))
@@ -192,6 +203,12 @@ class PlanItem:
     action: str
     entry: FileEntry | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"file": self.file, "action": self.action}
+        if self.entry is not None:
+            d["entry"] = self.entry.to_json()
+        return d
+
     @classmethod
     def from_json(cls, value: Any, k: int) -> PlanItem:
         w = f"plan item {k}"
@@ -210,6 +227,9 @@ class PlanRequest:
 
     files: tuple[PlanItem, ...]
 
+    def to_json(self) -> dict[str, Any]:
+        return {"files": [i.to_json() for i in self.files]}
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PlanRequest:
         raw = _list(d, "files", "plan", MAX_ENTRIES)
@@ -226,6 +246,9 @@ class CommitItem:
     file: int
     root: str | None
 
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "root": self.root}
+
     @classmethod
     def from_json(cls, value: Any, k: int) -> CommitItem:
         w = f"commit item {k}"
@@ -241,6 +264,9 @@ class CommitRequest:
     """``{files: [CommitItem, ...]}``, each file at most once."""
 
     files: tuple[CommitItem, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": [i.to_json() for i in self.files]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CommitRequest:
@@ -260,6 +286,9 @@ class DigestsRequest:
     blocks: tuple[int, ...]
     root: bool
 
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "blocks": list(self.blocks), "root": self.root}
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DigestsRequest:
         w = "digests"
@@ -274,6 +303,9 @@ class RootsRequest:
     client's check before it publishes downloaded files). At most ``MAX_DIGESTS`` files."""
 
     files: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"roots": list(self.files)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RootsRequest:
@@ -297,6 +329,9 @@ class WantRequest:
     """
 
     ranges: tuple[tuple[int, int, int], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"blocks": [list(r) for r in self.ranges]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> WantRequest:
@@ -322,6 +357,9 @@ class CloseRequest:
     cannot forge log lines)."""
 
     error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.error}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CloseRequest:

@@ -22,8 +22,14 @@ from fallback import known_hosts
 from fallback.errors import UsageError
 from fallback.known_hosts import CertificateChanged, CertificateNotTrusted, KnownHost
 from fallback.tls import client_ssl, format_fingerprint
-from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
-from transport.http.client import SSLArg, describe, error_text
+from transport.errors import (
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
+from transport.http.client import SSLArg, describe, remote_error
 
 log = logging.getLogger("fallback.client")
 PREFIX = "/.fallback/v1"
@@ -98,8 +104,12 @@ class Remote:
     """One daemon, reached over HTTP or HTTPS, with Basic then session-token auth."""
 
     def __init__(self, url: Url, *, user: str, password: str, ssl: Any, scheme: str,
-                 port: int, streams: int, known: KnownHost | None = None) -> None:
+                 port: int, streams: int, known: KnownHost | None = None,
+                 features: frozenset[str] = frozenset()) -> None:
         self.url = url
+        self.features = features
+        """What the daemon's ``/info`` says it supports beyond API 1 (``keepalive``, ``acks``,
+        ``frames2``): the client uses a newer call only with a daemon that has it."""
         self.user = user
         self._password = password
         self.ssl: SSLArg = ssl if scheme == "https" else True
@@ -186,8 +196,11 @@ class Remote:
             link_ssl, known = trust(port) if scheme == "https" else (ssl, None)
         else:
             log.info("transport %s: --transport %s", scheme, transport)
+        raw = info.get("features")
+        features = frozenset(f for f in raw if isinstance(f, str)) if isinstance(raw, list) \
+            else frozenset()
         return cls(url, user=name, password=pw, ssl=link_ssl, scheme=scheme, port=port,
-                   streams=streams, known=known)
+                   streams=streams, known=known, features=features)
 
     # -- control calls --------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -209,12 +222,14 @@ class Remote:
                 raw = await read_bounded(resp, self.base)
                 log.debug("%s %s: %d, %d bytes", method, url, resp.status, len(raw))
                 if resp.status != 200:
-                    raise RemoteError(error_text(raw, resp.status), status=resp.status)
+                    raise remote_error(resp, raw)
                 return parse_answer(raw, self.base)
         except TransportError:
             raise
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ServerFingerprintMismatch) as exc:
             raise await _tls_error(exc, self.url.host, self.port, self.known) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectError(f"cannot reach {self.base}: {describe(exc)}") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ConnectionLost(f"cannot reach {self.base}: {describe(exc)}") from None
 

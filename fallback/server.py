@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from fallback import answers as A
 from fallback import control, plainhttp
 from fallback import sessions as S
 from fallback.auth import ChecksBusy, PasswordChecker, parse_basic
@@ -277,12 +278,12 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
     want_root = msg.overwrite == "diff"
     states = []
     for i in range(len(entries)):
-        states.append((await _run(request, lambda i=i: S.target_state(session, i, want_root=want_root))).to_json())
+        states.append(await _run(request, lambda i=i: S.target_state(session, i, want_root=want_root)))
     log.info("session %s opened: user=%s peer=%s upload to %s (%d entries)", session.id[:8],
              user.name, request.remote, relpath_in(Path(user.docroot), root), len(entries))
-    return web.json_response({"id": session.id, "token": session.token, "states": states,
-                              "root": relpath_in(Path(user.docroot), root),
-                              "streams_max": st.config.streams_max, "policy": _policy(st.config)})
+    return web.json_response(A.UploadOpened(
+        session.id, session.token, states, relpath_in(Path(user.docroot), root),
+        st.config.streams_max, _policy(st.config)).to_json())
 
 
 def _policy(c: Config) -> dict[str, Any]:
@@ -315,11 +316,9 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
         raise
     log.info("session %s opened: user=%s peer=%s download of %s (%d entries)", session.id[:8],
              user.name, request.remote, relpath_in(docroot, src), len(tree.entries))
-    return web.json_response({
-        "id": session.id, "token": session.token, "name": src.name,
-        "entries": [e.to_json() for e in tree.entries], "skipped": tree.skipped,
-        "streams_max": st.config.streams_max,
-    })
+    return web.json_response(A.DownloadOpened(
+        src.name, list(tree.entries), list(tree.skipped), st.config.streams_max,
+        session.id, session.token).to_json())
 
 
 async def plan(request: web.Request) -> web.Response:
@@ -350,8 +349,7 @@ async def plan(request: web.Request) -> web.Response:
     except BaseException:
         session.planning = False  # nothing was opened: the client may plan again
         raise
-    return web.json_response({"missing": {str(i): m.to_list() for i, m in missing.items()},
-                              "refused": {str(i): why for i, why in refused.items()}})
+    return web.json_response(A.PlanAnswer(missing, refused).to_json())
 
 
 def _final_entry(opened: FileEntry, final: FileEntry) -> FileEntry:
@@ -418,23 +416,23 @@ async def _commit(request: web.Request, session: S.Session, msg: control.CommitR
     assert session.sink is not None
     await session.sink.flush()
     deadline = time.monotonic() + S.COMMIT_WAIT
-    results: dict[str, Any] = {}
+    results: dict[int, A.CommitResult] = {}
     for item in msg.files:
         i = item.file
         try:
             left = await S.verify_for_commit(session, i, deadline)
             if left:
-                results[str(i)] = {"verifying": left}
+                results[i] = A.CommitVerifying(left)
                 continue
-            results[str(i)] = await _run(request, S.commit_file, session, i, item.root)
+            results[i] = await _run(request, S.commit_file, session, i, item.root)
         except TransportError as exc:
-            results[str(i)] = {"error": exc.message, "status": exc.status}
+            results[i] = A.CommitFailed(exc.message, exc.status)
         except OSError as exc:  # e.g. the partial cannot be read back
             name = session.entries[i].path or session.root.name
-            results[str(i)] = {"error": f"{name}: {exc.strerror or exc}", "status": 500}
+            results[i] = A.CommitFailed(f"{name}: {exc.strerror or exc}", 500)
     if not session.sink.receivers:
         await _run(request, S.finish_dirs, session)
-    return web.json_response({"results": results})
+    return web.json_response(A.CommitAnswer(results).to_json())
 
 
 async def digests(request: web.Request) -> web.Response:
@@ -446,13 +444,14 @@ async def digests(request: web.Request) -> web.Response:
         raise ProtocolError("not a download session", status=409)
     msg = await _json(request, control.parse_digests)
     if isinstance(msg, control.RootsRequest):
-        return web.json_response(await _run(request, S.source_roots, session, list(msg.files)))
+        roots = await _run(request, S.source_roots, session, list(msg.files))
+        return web.json_response(roots.to_json())
     count = S.file_entry(session, msg.file).layout().count
     if msg.blocks and msg.blocks[-1] >= count:
         raise ProtocolError(f"digests: block {msg.blocks[-1]} out of range for file {msg.file} "
                             f"({count} blocks)")
     out = await _run(request, S.source_digests, session, msg.file, list(msg.blocks), msg.root)
-    return web.json_response(out)
+    return web.json_response(out.to_json())
 
 
 async def want(request: web.Request) -> web.Response:
@@ -462,7 +461,7 @@ async def want(request: web.Request) -> web.Response:
     if session.feed is None:
         raise ProtocolError("not a download session", status=409)
     msg = await _json(request, control.WantRequest.from_json)
-    return web.json_response({"queued": session.feed.add_ranges(msg.ranges)})
+    return web.json_response(A.WantAnswer(session.feed.add_ranges(msg.ranges)).to_json())
 
 
 def _admit_stream(request: web.Request, session: S.Session) -> None:

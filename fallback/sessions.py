@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fallback import answers as A
 from fallback.config import UserConfig
 from fallback.paths import confine, relpath_in
 from transport.blocks.digest import digest_path, file_digest
@@ -373,7 +374,7 @@ async def _wait_idle(holder: Session) -> bool:
     return True
 
 
-def commit_file(session: Session, index: int, root: str | None) -> dict[str, object]:
+def commit_file(session: Session, index: int, root: str | None) -> A.CommitMissing | A.Committed:
     """Commit one received file (worker thread): ok, or what is missing.
 
     Blocks carried over from an earlier run are re-read first
@@ -386,11 +387,11 @@ def commit_file(session: Session, index: int, root: str | None) -> dict[str, obj
     missing = rec.missing()
     if missing:
         rec.flush()
-        return {"missing": missing.to_list()}
+        return A.CommitMissing(missing)
     digest = rec.commit(root, replace=session.overwrite != "never")
     del session.sink.receivers[index]
     session.committed += 1
-    return {"ok": True, "root": digest}
+    return A.Committed(digest)
 
 
 def finish_dirs(session: Session) -> None:
@@ -474,7 +475,7 @@ def _source(session: Session, index: int) -> SentSource:
     return src
 
 
-def source_digests(session: Session, index: int, blocks: list[int], root: bool) -> dict[str, object]:
+def source_digests(session: Session, index: int, blocks: list[int], root: bool) -> A.DigestsAnswer:
     """Digests of some source blocks, and optionally the whole-file digest (worker thread).
 
     Every block read is recorded (``SentSource``), so a later ``root`` does not
@@ -483,31 +484,27 @@ def source_digests(session: Session, index: int, blocks: list[int], root: bool) 
     src = _source(session, index)
     if len(blocks) > MAX_DIGEST_BLOCKS:
         raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} blocks per digests call")
-    out: dict[str, object] = {}
     count = src.layout.count
     digests = {}
     for b in blocks:
         if not 0 <= b < count:
             raise ProtocolError(f"block {b} out of range")
         digests[b] = src.read_block(b)[1]
-    out["digests"] = {str(b): d.hex() for b, d in digests.items()}
-    if root:
-        out["root"] = src.root()
-    return out
+    return A.DigestsAnswer(digests, src.root() if root else None)
 
 
-def source_roots(session: Session, files: list[int]) -> dict[str, object]:
+def source_roots(session: Session, files: list[int]) -> A.RootsAnswer:
     """Whole-file digests over the current bytes of some files (worker thread), for the
     client's check before it publishes them: ``{roots: {file: root}, errors: {file: message}}``.
     A file changed since the session opened is an error for that file only."""
     if len(files) > MAX_DIGEST_BLOCKS:
         raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} files per digests call")
-    roots: dict[str, str] = {}
-    errors: dict[str, str] = {}
+    roots: dict[int, str] = {}
+    errors: dict[int, str] = {}
     for i in files:
         src = _source(session, i)
         try:
-            roots[str(i)] = src.root()
+            roots[i] = src.root()
         except SourceChanged as exc:
-            errors[str(i)] = exc.message
-    return {"roots": roots, "errors": errors}
+            errors[i] = exc.message
+    return A.RootsAnswer(roots, errors)

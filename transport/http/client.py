@@ -10,20 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl as ssl_mod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
 
 from transport.blocks.session import BlockFeed, BlockSink
-from transport.errors import ConnectionLost, RemoteError, TransportError
+from transport.errors import ConnectError, ConnectionLost, RemoteError, TransportError
 from transport.http.framing import CONTENT_TYPE, FrameHeader
 from transport.http.server import receive_blocks
 
 SSLArg = ssl_mod.SSLContext | aiohttp.Fingerprint | bool
+Activity = Callable[[int], None]
+"""Called with the bytes of each block a stream moved (the path's activity meter)."""
 
 
-async def _frames(feed: BlockFeed, taken: list[tuple[int, int]]) -> AsyncIterator[bytes | bytearray]:
+async def _frames(feed: BlockFeed, taken: list[tuple[int, int]],
+                  on_block: Activity | None = None) -> AsyncIterator[bytes | bytearray]:
     """Frames for an upload body, reading one block ahead of the socket."""
     item = feed.take()
     fut = asyncio.ensure_future(feed.read(item)) if item else None
@@ -38,6 +41,8 @@ async def _frames(feed: BlockFeed, taken: list[tuple[int, int]]) -> AsyncIterato
             yield FrameHeader(item[0], item[1], len(data), digest).pack()
             yield data
             feed.delivered(item, len(data))
+            if on_block is not None:
+                on_block(len(data))
             item, fut, nxt, nfut = nxt, nfut, None, None
     finally:
         # The body was cut short: the read-ahead's block never left, so another
@@ -59,21 +64,27 @@ async def upload_stream(
     *,
     headers: Mapping[str, str],
     ssl: SSLArg,
+    on_block: Activity | None = None,
 ) -> dict[str, Any]:
-    """One upload stream: PUT a chunked body of frames until the feed runs dry."""
+    """One upload stream: PUT a chunked body of frames until the feed runs dry.
+
+    Raises ``ConnectError`` when no connection could be made, ``ConnectionLost``
+    when it broke, ``RemoteError`` (with the daemon's status and ``Retry-After``)
+    for an error answer."""
     taken: list[tuple[int, int]] = []
     hdrs = {**headers, "Content-Type": CONTENT_TYPE}
     try:
-        async with http.put(url, data=_frames(feed, taken), headers=hdrs, ssl=ssl) as resp:
+        async with http.put(url, data=_frames(feed, taken, on_block), headers=hdrs,
+                            ssl=ssl) as resp:
             body = await resp.read()
             if resp.status != 200:
-                raise RemoteError(error_text(body, resp.status), status=resp.status)
+                raise remote_error(resp, body)
             result: dict[str, Any] = json.loads(body)
             return result
     except TransportError:
         raise
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise ConnectionLost(f"upload stream lost: {describe(exc)}") from exc
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        raise lost("upload stream", exc) from exc
 
 
 async def download_stream(
@@ -83,17 +94,35 @@ async def download_stream(
     *,
     headers: Mapping[str, str],
     ssl: SSLArg,
+    on_block: Activity | None = None,
 ) -> int:
-    """One download stream: GET frames until the server's feed runs dry."""
+    """One download stream: GET frames until the server's feed runs dry. Errors as
+    ``upload_stream``."""
     try:
         async with http.get(url, headers=headers, ssl=ssl) as resp:
             if resp.status != 200:
-                raise RemoteError(error_text(await resp.read(), resp.status), status=resp.status)
-            return await receive_blocks(resp.content, sink)
+                raise remote_error(resp, await resp.read())
+            return await receive_blocks(resp.content, sink, on_block=on_block)
     except TransportError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise ConnectionLost(f"download stream lost: {describe(exc)}") from exc
+        raise lost("download stream", exc) from exc
+
+
+def lost(what: str, exc: BaseException) -> ConnectionLost:
+    """The error for a request that failed below HTTP: ``ConnectError`` when no connection
+    was made (nothing was sent), ``ConnectionLost`` otherwise."""
+    if isinstance(exc, aiohttp.ClientConnectorError) \
+            and not isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return ConnectError(f"{what} lost: {describe(exc)}")
+    return ConnectionLost(f"{what} lost: {describe(exc)}")
+
+
+def remote_error(resp: aiohttp.ClientResponse, body: bytes) -> RemoteError:
+    """A daemon's error answer, with its status and ``Retry-After`` (seconds) if any."""
+    retry = resp.headers.get("Retry-After", "")
+    after = float(retry) if retry.isascii() and retry.isdigit() and len(retry) < 8 else None
+    return RemoteError(error_text(body, resp.status), status=resp.status, retry_after=after)
 
 
 def error_text(body: bytes, status: int) -> str:

@@ -22,8 +22,10 @@ from transport.http.framing import HEADER_SIZE, FrameHeader, parse_header
 Writer = Callable[[bytes | bytearray], Awaitable[None]]
 
 
-async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: int = 2) -> int:
-    """Read frames until the body ends, writing each verified block; returns the block count."""
+async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: int = 2,
+                         on_block: Callable[[int], None] | None = None) -> int:
+    """Read frames until the body ends, writing each verified block; returns the block count.
+    ``on_block`` is called with each frame's length as it arrives (activity)."""
     max_len = sink.max_block()
     pending: deque[asyncio.Task[int]] = deque()
     count = 0
@@ -42,6 +44,8 @@ async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: in
                 raise ProtocolError(f"stream ended inside block {h.block}") from None
             pending.append(asyncio.ensure_future(sink.write(h.file, h.block, data, h.digest)))
             count += 1
+            if on_block is not None:
+                on_block(h.length)
             while len(pending) >= inflight:
                 await pending.popleft()
         while pending:

@@ -1,0 +1,174 @@
+"""One transfer, one daemon session: what both directions share, and the entry points.
+
+``transfer_async`` connects (``fallback.remote``), then runs an
+``UploadSession`` (``fallback.client.upload``) or a ``DownloadSession``
+(``fallback.client.download``). Both are ``TransferSession``s: they own the
+manifest, the plan, the sender's or receiver's block state, the commit and
+the result; the typed control client (``fallback.client.control``) speaks to
+the daemon, and a path manager (``fallback.client.manager``) runs the paths
+that move the blocks. The session never imports a path's internals: it hands
+the manager path objects (``fallback.client.paths``) and a ``Work`` to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path as LocalPath
+from typing import Any, TypeVar
+
+from fallback.client.control import ControlClient
+from fallback.client.manager import PathManager, Work
+from fallback.client.options import Options
+from fallback.client.paths import HttpPath, Path
+from fallback.errors import TransferError, UsageError
+from fallback.remote import PREFIX, Remote, is_url, parse_url
+from fallback.result import ProgressCallback, TransferResult
+from transport.blocks import envelope as env
+from transport.blocks.manifest import FileEntry
+from transport.blocks.ranges import RangeSet
+from transport.errors import TransportError
+
+log = logging.getLogger("fallback.client")  # -v: info, -vv: debug (fallback.cli)
+T = TypeVar("T")
+
+
+class TransferSession:
+    """What a transfer in either direction holds: the daemon, the paths, the result."""
+
+    def __init__(self, remote: Remote, opts: Options, executor: ThreadPoolExecutor,
+                 result: TransferResult, progress_cb: ProgressCallback | None) -> None:
+        self.remote = remote
+        self.control = ControlClient(remote)
+        self.opts = opts
+        self.executor = executor
+        self.result = result
+        self.progress_cb = progress_cb
+        self.manager: PathManager | None = None
+
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the session's worker threads (disk work off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def streams_for(self, cap: int | None) -> int:
+        """Parallel streams: what was asked, within the daemon's ``streams_max``."""
+        n = max(1, min(self.opts.streams, cap or self.opts.streams))
+        log.info("%d streams (asked %d, the daemon allows %s)", n, self.opts.streams,
+                 cap or "any")
+        return n
+
+    def http_paths(self, n: int, stream: Callable[[Callable[[int], None]], Awaitable[object]]
+                   ) -> list[Path]:
+        """``n`` HTTP(S) stream paths of this session, ``http-0`` ... (or ``https-``)."""
+        kind = self.remote.scheme
+
+        async def probe() -> object:
+            return await self.remote.call("GET", f"{self.remote.base}{PREFIX}/info")
+
+        return [HttpPath(f"{kind}-{k}", kind, stream, probe) for k in range(n)]
+
+    async def move(self, paths: list[Path], work: Work) -> None:
+        """Run ``paths`` over ``work`` until the phase is done (``PathManager.run``)."""
+        if self.manager is None:
+            self.manager = PathManager(paths)
+        await self.manager.run(work)
+        for kind in self.manager.kinds_used():
+            if kind not in self.result.transports:
+                self.result.transports.append(kind)
+
+
+# -- entry points -------------------------------------------------------------------------------------
+async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                         options: Options | None = None,
+                         progress: ProgressCallback | None = None) -> TransferResult:
+    """Copy ``src`` to ``dst``; one of them is a daemon URL. Raises ``TransferError``."""
+    from fallback.client.download import DownloadSession
+    from fallback.client.upload import UploadSession
+
+    opts = options or Options()
+    opts.check()
+    s, d = os.fspath(src), os.fspath(dst)
+    if is_url(s) and is_url(d):
+        raise UsageError("both ends are URLs: one end must be a local path")
+    if not is_url(s) and not is_url(d):
+        raise UsageError("neither end is a URL: one end must be http(s)://[user@]host[:port]/path")
+    if opts.encrypt and is_url(s):
+        raise UsageError("--encrypt applies to uploads; use --decrypt to download")
+    url = parse_url(d if is_url(d) else s)
+    result = TransferResult(direction="upload" if is_url(d) else "download")
+    t0 = time.monotonic()
+    executor = ThreadPoolExecutor(max(4, opts.streams + 2), "fb-client")
+    remote: Remote | None = None
+    try:
+        remote = await Remote.connect(
+            url, transport=opts.transport, user=opts.user, password=opts.password,
+            cacert=opts.cacert, fingerprint=opts.fingerprint, insecure=opts.insecure,
+            streams=opts.streams)
+        result.transports.append(remote.scheme)
+        if result.direction == "upload":
+            await UploadSession(remote, opts, executor, result, progress).run(LocalPath(s), url)
+        else:
+            await DownloadSession(remote, opts, executor, result, progress).run(
+                url, LocalPath(d), d.endswith(("/", os.sep)))
+        result.ok = True
+    except TransportError as exc:
+        result.error = exc.message
+        raise TransferError(exc.message, status=exc.status, result=result) from None
+    except (OSError, UsageError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        result.error = f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}".lstrip(": ")
+        raise TransferError(result.error, result=result) from None
+    finally:
+        result.seconds = time.monotonic() - t0
+        if remote is not None:
+            await remote.close(result.error)
+        executor.shutdown(wait=False)
+    return result
+
+
+def transfer(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+             progress: ProgressCallback | None = None, **options: Any) -> TransferResult:
+    """Blocking twin of ``transfer_async``; ``options`` are ``Options`` fields."""
+    opts = Options(**options)
+    try:
+        import uvloop
+
+        return uvloop.run(transfer_async(src, dst, opts, progress))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(transfer_async(src, dst, opts, progress))
+
+
+# -- sizes and names ------------------------------------------------------------------------------------
+def plain_bytes(entry: FileEntry, blocks: RangeSet) -> int:
+    """File bytes in ``blocks`` (only the last block of a file may be short)."""
+    count = -(-entry.size // entry.block_size)
+    total = 0
+    for a, b in blocks:
+        total += (b - a) * entry.block_size
+        if b == count:
+            total -= count * entry.block_size - entry.size
+    return total
+
+
+def plain_len(entry: FileEntry, block: int) -> int:
+    return min(entry.block_size, entry.size - block * entry.block_size)
+
+
+def plain_share(entry: FileEntry, wire_bytes: int) -> int:
+    """File bytes carried by a wire block (its overhead is not file data)."""
+    return max(0, wire_bytes - entry.overhead) if entry.overhead else wire_bytes
+
+
+def display(name: str, entry: FileEntry, decrypted: bool) -> str:
+    """The name a downloaded file gets locally (a decrypted envelope loses its suffix)."""
+    s = shown(name, entry.path)
+    return s.removesuffix(env.SUFFIX) if decrypted else s
+
+
+def shown(name: str, relpath: str) -> str:
+    return f"{name}/{relpath}" if relpath else name

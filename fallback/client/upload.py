@@ -1,0 +1,285 @@
+"""Upload: walk the source, plan against the daemon's state, send, commit.
+
+The client plans (``transport.blocks.plan``): it sees the source and what the
+daemon reports for each target, applies the overwrite policy and the resume
+check, and plans each file (skip, fresh, resume). The daemon answers with the
+blocks it misses; the paths send them and the commit verifies and publishes
+each file, saying which blocks are still missing (sent again) or which
+carried-over blocks it is still re-reading (asked again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from fallback import answers as A
+from fallback import control as C
+from fallback.client.options import strong_passphrase
+from fallback.client.session import (
+    TransferSession,
+    plain_bytes,
+    plain_len,
+    plain_share,
+    shown,
+)
+from fallback.remote import Url
+from fallback.result import Progress
+from transport.blocks import envelope as env
+from transport.blocks.digest import digest_path, file_digest
+from transport.blocks.manifest import FileEntry
+from transport.blocks.plan import (
+    TargetState,
+    overwrite_action,
+    resumable,
+    resume_ok,
+    resume_samples,
+    trusted_blocks,
+)
+from transport.blocks.session import BlockFeed
+from transport.blocks.source import FileSource
+from transport.blocks.transform import BlockTransform
+from transport.blocks.tree import walk_source
+from transport.errors import ConnectionLost, TransportError
+from transport.http.client import upload_stream
+
+log = logging.getLogger("fallback.client")
+
+MAX_ROUNDS = 6
+
+
+class _FeedWork:
+    """The manager's view of an upload's feed."""
+
+    def __init__(self, feed: BlockFeed) -> None:
+        self.feed = feed
+
+    def pending(self) -> bool:
+        return self.feed.pending > 0 and not self.feed.closed
+
+    def progress(self) -> int:
+        return self.feed.sent_bytes
+
+    def lost(self, path: str) -> None:
+        pass  # a stream puts back what it took when it ends (transport.http.client)
+
+    def complete(self) -> bool:
+        return self.feed.pending == 0 or self.feed.closed
+
+
+class UploadSession(TransferSession):
+    """One upload of a local file or folder to the daemon."""
+
+    async def run(self, src: Path, url: Url) -> None:
+        opts, result = self.opts, self.result
+        tree = await self.io(walk_source, src, opts.block_size)
+        name = src.resolve().name
+        self.name = name
+        for why in tree.skipped:  # special files, unreadable folders: reported, the rest goes on
+            rel, _, reason = why.partition(": ")
+            result.skipped_files[shown(name, rel)] = reason
+        entries = list(tree.entries)
+        if opts.encrypt:
+            entries = [_encrypted_placeholder(e) for e in entries]
+        files = [i for i, e in enumerate(entries) if not e.is_dir]
+        result.files = len(files)
+        result.bytes = sum(entries[i].size for i in files)
+        opened = await self.control.open_upload(C.OpenUpload(
+            path=url.path, into_dir=url.into_dir,
+            name=name + (env.SUFFIX if opts.encrypt and not entries[0].is_dir else ""),
+            entries=tuple(entries), overwrite=opts.overwrite, encrypt=opts.encrypt,
+            strong_pass=bool(opts.encrypt and opts.passphrase
+                             and strong_passphrase(opts.passphrase))))
+        states = opened.states
+        streams = self.streams_for(opened.streams_max)
+        progress = Progress(result.bytes, self.remote.scheme, self.progress_cb)
+        sources: dict[int, FileSource] = {}
+        plan: dict[int, C.PlanItem] = {}
+        trusted: dict[int, set[int]] = {}  # journaled blocks kept without comparing them
+        reads: set[asyncio.Task[Any]] = set()
+        try:
+            for i in files:
+                item = await self._plan_file(i, entries, states[i], tree.paths[i],
+                                             tree.entries[i].path, sources, trusted, progress)
+                plan[i] = item
+            counts = {i: s.layout.count for i, s in sources.items()}
+            planned = await self.control.plan(C.PlanRequest(tuple(plan.values())), counts)
+            missing = dict(planned.missing)
+            for k, why in planned.refused.items():
+                # The server's overwrite=deny kept an existing target: skipped, with its reason.
+                sources.pop(k).close()
+                missing.pop(k, None)
+                result.skipped_files[shown(name, tree.entries[k].path)] = \
+                    f"refused by the server: {why}"
+                progress.skip(entries[k].size)
+            feed = BlockFeed(sources, self.executor)
+            kept: dict[int, set[int]] = {}  # blocks counted as skipped (held by the daemon)
+            for i, blocks in missing.items():
+                have = blocks.complement(0, sources[i].layout.count)
+                kept[i] = set(have.members())
+                progress.skip(plain_bytes(entries[i], have))
+                feed.add_ranges([(i, a, b) for a, b in blocks])
+            digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
+            for i, blocks in missing.items():
+                # The daemon may hold blocks it had not journaled yet when it reported its state
+                # (the last records of a session it took over): digest those from the source,
+                # or the whole-file digest at commit misses them and the partial is thrown away.
+                have = blocks.complement(0, sources[i].layout.count)
+                unseen = [b for b in have.members() if b not in digests[i]]
+                for b in unseen:
+                    digests[i][b] = (await self.io(sources[i].read_block, b))[1]
+                trusted[i] -= set(unseen)
+            feed.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
+                                                           shown(name, entries[f].path))
+            _record_digests(feed, digests, reads, trusted)
+            paths = self.http_paths(streams, lambda on_block: upload_stream(
+                self.remote.http, self.remote.session_url("/blocks"), feed,
+                headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block))
+            work = _FeedWork(feed)
+            plain_roots: dict[int, str] = {}
+            rounds = 0
+            while True:
+                if feed.pending:
+                    await self.move(paths, work)
+                roots = {i: file_digest(entries[i].block_size, entries[i].size,
+                                        (digests[i].get(b, b"")
+                                         for b in range(sources[i].layout.count)))
+                         for i in sources}
+                for s in sources.values():
+                    s.check_unchanged()
+                committed = await self.control.commit(C.CommitRequest(tuple(
+                    C.CommitItem(i, roots[i]) for i in sources if i not in plain_roots)),
+                    {i: s.layout.count for i, s in sources.items()})
+                again: list[tuple[int, int, int]] = []
+                verifying = False
+                for i, r in committed.results.items():
+                    if isinstance(r, A.CommitFailed):
+                        raise TransportError(r.error, status=r.status)
+                    if isinstance(r, A.Committed):
+                        plain_roots[i] = r.root
+                        file = shown(name, tree.entries[i].path)
+                        result.checksums[file] = r.root if not opts.encrypt else \
+                            await self.io(sources[i].plain_root)
+                        result.mark_verified(file, "sampled" if trusted.get(i) else "full")
+                    elif isinstance(r, A.CommitVerifying):
+                        verifying = True  # the daemon is still re-reading its partial: ask again
+                    else:
+                        again.extend((i, a, b) for a, b in r.missing)
+                        for b in [b for b in kept.get(i, set()) if b in r.missing]:
+                            kept[i].discard(b)  # dropped at the daemon: carried after all
+                            progress.unskip(plain_len(entries[i], b))
+                if not again:
+                    if verifying:
+                        continue
+                    break
+                rounds += 1
+                if rounds >= MAX_ROUNDS:
+                    raise ConnectionLost(f"{sum(b - a for _, a, b in again)} blocks still "
+                                         f"missing after {rounds} rounds")
+                log.info("retry round %d: the daemon still misses %d blocks", rounds,
+                         sum(b - a for _, a, b in again))
+                feed.add_ranges(again)
+            progress.finish()
+        finally:
+            result.sent_bytes = progress.carried  # also when failing: what this run did move
+            result.skipped_bytes = progress.skipped
+            running = reads - {asyncio.current_task()}
+            if running:  # a dead stream may leave a read-ahead running: let it end first
+                await asyncio.wait(running)
+            for s in sources.values():
+                s.close()
+
+    async def _plan_file(self, i: int, entries: list[FileEntry], state: TargetState, path: Path,
+                         rel: str, sources: dict[int, FileSource], trusted: dict[int, set[int]],
+                         progress: Progress) -> C.PlanItem:
+        """Decide file ``i``: skip, fresh or resume (reading the source where the check needs)."""
+        opts, result = self.opts, self.result
+        entry = entries[i]
+        file = shown(self.name, rel)
+        result.content[file] = "envelope" if opts.encrypt else "plain"
+        transform: BlockTransform | None = None
+        if opts.encrypt:
+            assert opts.passphrase is not None
+            entry, transform = await self.io(_encrypted_entry, entry, state, opts.passphrase)
+            entries[i] = entry
+        action = overwrite_action(entry, state, opts.overwrite)
+        if action == "compare":
+            local = await self.io(digest_path, path, entry.block_size)
+            action = "skip" if local == state.root else "transfer"
+            if action == "skip":
+                result.checksums[file] = local
+        if action == "skip":
+            result.skipped_files[file] = "exists" if opts.overwrite != "diff" else "unchanged"
+            progress.skip(entry.size)
+            return C.PlanItem(i, "skip")
+        src_file = await self.io(functools.partial(FileSource, path, entry, encode=transform))
+        sources[i] = src_file
+        resume = False
+        if resumable(entry, state) and opts.resume != "none":
+            samples = resume_samples(state.have, opts.resume)
+            fresh = {b: (await self.io(src_file.read_block, b))[1] for b in samples}
+            resume = resume_ok(opts.resume, entry, state, fresh)
+        trusted[i] = trusted_blocks(state.have, opts.resume) if resume else set()
+        return C.PlanItem(i, "resume" if resume else "fresh", entry)
+
+
+def _encrypted_placeholder(entry: FileEntry) -> FileEntry:
+    """Open-time entry: the daemon reports its partial's header, so a resume can reuse the salt."""
+    if entry.is_dir:
+        return entry
+    return FileEntry(entry.path + env.SUFFIX if entry.path else "", "file", size=entry.size,
+                     mtime_ns=entry.mtime_ns, mode=entry.mode, block_size=entry.block_size,
+                     transform="envelope-v1", overhead=env.OVERHEAD)
+
+
+def _encrypted_entry(entry: FileEntry, state: TargetState,
+                     passphrase: str) -> tuple[FileEntry, BlockTransform]:
+    """The envelope for one file: the partial's header when it is ours to resume, else a new one."""
+    j = state.journal
+    if j and j[:4] == [entry.size, entry.mtime_ns, entry.block_size, "envelope-v1"] and j[4]:
+        try:
+            t = env.EnvelopeTransform.open(passphrase, bytes.fromhex(str(j[4])))
+            return _with_header(entry, t), t
+        except (TransportError, ValueError):
+            pass  # another passphrase or a damaged header: start this file over
+    t = env.EnvelopeTransform.for_upload(passphrase, entry.size, entry.block_size)
+    return _with_header(entry, t), t
+
+
+def _with_header(entry: FileEntry, t: BlockTransform) -> FileEntry:
+    return FileEntry(entry.path, "file", size=entry.size, mtime_ns=entry.mtime_ns, mode=entry.mode,
+                     block_size=entry.block_size, header=t.header, overhead=t.overhead,
+                     transform=t.name)
+
+
+def _record_digests(feed: BlockFeed, digests: dict[int, dict[int, bytes]],
+                    reads: set[asyncio.Task[Any]], trusted: dict[int, set[int]]) -> None:
+    """Remember each block's digest as it is read, for the whole-file digest at commit
+    (a block read from the source is no longer one trusted from the journal).
+
+    Reads run as tasks (a stream reads one block ahead); ``reads`` holds those
+    still running, and an error of one that nobody awaits any more (its stream
+    died) is taken here instead of surfacing as an asyncio traceback.
+    """
+    original = feed.read
+
+    def settled(task: asyncio.Task[Any]) -> None:
+        reads.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the stream that wanted it has already failed
+
+    async def read(item: tuple[int, int]) -> tuple[bytes | bytearray, bytes]:
+        task = asyncio.current_task()
+        if task is not None and task not in reads:
+            reads.add(task)
+            task.add_done_callback(settled)
+        data, d = await original(item)
+        digests[item[0]][item[1]] = d
+        trusted.get(item[0], set()).discard(item[1])
+        return data, d
+
+    feed.read = read  # type: ignore[method-assign]
+
