@@ -361,6 +361,29 @@ class WantAnswer:
         return cls(n)
 
 
+@dataclass(frozen=True, slots=True)
+class KeepaliveAnswer:
+    """``{idle_takeover, interval}`` (seconds): after ``idle_takeover`` seconds without
+    hearing from the client on any path, the daemon may hand its targets to a new
+    session; the client calls at least every ``interval`` seconds while quiet."""
+
+    idle_takeover: float
+    interval: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"idle_takeover": self.idle_takeover, "interval": self.interval}
+
+    @classmethod
+    def from_json(cls, got: Any) -> KeepaliveAnswer:
+        vals: list[float] = []
+        for k in ("idle_takeover", "interval"):
+            v: Any = got.get(k) if isinstance(got, dict) else None
+            if type(v) not in (int, float) or not 0 < v < 3600:
+                raise ProtocolError("refused the daemon's keepalive answer")
+            vals.append(float(v))
+        return cls(vals[0], vals[1])
+
+
 def _int(v: Any, what: str) -> int:
     """A JSON number, or a JSON object's key holding one (``"12"``)."""
     if isinstance(v, int) and not isinstance(v, bool):

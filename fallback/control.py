@@ -349,6 +349,19 @@ class WantRequest:
         return cls(tuple(out))
 
 
+# -- POST /session/{id}/keepalive ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class KeepaliveRequest:
+    """``{}``: the client is alive (``fallback.sessions.IDLE_TAKEOVER``)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> KeepaliveRequest:
+        return cls()
+
+
 # -- DELETE /session/{id} ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class CloseRequest:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,7 @@ class Remote:
                                           auto_decompress=False, read_bufsize=1 << 20)
         self.sid: str | None = None
         self.token: str | None = None
+        self.last_call = time.monotonic()  # when the latest control call started
 
     @classmethod
     async def connect(cls, url: Url, *, transport: str, user: str | None, password: str | None,
@@ -216,6 +218,7 @@ class Remote:
         return f"{self.base}{PREFIX}/session/{self.sid}{tail}"
 
     async def call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+        self.last_call = time.monotonic()
         try:
             async with self.http.request(method, url, json=body or {}, headers=self._headers(),
                                          ssl=self.ssl) as resp:

@@ -9,7 +9,8 @@ everything else is the user's docroot as plain HTTP):
 * ``POST   /.fallback/v1/session/{id}/commit``   upload: verify and publish files
 * ``POST   /.fallback/v1/session/{id}/digests``  download: source digests (resume check, final check)
 * ``POST   /.fallback/v1/session/{id}/want``     download: queue blocks
-* ``GET    /.fallback/v1/session/{id}/blocks``   download stream
+* ``GET    /.fallback/v1/session/{id}/blocks``   download stream (``?frames=2``: pieces, v2)
+* ``POST   /.fallback/v1/session/{id}/keepalive`` the client is alive (a long local phase)
 * ``DELETE /.fallback/v1/session/{id}``          close (logs the session line)
 * ``GET|HEAD /path`` (with ``Range``), ``PUT /path``: plain clients (curl, aria2c) with Basic auth.
 
@@ -64,6 +65,9 @@ log = logging.getLogger("fallback.daemon")
 resource_log = RateLimitedLog(log)
 PREFIX = "/.fallback/v1"
 MAX_CONTROL_BODY = 64 << 20
+FEATURES = ("keepalive", "frames2")
+"""What this daemon offers beyond API 1, listed in ``/info`` (docs/protocol.md): a
+client uses a newer call only with a daemon that lists it."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -201,8 +205,19 @@ def _session(request: web.Request, direction: str | None, call: str) -> S.Sessio
     s = st.table.get(request.match_info["sid"], token)
     if direction is not None:
         S.check_access(s, st.config.user(s.user), direction, call)
-    s.touch(_scheme(request))
+    s.heard(_scheme(request), _peer(request))
     return s
+
+
+def _peer(request: web.Request) -> str:
+    """The client's address as an HTTP path of a session sees it."""
+    return str(request.remote or "-")
+
+
+def _heard(request: web.Request, session: S.Session) -> Callable[[int], None]:
+    """Counts each block a stream carries on the session's HTTP path (and keeps it alive)."""
+    kind, peer = _scheme(request), _peer(request)
+    return lambda n: session.heard(kind, peer, n)
 
 
 def _run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
@@ -274,7 +289,7 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
     overwrite = "never" if st.config.overwrite == "deny" else msg.overwrite
     session = st.table.new(direction="upload", root=root, entries=entries,
                            **_common(request, st, user, overwrite))
-    session.touch(_scheme(request))
+    session.heard(_scheme(request), _peer(request))
     want_root = msg.overwrite == "diff"
     states = []
     for i in range(len(entries)):
@@ -308,7 +323,7 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
     await _run(request, describe_envelopes, tree)
     session = st.table.new(direction="download", root=src, entries=tree.entries,
                            **_common(request, st, user, "diff"))
-    session.touch(_scheme(request))
+    session.heard(_scheme(request), _peer(request))
     try:
         await _run(request, S.open_sources, session)
     except BaseException as exc:  # a file changed since the walk: do not leave the session open
@@ -336,6 +351,7 @@ async def plan(request: web.Request) -> web.Response:
             final[item.file] = _final_entry(opened, item.entry)
         actions[item.file] = item.action
     S.begin_plan(session)
+    session.streams += 1  # busy: opening 100,000 receivers must not look idle to a takeover
     try:
         for i, entry in final.items():
             session.entries[i] = entry
@@ -349,6 +365,9 @@ async def plan(request: web.Request) -> web.Response:
     except BaseException:
         session.planning = False  # nothing was opened: the client may plan again
         raise
+    finally:
+        session.streams -= 1
+        session.touch()
     return web.json_response(A.PlanAnswer(missing, refused).to_json())
 
 
@@ -368,7 +387,8 @@ async def upload_blocks(request: web.Request) -> web.Response:
     _admit_stream(request, session)
     session.streams += 1
     try:
-        n = await _unless_stopping(request, receive_blocks(request.content, session.sink))
+        n = await _unless_stopping(request, receive_blocks(request.content, session.sink,
+                                                           on_block=_heard(request, session)))
     finally:
         session.streams -= 1
         session.touch()
@@ -498,7 +518,9 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
     session.streams += 1
     try:
         try:
-            await send_blocks(write, feed, stop=_state(request).stopping)
+            await send_blocks(write, feed, stop=_state(request).stopping,
+                              on_block=_heard(request, session),
+                              version=2 if request.query.get("frames") == "2" else 1)
         except TransportError as exc:
             session.error = session.error or exc.message
             if not resp.prepared:
@@ -515,6 +537,14 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
         session.streams -= 1
         session.touch()
     return resp
+
+
+async def keepalive(request: web.Request) -> web.Response:
+    """``{}`` -> ``{idle_takeover, interval}``: the client is alive (a long local phase, a
+    UDP-only phase); hearing it is all this call does. Either direction."""
+    _session(request, None, "keepalive")
+    await _json(request, control.KeepaliveRequest.from_json)
+    return web.json_response(A.KeepaliveAnswer(S.IDLE_TAKEOVER, S.KEEPALIVE_INTERVAL).to_json())
 
 
 async def close_session(request: web.Request) -> web.Response:
@@ -621,7 +651,7 @@ async def info(request: web.Request) -> web.Response:
         "enable_http": c.enable_http, "http_port": c.http_port,
         "enable_https": c.enable_https, "https_port": c.https_port,
         "udp_port": c.bind_udp_port, "udp": False,
-        "scheme": _scheme(request),
+        "scheme": _scheme(request), "features": list(FEATURES),
     })
 
 
@@ -650,6 +680,7 @@ def make_app(state: DaemonState) -> web.Application:
     app.router.add_post(f"{PREFIX}/session/{{sid}}/digests", digests)
     app.router.add_post(f"{PREFIX}/session/{{sid}}/want", want)
     app.router.add_get(f"{PREFIX}/session/{{sid}}/blocks", download_blocks, allow_head=False)
+    app.router.add_post(f"{PREFIX}/session/{{sid}}/keepalive", keepalive)
     app.router.add_delete(f"{PREFIX}/session/{{sid}}", close_session)
     # [\s\S], not '.': a file name may hold a newline (%0A), and '.' stops there.
     app.router.add_get("/{path:[\\s\\S]*}", plain_get)

@@ -51,10 +51,36 @@ MAX_DIGEST_BLOCKS = 4096
 client batches far below this."""
 
 IDLE_TAKEOVER = 2.0
-"""Seconds without a request or an open stream after which a session's
+"""Seconds without hearing from the client on any path (a control call, a block,
+a keepalive, a datagram) and without an open stream, after which a session's
 write locks may be taken over by a new session for the same targets: this is
 how a client killed with -9 and re-run resumes at once instead of waiting for
-the old session to time out."""
+the old session to time out. A client in a long local phase (planning 100,000
+files, a UDP-only phase) keeps its session alive with ``POST .../keepalive``
+every ``KEEPALIVE_INTERVAL``."""
+
+KEEPALIVE_INTERVAL = 0.5
+"""Seconds between a client's keepalive calls while it makes no other (a quarter of
+``IDLE_TAKEOVER``, so a loaded machine may delay three in a row)."""
+
+MAX_PATHS = 16
+"""Paths a session remembers (the least recently heard is forgotten beyond)."""
+
+
+@dataclass(slots=True)
+class SessionPath:
+    """One way the client reaches a session: ``kind`` (``http``, ``https``, ``udp``),
+    the client's ``address`` as that path sees it, when it was last heard from
+    (``time.monotonic()``) and the bytes of blocks it carried (either direction)."""
+
+    kind: str
+    address: str
+    last_heard: float
+    bytes: int = 0
+
+    def describe(self) -> str:
+        """``kind/address/bytes``, as the session's log line lists it."""
+        return f"{self.kind}/{self.address}/{self.bytes}"
 
 
 @dataclass(slots=True)
@@ -74,7 +100,8 @@ class Session:
     transports: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
-    streams: int = 0
+    streams: int = 0  # open block streams and long calls (plan, commit): busy meanwhile
+    paths: dict[tuple[str, str], SessionPath] = field(default_factory=dict)
     sink: BlockSink | None = None
     feed: BlockFeed | None = None
     verifier: asyncio.Task[None] | None = None
@@ -89,9 +116,34 @@ class Session:
         if transport and (not self.transports or self.transports[-1] != transport):
             self.transports.append(transport)
 
+    def heard(self, kind: str, address: str, nbytes: int = 0) -> None:
+        """The client was heard on path ``(kind, address)``, carrying ``nbytes`` of blocks.
+
+        Any path keeps the session alive (``idle``): the HTTP control calls and
+        streams call this, and so will the UDP path for its datagrams. O(1);
+        at most ``MAX_PATHS`` paths are kept.
+        """
+        now = time.monotonic()
+        path = self.paths.get((kind, address))
+        if path is None:
+            if len(self.paths) >= MAX_PATHS:
+                oldest = min(self.paths, key=lambda k: self.paths[k].last_heard)
+                del self.paths[oldest]
+            path = self.paths[kind, address] = SessionPath(kind, address, now)
+        path.last_heard = now
+        path.bytes += nbytes
+        self.touch(kind)
+
+    @property
+    def last_heard(self) -> float:
+        """When the client was last heard on any path, or the session last did work
+        (``heard`` and ``touch`` both move it)."""
+        return self.last_activity
+
     @property
     def idle(self) -> bool:
-        return self.streams == 0 and time.monotonic() - self.last_activity > IDLE_TAKEOVER
+        """No stream open, and nothing heard on any path for ``IDLE_TAKEOVER`` seconds."""
+        return self.streams == 0 and time.monotonic() - self.last_heard > IDLE_TAKEOVER
 
     def target(self, index: int) -> Path:
         return target_for(self.root, self.entries[index].path)
@@ -116,8 +168,17 @@ class Session:
             f"session {self.id[:8]} user={self.user} peer={self.peer} direction={self.direction} "
             f"path={relpath_in(self.docroot, self.root)} files={len(self.file_indices())} "
             f"committed={self.committed} skipped={self.skipped} bytes={self.bytes_moved} "
-            f"transport={','.join(self.transports) or '-'} result={result}"
+            f"transport={','.join(self.transports) or '-'} "
+            f"paths={','.join(p.describe() for p in self.paths.values()) or '-'}"
+            f"{self._repairs()} result={result}"
         )
+
+
+    def _repairs(self) -> str:
+        """`` duplicates=N failed=N`` when pieces came twice or blocks failed their digest."""
+        if self.sink is None or not (self.sink.duplicates or self.sink.failed):
+            return ""
+        return f" duplicates={self.sink.duplicates} failed={self.sink.failed}"
 
 
 class SessionTable:
@@ -170,7 +231,7 @@ class SessionTable:
     async def reap(self, timeout: float) -> None:
         now = time.monotonic()
         for s in list(self.sessions.values()):
-            if s.streams == 0 and now - s.last_activity > timeout:
+            if s.streams == 0 and now - s.last_heard > timeout:
                 await self.close(s, "session activity timeout")
 
     async def close_all(self, reason: str) -> None:
@@ -389,7 +450,7 @@ def commit_file(session: Session, index: int, root: str | None) -> A.CommitMissi
         rec.flush()
         return A.CommitMissing(missing)
     digest = rec.commit(root, replace=session.overwrite != "never")
-    del session.sink.receivers[index]
+    session.sink.committed(index)
     session.committed += 1
     return A.Committed(digest)
 

@@ -59,5 +59,10 @@ class ControlClient:
         return A.WantAnswer.from_json(await self._post("/want", msg.to_json()))
 
     # -- both -------------------------------------------------------------------------
+    async def keepalive(self) -> A.KeepaliveAnswer:
+        """The client is alive (``fallback.sessions.IDLE_TAKEOVER``)."""
+        got = await self._post("/keepalive", C.KeepaliveRequest().to_json())
+        return A.KeepaliveAnswer.from_json(got)
+
     async def close(self, error: str | None = None) -> None:
         await self.remote.close(error)

@@ -83,6 +83,7 @@ class DownloadSession(TransferSession):
     async def run(self, url: Url, dst: Path, into: bool) -> None:
         opts, result = self.opts, self.result
         answer = await self.control.open_download(C.OpenDownload(url.path))
+        self.start_keepalive()
         entries, name = answer.entries, answer.name
         self.name = name
         for why in answer.skipped:  # e.g. symlinks leading out of the docroot
@@ -142,8 +143,9 @@ class DownloadSession(TransferSession):
                                       progress, statedir)
             sink.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
                                                            shown(name, entries[f].path))
+            frames = "?frames=2" if "frames2" in self.remote.features else ""
             paths = self.http_paths(streams, lambda on_block: download_stream(
-                self.remote.http, self.remote.session_url("/blocks"), sink,
+                self.remote.http, self.remote.session_url("/blocks" + frames), sink,
                 headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block))
             work = _SinkWork(sink)
             rounds = 0
@@ -160,7 +162,7 @@ class DownloadSession(TransferSession):
                 await self.control.want(C.WantRequest(tuple(want)))
                 await self.move(paths, work)
             await sink.flush()
-            failed = await self._commit(receivers, entries, targets, transforms)
+            failed = await self._commit(sink, entries, targets, transforms)
             if failed:
                 raise failed[0] if len(failed) == 1 else IntegrityError(
                     f"{len(failed)} files failed their final check, e.g. {failed[0].message}")
@@ -242,9 +244,8 @@ class DownloadSession(TransferSession):
             out.update(got.digests)
         return out
 
-    async def _commit(self, receivers: dict[int, FileReceiver], entries: list[FileEntry],
-                      targets: dict[int, Path], transforms: dict[int, BlockTransform]
-                      ) -> list[TransportError]:
+    async def _commit(self, sink: BlockSink, entries: list[FileEntry], targets: dict[int, Path],
+                      transforms: dict[int, BlockTransform]) -> list[TransportError]:
         """Publish every received file whose whole-file digest equals the daemon's; return the
         failures.
 
@@ -255,6 +256,7 @@ class DownloadSession(TransferSession):
         bytes. A file whose roots differ, or whose source changed during the
         session, is not published (its failure is returned); the others are.
         """
+        receivers = sink.receivers
         failed: list[TransportError] = []
         roots: dict[int, str] = {}
         errors: dict[int, str] = {}
@@ -275,7 +277,7 @@ class DownloadSession(TransferSession):
             except IntegrityError as exc:
                 failed.append(IntegrityError(f"{exc.message}; not published, run again"))
                 continue
-            del receivers[i]
+            sink.committed(i)
             if plain is not None:  # the plaintext's digest, as `fallback checksum` gives it
                 digest = plain
             elif entries[i].header:  # an envelope kept as it is: the digest of the file we wrote

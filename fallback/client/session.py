@@ -36,6 +36,10 @@ from transport.errors import TransportError
 log = logging.getLogger("fallback.client")  # -v: info, -vv: debug (fallback.cli)
 T = TypeVar("T")
 
+KEEPALIVE_INTERVAL = 0.5
+"""Seconds of silence after which the client calls ``keepalive`` (the daemon's answer
+may ask for less; ``fallback.sessions.KEEPALIVE_INTERVAL``)."""
+
 
 class TransferSession:
     """What a transfer in either direction holds: the daemon, the paths, the result."""
@@ -49,6 +53,33 @@ class TransferSession:
         self.result = result
         self.progress_cb = progress_cb
         self.manager: PathManager | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+
+    # -- liveness -----------------------------------------------------------------------
+    def start_keepalive(self) -> None:
+        """Once the session is open: keep it alive while the client makes no other call
+        (a long local phase: planning many files, re-reading a partial), so the daemon
+        never takes it for a killed client's (``fallback.sessions.IDLE_TAKEOVER``).
+        Only with a daemon that offers it (``/info`` features)."""
+        if "keepalive" in self.remote.features and self._keepalive is None:
+            self._keepalive = asyncio.ensure_future(self._keep_alive())
+
+    async def stop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            await asyncio.gather(self._keepalive, return_exceptions=True)
+            self._keepalive = None
+
+    async def _keep_alive(self) -> None:
+        interval = KEEPALIVE_INTERVAL
+        while True:
+            await asyncio.sleep(max(0.05, interval - (time.monotonic() - self.remote.last_call)))
+            if time.monotonic() - self.remote.last_call < interval:
+                continue  # another call went out meanwhile: the daemon heard us
+            try:
+                interval = min(KEEPALIVE_INTERVAL, (await self.control.keepalive()).interval)
+            except TransportError as exc:  # never fatal by itself: the next call will tell
+                log.debug("keepalive: %s", exc.message)
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the session's worker threads (disk work off the event loop)."""
@@ -103,6 +134,7 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
     t0 = time.monotonic()
     executor = ThreadPoolExecutor(max(4, opts.streams + 2), "fb-client")
     remote: Remote | None = None
+    session: TransferSession | None = None
     try:
         remote = await Remote.connect(
             url, transport=opts.transport, user=opts.user, password=opts.password,
@@ -110,10 +142,11 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
             streams=opts.streams)
         result.transports.append(remote.scheme)
         if result.direction == "upload":
-            await UploadSession(remote, opts, executor, result, progress).run(LocalPath(s), url)
+            up = session = UploadSession(remote, opts, executor, result, progress)
+            await up.run(LocalPath(s), url)
         else:
-            await DownloadSession(remote, opts, executor, result, progress).run(
-                url, LocalPath(d), d.endswith(("/", os.sep)))
+            down = session = DownloadSession(remote, opts, executor, result, progress)
+            await down.run(url, LocalPath(d), d.endswith(("/", os.sep)))
         result.ok = True
     except TransportError as exc:
         result.error = exc.message
@@ -125,6 +158,8 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
         raise TransferError(result.error, result=result) from None
     finally:
         result.seconds = time.monotonic() - t0
+        if session is not None:
+            await session.stop_keepalive()
         if remote is not None:
             await remote.close(result.error)
         executor.shutdown(wait=False)

@@ -93,6 +93,7 @@ class UploadSession(TransferSession):
             entries=tuple(entries), overwrite=opts.overwrite, encrypt=opts.encrypt,
             strong_pass=bool(opts.encrypt and opts.passphrase
                              and strong_passphrase(opts.passphrase))))
+        self.start_keepalive()
         states = opened.states
         streams = self.streams_for(opened.streams_max)
         progress = Progress(result.bytes, self.remote.scheme, self.progress_cb)
@@ -135,9 +136,11 @@ class UploadSession(TransferSession):
             feed.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
                                                            shown(name, entries[f].path))
             _record_digests(feed, digests, reads, trusted)
+            version = 2 if "frames2" in self.remote.features else 1
             paths = self.http_paths(streams, lambda on_block: upload_stream(
                 self.remote.http, self.remote.session_url("/blocks"), feed,
-                headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block))
+                headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block,
+                version=version))
             work = _FeedWork(feed)
             plain_roots: dict[int, str] = {}
             rounds = 0

@@ -3,7 +3,8 @@
 A session's files are numbered by their manifest position. The sender side is
 a ``BlockFeed``: a work queue of (file, block) that any number of streams pull
 from (work stealing: a fast stream takes more, a dead stream's blocks are put
-back). The receiver side is a ``BlockSink``: one ``FileReceiver`` per file.
+back). The receiver side is a ``BlockSink`` (``transport.blocks.sink``): pieces
+through one ``BlockAssembler`` into one ``FileReceiver`` per file.
 Both are path-agnostic: HTTP streams use them now, the UDP path (#4) will feed
 and drain the very same objects, so a failover (#5) moves the remaining
 blocks of one feed from one path to the other with nothing re-sent.
@@ -12,19 +13,20 @@ blocks of one feed from one path to the other with nothing re-sent.
 from __future__ import annotations
 
 import asyncio
-import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 
 from transport.blocks.ranges import RangeSet
-from transport.blocks.receiver import FileReceiver
+from transport.blocks.sink import BlockSink
 from transport.blocks.source import FileSource
 from transport.errors import ProtocolError, TransportError
 
 ProgressFn = Callable[[int, int], None]
 """Called with (file index, wire bytes) for every block moved."""
+
+__all__ = ["BlockFeed", "BlockSink", "ProgressFn"]
 
 
 class BlockFeed:
@@ -152,59 +154,3 @@ class BlockFeed:
         self._changed.set()
         for s in self.sources.values():
             s.close()
-
-
-class BlockSink:
-    """Receivers of a session, with periodic durable flushes of their journals."""
-
-    FLUSH_INTERVAL = 0.5
-
-    def __init__(self, receivers: dict[int, FileReceiver], executor: Executor) -> None:
-        self.receivers = receivers
-        self.executor = executor
-        self.received_bytes = 0
-        self.on_progress: ProgressFn | None = None
-        self.last_activity = time.monotonic()
-        self._flusher: asyncio.Task[None] | None = None
-
-    def receiver(self, file_index: int) -> FileReceiver:
-        try:
-            return self.receivers[file_index]
-        except KeyError:
-            raise ProtocolError(f"unknown file index {file_index}") from None
-
-    def max_block(self) -> int:
-        return max((r.layout.max_stored_block for r in self.receivers.values()), default=0)
-
-    async def write(self, file_index: int, block: int, data: bytes | bytearray, digest: bytes) -> int:
-        rec = self.receiver(file_index)
-        loop = asyncio.get_running_loop()
-        n = await loop.run_in_executor(self.executor, rec.write_block, block, data, digest)
-        self.received_bytes += n
-        self.last_activity = time.monotonic()
-        if n and self.on_progress is not None:
-            self.on_progress(file_index, n)
-        self._ensure_flusher()
-        return n
-
-    def _ensure_flusher(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
-
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(self.FLUSH_INTERVAL)
-        await self.flush()
-
-    async def flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        for rec in list(self.receivers.values()):
-            await loop.run_in_executor(self.executor, rec.flush)
-
-    async def close(self) -> None:
-        """Checkpoint every receiver, keeping partials for a later resume."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-        loop = asyncio.get_running_loop()
-        for rec in list(self.receivers.values()):
-            await loop.run_in_executor(self.executor, rec.close)
-        self.receivers.clear()

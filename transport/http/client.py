@@ -17,7 +17,7 @@ import aiohttp
 
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.errors import ConnectError, ConnectionLost, RemoteError, TransportError
-from transport.http.framing import CONTENT_TYPE, FrameHeader
+from transport.http.framing import CONTENT_TYPE, PieceHeader
 from transport.http.server import receive_blocks
 
 SSLArg = ssl_mod.SSLContext | aiohttp.Fingerprint | bool
@@ -25,8 +25,8 @@ Activity = Callable[[int], None]
 """Called with the bytes of each block a stream moved (the path's activity meter)."""
 
 
-async def _frames(feed: BlockFeed, taken: list[tuple[int, int]],
-                  on_block: Activity | None = None) -> AsyncIterator[bytes | bytearray]:
+async def _frames(feed: BlockFeed, taken: list[tuple[int, int]], on_block: Activity | None = None,
+                  version: int = 2) -> AsyncIterator[bytes | bytearray]:
     """Frames for an upload body, reading one block ahead of the socket."""
     item = feed.take()
     fut = asyncio.ensure_future(feed.read(item)) if item else None
@@ -38,7 +38,7 @@ async def _frames(feed: BlockFeed, taken: list[tuple[int, int]],
             data, digest = await fut
             nxt = feed.take()
             nfut = asyncio.ensure_future(feed.read(nxt)) if nxt else None
-            yield FrameHeader(item[0], item[1], len(data), digest).pack()
+            yield PieceHeader(item[0], item[1], 0, len(data), digest).pack(version)
             yield data
             feed.delivered(item, len(data))
             if on_block is not None:
@@ -65,8 +65,10 @@ async def upload_stream(
     headers: Mapping[str, str],
     ssl: SSLArg,
     on_block: Activity | None = None,
+    version: int = 2,
 ) -> dict[str, Any]:
-    """One upload stream: PUT a chunked body of frames until the feed runs dry.
+    """One upload stream: PUT a chunked body of frames (``version`` 2, or 1 for a daemon
+    that does not read version 2) until the feed runs dry.
 
     Raises ``ConnectError`` when no connection could be made, ``ConnectionLost``
     when it broke, ``RemoteError`` (with the daemon's status and ``Retry-After``)
@@ -74,7 +76,7 @@ async def upload_stream(
     taken: list[tuple[int, int]] = []
     hdrs = {**headers, "Content-Type": CONTENT_TYPE}
     try:
-        async with http.put(url, data=_frames(feed, taken, on_block), headers=hdrs,
+        async with http.put(url, data=_frames(feed, taken, on_block, version), headers=hdrs,
                             ssl=ssl) as resp:
             body = await resp.read()
             if resp.status != 200:

@@ -17,14 +17,15 @@ from aiohttp import StreamReader
 
 from transport.blocks.session import BlockFeed, BlockSink
 from transport.errors import ProtocolError
-from transport.http.framing import HEADER_SIZE, FrameHeader, parse_header
+from transport.http.framing import PIECE_SIZE, PieceHeader, header_rest, parse_piece
 
 Writer = Callable[[bytes | bytearray], Awaitable[None]]
 
 
 async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: int = 2,
                          on_block: Callable[[int], None] | None = None) -> int:
-    """Read frames until the body ends, writing each verified block; returns the block count.
+    """Read frames (version 1 or 2) until the body ends, each piece into ``sink``; returns
+    the frame count.
     ``on_block`` is called with each frame's length as it arrives (activity)."""
     max_len = sink.max_block()
     pending: deque[asyncio.Task[int]] = deque()
@@ -32,17 +33,24 @@ async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: in
     try:
         while True:
             try:
-                head = await content.readexactly(HEADER_SIZE)
+                head = await content.readexactly(PIECE_SIZE)
             except asyncio.IncompleteReadError as exc:
                 if not exc.partial:
                     break
                 raise ProtocolError("stream ended inside a frame header") from None
-            h = parse_header(head, max_len)
+            try:
+                rest = header_rest(head)
+                if rest:
+                    head += await content.readexactly(rest)
+            except asyncio.IncompleteReadError:
+                raise ProtocolError("stream ended inside a frame header") from None
+            h = parse_piece(head, max_len)
             try:
                 data = await content.readexactly(h.length)
             except asyncio.IncompleteReadError:
                 raise ProtocolError(f"stream ended inside block {h.block}") from None
-            pending.append(asyncio.ensure_future(sink.write(h.file, h.block, data, h.digest)))
+            pending.append(asyncio.ensure_future(
+                sink.piece(h.file, h.block, h.offset, data, h.digest, whole=h.whole)))
             count += 1
             if on_block is not None:
                 on_block(h.length)
@@ -58,8 +66,11 @@ async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: in
     return count
 
 
-async def send_blocks(write: Writer, feed: BlockFeed, *, stop: asyncio.Event | None = None) -> int:
-    """Pull blocks from ``feed`` and write them as frames; reads one block ahead.
+async def send_blocks(write: Writer, feed: BlockFeed, *, stop: asyncio.Event | None = None,
+                      on_block: Callable[[int], None] | None = None, version: int = 2) -> int:
+    """Pull blocks from ``feed`` and write them as frames (``version`` 2: each block one
+    piece with its digest; 1 for a client that does not read version 2); reads one
+    block ahead.
 
     Blocks taken but not written (the client went away, ``stop`` was set) are
     put back so another stream, or a later request, carries them.
@@ -74,10 +85,12 @@ async def send_blocks(write: Writer, feed: BlockFeed, *, stop: asyncio.Event | N
             data, digest = await fut
             nxt = None if stop is not None and stop.is_set() else feed.take()
             nfut = asyncio.ensure_future(feed.read(nxt)) if nxt else None
-            await write(FrameHeader(item[0], item[1], len(data), digest).pack())
+            await write(PieceHeader(item[0], item[1], 0, len(data), digest).pack(version))
             await write(data)
             feed.delivered(item, len(data))
             count += 1
+            if on_block is not None:
+                on_block(len(data))
             item, fut, nxt, nfut = nxt, nfut, None, None
     finally:
         leftovers = [i for i in (item, nxt) if i is not None]
