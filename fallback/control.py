@@ -349,6 +349,72 @@ class WantRequest:
         return cls(tuple(out))
 
 
+# -- POST /session/{id}/acks -------------------------------------------------------------------------
+MAX_ACK_BLOCKS = 1 << 16
+"""Blocks one acknowledgement message may name in all (each costs the sender a step)."""
+
+BlockRanges = tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Acks:
+    """``{journaled: [[file, start, stop], ...], failed: [[file, start, stop], ...]}``.
+
+    A receiver's acknowledgements: blocks it journaled (the sender retires them) and
+    blocks it discarded (failed digest, refused: the sender sends them again). The
+    client's report on a download, the daemon's answer on an upload (``docs/protocol.md``).
+    At most ``MAX_ACK_BLOCKS`` blocks in all; ranges are checked against the files by
+    the sender (``BlockSender.acks``).
+    """
+
+    journaled: BlockRanges = ()
+    failed: BlockRanges = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"journaled": [list(r) for r in self.journaled],
+                "failed": [list(r) for r in self.failed]}
+
+    @property
+    def blocks(self) -> int:
+        return sum(b - a for _, a, b in self.journaled) + sum(b - a for _, a, b in self.failed)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Acks:
+        out = cls(_block_ranges(d, "journaled", "acks"), _block_ranges(d, "failed", "acks"))
+        if out.blocks > MAX_ACK_BLOCKS:
+            raise ProtocolError(f"acks: {out.blocks} blocks, more than {MAX_ACK_BLOCKS}")
+        return out
+
+    @classmethod
+    def from_pairs(cls, journaled: list[tuple[int, int]], failed: list[tuple[int, int]]) -> Acks:
+        """From ``(file, block)`` pairs, merged into ranges."""
+        return cls(_merge(journaled), _merge(failed))
+
+
+def _block_ranges(d: dict[str, Any], key: str, where: str) -> BlockRanges:
+    out: list[tuple[int, int, int]] = []
+    for k, item in enumerate(_list(d, key, where, MAX_ACK_BLOCKS, default=[])):
+        w = f"{where}: {key} item {k}"
+        if not isinstance(item, list) or len(item) != 3:
+            raise ProtocolError(f"{w} must be [file, start, stop], not {_kind(item)}")
+        f, start, stop = (_check_int(x, f"{w}: {n}") for x, n in zip(
+            item, ("file", "start", "stop"), strict=True))
+        if start >= stop:
+            raise ProtocolError(f"{w}: empty range [{start}, {stop})")
+        out.append((f, start, stop))
+    return tuple(out)
+
+
+def _merge(pairs: list[tuple[int, int]]) -> BlockRanges:
+    out: list[tuple[int, int, int]] = []
+    for f, b in sorted(set(pairs)):
+        if out and out[-1][0] == f and out[-1][2] == b:
+            out[-1] = (f, out[-1][1], b + 1)
+        else:
+            out.append((f, b, b + 1))
+    return tuple(out)
+
+
 # -- POST /session/{id}/keepalive ---------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class KeepaliveRequest:

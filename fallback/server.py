@@ -11,6 +11,8 @@ everything else is the user's docroot as plain HTTP):
 * ``POST   /.fallback/v1/session/{id}/want``     download: queue blocks
 * ``GET    /.fallback/v1/session/{id}/blocks``   download stream (``?frames=2``: pieces, v2)
 * ``POST   /.fallback/v1/session/{id}/keepalive`` the client is alive (a long local phase)
+* ``POST   /.fallback/v1/session/{id}/acks``     journaled blocks: the client's (download),
+  the daemon's (upload)
 * ``DELETE /.fallback/v1/session/{id}``          close (logs the session line)
 * ``GET|HEAD /path`` (with ``Range``), ``PUT /path``: plain clients (curl, aria2c) with Basic auth.
 
@@ -65,7 +67,7 @@ log = logging.getLogger("fallback.daemon")
 resource_log = RateLimitedLog(log)
 PREFIX = "/.fallback/v1"
 MAX_CONTROL_BODY = 64 << 20
-FEATURES = ("keepalive", "frames2")
+FEATURES = ("keepalive", "frames2", "acks")
 """What this daemon offers beyond API 1, listed in ``/info`` (docs/protocol.md): a
 client uses a newer call only with a daemon that lists it."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -510,17 +512,20 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
     resp.enable_chunked_encoding()
 
-    async def write(data: bytes | bytearray) -> None:
+    async def write(data: bytes | bytearray | memoryview) -> None:
         if not resp.prepared:
             await resp.prepare(request)
         await resp.write(data)
 
     session.streams += 1
+    session.stream_ids += 1
+    path = f"{_scheme(request)}-{session.stream_ids}"
     try:
         try:
-            await send_blocks(write, feed, stop=_state(request).stopping,
+            await send_blocks(write, feed, path, stop=_state(request).stopping,
                               on_block=_heard(request, session),
-                              version=2 if request.query.get("frames") == "2" else 1)
+                              version=2 if request.query.get("frames") == "2" else 1,
+                              acks=request.query.get("acks") == "1")
         except TransportError as exc:
             session.error = session.error or exc.message
             if not resp.prepared:
@@ -537,6 +542,24 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
         session.streams -= 1
         session.touch()
     return resp
+
+
+async def acks(request: web.Request) -> web.Response:
+    """Acknowledgements, either direction (``control.Acks``): on a download the client
+    reports the blocks it journaled (retired) and discarded (sent again) and gets ``{}``
+    back; on an upload the client polls and the answer lists the blocks the daemon
+    journaled and discarded since the last poll."""
+    session = _session(request, None, "acks")
+    msg = await _json(request, control.Acks.from_json)
+    if session.direction == "download":
+        if session.feed is None:
+            raise ProtocolError("not a download session", status=409)
+        session.feed.acks(msg.journaled, msg.failed)
+        return web.json_response(control.Acks().to_json())
+    if session.sink is None:
+        return web.json_response(control.Acks().to_json())  # not planned yet: nothing
+    journaled, rejected = session.sink.take_acks()
+    return web.json_response(control.Acks.from_pairs(journaled, rejected).to_json())
 
 
 async def keepalive(request: web.Request) -> web.Response:
@@ -681,6 +704,7 @@ def make_app(state: DaemonState) -> web.Application:
     app.router.add_post(f"{PREFIX}/session/{{sid}}/want", want)
     app.router.add_get(f"{PREFIX}/session/{{sid}}/blocks", download_blocks, allow_head=False)
     app.router.add_post(f"{PREFIX}/session/{{sid}}/keepalive", keepalive)
+    app.router.add_post(f"{PREFIX}/session/{{sid}}/acks", acks)
     app.router.add_delete(f"{PREFIX}/session/{{sid}}", close_session)
     # [\s\S], not '.': a file name may hold a newline (%0A), and '.' stops there.
     app.router.add_get("/{path:[\\s\\S]*}", plain_get)

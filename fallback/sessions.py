@@ -1,7 +1,7 @@
 """Daemon-side sessions: one per transfer, whatever path carries its blocks.
 
 A ``Session`` owns the data-plane objects of ``transport.blocks`` (a
-``BlockSink`` for uploads, a ``BlockFeed`` for downloads) and the facts the
+``BlockSink`` for uploads, a ``BlockSender`` for downloads) and the facts the
 log line reports. It is deliberately not tied to HTTP: the UDP path (#4) will
 attach to the same session id and feed the same sink, and a failover (#5)
 only changes which path pulls from the feed.
@@ -28,7 +28,7 @@ from transport.blocks.manifest import FileEntry
 from transport.blocks.plan import TargetState
 from transport.blocks.ranges import RangeSet
 from transport.blocks.receiver import FileReceiver, inspect_partial
-from transport.blocks.session import BlockFeed, BlockSink
+from transport.blocks.session import BlockSender, BlockSink
 from transport.blocks.source import FileSource, SourceWindow
 from transport.blocks.statedir import StateDir
 from transport.blocks.tree import target_for
@@ -103,7 +103,8 @@ class Session:
     streams: int = 0  # open block streams and long calls (plan, commit): busy meanwhile
     paths: dict[tuple[str, str], SessionPath] = field(default_factory=dict)
     sink: BlockSink | None = None
-    feed: BlockFeed | None = None
+    feed: BlockSender | None = None
+    stream_ids: int = 0  # download streams started: each leases under its own path id
     verifier: asyncio.Task[None] | None = None
     planning: bool = False  # a plan call is running or succeeded: there is one plan per session
     committed: int = 0
@@ -370,6 +371,7 @@ async def open_receivers(
             rec.close()
         raise
     session.sink = BlockSink(receivers, session.executor)
+    session.sink.track_acks()  # the client polls them (POST .../acks)
     if any(r.unverified for r in receivers.values()):
         session.verifier = asyncio.ensure_future(_verify_in_background(session))
     return {i: r.missing() for i, r in receivers.items()}
@@ -512,7 +514,7 @@ class SentSource(FileSource):
                            (self._digests[b] for b in range(count)))
 
 
-def open_sources(session: Session) -> BlockFeed:
+def open_sources(session: Session) -> BlockSender:
     """The feed of a download session (worker thread): one lazily opened source per file.
 
     Each file's size and mtime are checked against the manifest here (``SourceChanged``,
@@ -523,7 +525,7 @@ def open_sources(session: Session) -> BlockFeed:
     for i in session.file_indices():
         sources[i] = SentSource(session.target(i), session.entries[i], window=window,
                                 where="on the server")
-    feed = BlockFeed(sources, session.executor)
+    feed = BlockSender(sources, session.executor)
     session.feed = feed
     return feed
 

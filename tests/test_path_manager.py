@@ -263,7 +263,8 @@ async def test_http_path_turns_stream_errors_into_signals() -> None:
     outcomes: list[Exception | None] = [ConnectError("refused"), ConnectionLost("reset"),
                                         RemoteError("busy", status=503), None]
 
-    async def stream(moved):  # type: ignore[no-untyped-def]
+    async def stream(path, moved):  # type: ignore[no-untyped-def]
+        assert path == "https-0"
         exc = outcomes.pop(0)
         if exc is not None:
             raise exc
@@ -277,7 +278,7 @@ async def test_http_path_turns_stream_errors_into_signals() -> None:
     assert (st.id, st.kind, st.bytes, st.blocks, st.runs, st.busy) == \
         ("https-0", "https", 4096, 1, 4, False)
 
-    async def refused(moved):  # type: ignore[no-untyped-def]
+    async def refused(path, moved):  # type: ignore[no-untyped-def]
         raise RemoteError("forbidden", status=403)
 
     with pytest.raises(RemoteError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from fallback import answers as A
 from fallback import control as C
 from fallback.remote import Remote
+from transport.errors import ProtocolError
 
 
 class ControlClient:
@@ -59,6 +60,17 @@ class ControlClient:
         return A.WantAnswer.from_json(await self._post("/want", msg.to_json()))
 
     # -- both -------------------------------------------------------------------------
+    async def acks(self, msg: C.Acks) -> C.Acks:
+        """Send our acknowledgements (a download's journaled and failed blocks), get the
+        daemon's (an upload's); the sender checks each range against its files."""
+        got = await self._post("/acks", msg.to_json())
+        if not isinstance(got, dict):
+            raise ProtocolError("refused the daemon's acks answer: not an object")
+        try:
+            return C.Acks.from_json(got)
+        except ProtocolError as exc:
+            raise ProtocolError(f"refused the daemon's acks answer: {exc.message}") from None
+
     async def keepalive(self) -> A.KeepaliveAnswer:
         """The client is alive (``fallback.sessions.IDLE_TAKEOVER``)."""
         got = await self._post("/keepalive", C.KeepaliveRequest().to_json())

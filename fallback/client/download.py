@@ -9,13 +9,16 @@ its whole-file digest equals the daemon's over the source's current bytes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 
 from fallback import control as C
 from fallback.answers import confine_download, plain_name
 from fallback.client.session import (
+    GIVE_UP_AFTER,
     TransferSession,
     display,
     plain_len,
@@ -46,35 +49,35 @@ from transport.errors import (
     ConnectionLost,
     IntegrityError,
     PathError,
+    RemoteError,
     TransportError,
 )
 from transport.http.client import download_stream
 
 log = logging.getLogger("fallback.client")
 
-MAX_ROUNDS = 6
 DIGEST_BATCH = 32
 """Blocks per ``/digests`` call: the daemon reads them within one request (32 x 4 MiB
 is well under a second of disk), so no call nears the client's read timeout."""
 
 
 class _SinkWork:
-    """The manager's view of a download's sink (the daemon holds the queue)."""
+    """The path manager's view of a download's sink (the daemon holds the queue)."""
 
     def __init__(self, sink: BlockSink) -> None:
         self.sink = sink
 
     def pending(self) -> bool:
-        return False  # what a lost stream held goes back to the daemon's queue
+        return False  # only the daemon knows: a stream that ended found nothing to send
 
     def progress(self) -> int:
         return self.sink.received_bytes
 
     def lost(self, path: str) -> None:
-        pass
+        pass  # the daemon gives a dead stream's leases to the others (drop_path)
 
     def complete(self) -> bool:
-        return False  # only the daemon knows what is left: a failed stream asks again
+        return all(not r.missing() for r in self.sink.receivers.values())
 
 
 class DownloadSession(TransferSession):
@@ -143,24 +146,34 @@ class DownloadSession(TransferSession):
                                       progress, statedir)
             sink.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
                                                            shown(name, entries[f].path))
-            frames = "?frames=2" if "frames2" in self.remote.features else ""
-            paths = self.http_paths(streams, lambda on_block: download_stream(
-                self.remote.http, self.remote.session_url("/blocks" + frames), sink,
+            query = "?frames=2" if "frames2" in self.remote.features else ""
+            if "acks" in self.remote.features:
+                query += "&acks=1" if query else "?acks=1"
+                sink.track_acks()
+                self.start_acks(lambda: self._report(sink))
+            paths = self.http_paths(streams, lambda path, on_block: download_stream(
+                self.remote.http, self.remote.session_url("/blocks" + query), sink,
                 headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block))
             work = _SinkWork(sink)
-            rounds = 0
+            last, since = -1, time.monotonic()
             while True:
                 want = [(i, a, b) for i, r in receivers.items() for a, b in r.missing()]
                 if not want:
                     break
-                if rounds >= MAX_ROUNDS:
-                    raise ConnectionLost(f"blocks still missing after {rounds} rounds")
-                if rounds:
-                    log.info("retry round %d: %d blocks still missing", rounds,
+                if sink.received_bytes != last:
+                    last, since = sink.received_bytes, time.monotonic()
+                elif time.monotonic() - since > GIVE_UP_AFTER:
+                    raise ConnectionLost(f"{sum(b - a for _, a, b in want)} blocks still missing, "
+                                         f"no progress for {GIVE_UP_AFTER:.0f} s")
+                else:
+                    log.info("%d blocks still missing: asking again",
                              sum(b - a for _, a, b in want))
-                rounds += 1
+                    await asyncio.sleep(0.2)
                 await self.control.want(C.WantRequest(tuple(want)))
                 await self.move(paths, work)
+                self.check_acks()
+                if sink.verified is not None:
+                    await self._report(sink)  # the daemon learns of failed blocks at once
             await sink.flush()
             failed = await self._commit(sink, entries, targets, transforms)
             if failed:
@@ -235,6 +248,19 @@ class DownloadSession(TransferSession):
             await self.io(rec.drop_blocks, stale)
         have = set(rec.have())
         progress.skip(sum(plain_len(entry, b) for b in have))
+
+    async def _report(self, sink: BlockSink) -> None:
+        """Tell the daemon which blocks are journaled (it retires them) and which were
+        discarded (it sends them again)."""
+        await sink.flush()
+        journaled, rejected = sink.take_acks()
+        if journaled or rejected:
+            try:
+                await self.control.acks(C.Acks.from_pairs(journaled, rejected))
+            except (ConnectionLost, RemoteError):
+                sink.journaled[:0] = journaled  # told with the next report
+                sink.rejected[:0] = rejected
+                raise
 
     async def _source_digests(self, file: int, blocks: list[int]) -> dict[int, bytes]:
         """The daemon's digests of some blocks of a download's source, over its current bytes."""

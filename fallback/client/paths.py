@@ -141,10 +141,10 @@ class Path(Protocol):
 
 
 # -- HTTP(S) ------------------------------------------------------------------------------------------
-Stream = Callable[[Callable[[int], None]], Awaitable[object]]
-"""Runs one HTTP stream to its end, calling the given function with the bytes of each
-block moved (``transport.http.client.upload_stream`` / ``download_stream`` bound to
-their session)."""
+Stream = Callable[[str, Callable[[int], None]], Awaitable[object]]
+"""Runs one HTTP stream of the given path id to its end, calling the given function
+with the bytes of each piece moved (``transport.http.client.upload_stream`` /
+``download_stream`` bound to their session)."""
 Probe = Callable[[], Awaitable[object]]
 
 
@@ -190,7 +190,7 @@ class HttpPath:
         self._busy = True
         self._last = time.monotonic()
         try:
-            await self._stream(self._moved)
+            await self._stream(self._id, self._moved)
         except TransportError as exc:
             signal = classify(self._id, exc)
             if signal is None:

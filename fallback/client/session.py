@@ -31,11 +31,16 @@ from fallback.result import ProgressCallback, TransferResult
 from transport.blocks import envelope as env
 from transport.blocks.manifest import FileEntry
 from transport.blocks.ranges import RangeSet
-from transport.errors import TransportError
+from transport.errors import ConnectionLost, RemoteError, TransportError
 
 log = logging.getLogger("fallback.client")  # -v: info, -vv: debug (fallback.cli)
 T = TypeVar("T")
 
+ACK_INTERVAL = 0.5
+"""Seconds between acknowledgement exchanges (the receivers journal every 0.5 s)."""
+GIVE_UP_AFTER = 10.0
+"""Seconds of rounds without progress after which a transfer fails (the path manager
+applies the same to its paths)."""
 KEEPALIVE_INTERVAL = 0.5
 """Seconds of silence after which the client calls ``keepalive`` (the daemon's answer
 may ask for less; ``fallback.sessions.KEEPALIVE_INTERVAL``)."""
@@ -54,6 +59,7 @@ class TransferSession:
         self.progress_cb = progress_cb
         self.manager: PathManager | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        self._acks: asyncio.Task[None] | None = None
 
     # -- liveness -----------------------------------------------------------------------
     def start_keepalive(self) -> None:
@@ -92,7 +98,8 @@ class TransferSession:
                  cap or "any")
         return n
 
-    def http_paths(self, n: int, stream: Callable[[Callable[[int], None]], Awaitable[object]]
+    def http_paths(self, n: int,
+                   stream: Callable[[str, Callable[[int], None]], Awaitable[object]]
                    ) -> list[Path]:
         """``n`` HTTP(S) stream paths of this session, ``http-0`` ... (or ``https-``)."""
         kind = self.remote.scheme
@@ -101,6 +108,34 @@ class TransferSession:
             return await self.remote.call("GET", f"{self.remote.base}{PREFIX}/info")
 
         return [HttpPath(f"{kind}-{k}", kind, stream, probe) for k in range(n)]
+
+    def start_acks(self, exchange: Callable[[], Awaitable[None]]) -> None:
+        """Run ``exchange`` (one acknowledgement call) every ``ACK_INTERVAL`` seconds until
+        the session ends. A connection error is retried at the next tick (the streams'
+        own successes and the commit tell the same, later); any other error is kept and
+        raised by ``check_acks``."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(ACK_INTERVAL)
+                try:
+                    await exchange()
+                except (ConnectionLost, RemoteError) as exc:
+                    log.debug("acks: %s", exc.message)
+
+        self._acks = asyncio.ensure_future(loop())
+
+    def check_acks(self) -> None:
+        """Raise what ended the acknowledgement exchange, if anything did (a hostile answer)."""
+        if self._acks is not None and self._acks.done() and not self._acks.cancelled():
+            exc = self._acks.exception()
+            if exc is not None:
+                raise exc
+
+    async def stop_acks(self) -> None:
+        if self._acks is not None:
+            self._acks.cancel()
+            await asyncio.gather(self._acks, return_exceptions=True)
+            self._acks = None
 
     async def move(self, paths: list[Path], work: Work) -> None:
         """Run ``paths`` over ``work`` until the phase is done (``PathManager.run``)."""
@@ -160,6 +195,7 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
         result.seconds = time.monotonic() - t0
         if session is not None:
             await session.stop_keepalive()
+            await session.stop_acks()
         if remote is not None:
             await remote.close(result.error)
         executor.shutdown(wait=False)

@@ -39,7 +39,7 @@ from transport.blocks.plan import (
     resume_samples,
     trusted_blocks,
 )
-from transport.blocks.session import BlockFeed
+from transport.blocks.session import BlockSender
 from transport.blocks.source import FileSource
 from transport.blocks.transform import BlockTransform
 from transport.blocks.tree import walk_source
@@ -48,26 +48,45 @@ from transport.http.client import upload_stream
 
 log = logging.getLogger("fallback.client")
 
-MAX_ROUNDS = 6
+MAX_RESENDS = 5
+"""Times the daemon may report one block missing at commit before the upload fails:
+a block is sent again when the daemon dropped it (a carried-over block failing its
+re-verification) or lost it; one that never sticks means something is wrong there."""
 
 
-class _FeedWork:
-    """The manager's view of an upload's feed."""
+class _SendWork:
+    """The path manager's view of an upload's sender."""
 
-    def __init__(self, feed: BlockFeed) -> None:
-        self.feed = feed
+    def __init__(self, sender: BlockSender) -> None:
+        self.sender = sender
 
     def pending(self) -> bool:
-        return self.feed.pending > 0 and not self.feed.closed
+        return self.sender.pending
 
     def progress(self) -> int:
-        return self.feed.sent_bytes
+        return self.sender.sent_bytes + self.sender.sched.stats.acked
 
     def lost(self, path: str) -> None:
-        pass  # a stream puts back what it took when it ends (transport.http.client)
+        self.sender.drop_path(path)  # its leases, delivered ones too, go to the others
 
     def complete(self) -> bool:
-        return self.feed.pending == 0 or self.feed.closed
+        return self.sender.closed or (not self.sender.pending
+                                      and not self.sender.sched.undelivered_elsewhere(""))
+
+
+def _count_resends(resent: dict[tuple[int, int], int],
+                   again: list[tuple[int, int, int]]) -> None:
+    """Count each block the daemon asks for again; ``ConnectionLost`` past ``MAX_RESENDS``."""
+    worst = 0
+    for f, a, b in again:
+        if b - a > 4096:
+            continue  # a large range is a first send of blocks never delivered, not a resend
+        for k in range(a, b):
+            resent[f, k] = resent.get((f, k), 0) + 1
+            worst = max(worst, resent[f, k])
+    if worst > MAX_RESENDS:
+        n = sum(b - a for _, a, b in again)
+        raise ConnectionLost(f"{n} blocks still missing after {MAX_RESENDS} attempts")
 
 
 class UploadSession(TransferSession):
@@ -116,13 +135,14 @@ class UploadSession(TransferSession):
                 result.skipped_files[shown(name, tree.entries[k].path)] = \
                     f"refused by the server: {why}"
                 progress.skip(entries[k].size)
-            feed = BlockFeed(sources, self.executor)
+            sender = BlockSender(sources, self.executor)
             kept: dict[int, set[int]] = {}  # blocks counted as skipped (held by the daemon)
             for i, blocks in missing.items():
                 have = blocks.complement(0, sources[i].layout.count)
                 kept[i] = set(have.members())
                 progress.skip(plain_bytes(entries[i], have))
-                feed.add_ranges([(i, a, b) for a, b in blocks])
+                for a, b in blocks:
+                    sender.sched.want(i, [(a, b)])
             digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
             for i, blocks in missing.items():
                 # The daemon may hold blocks it had not journaled yet when it reported its state
@@ -133,20 +153,32 @@ class UploadSession(TransferSession):
                 for b in unseen:
                     digests[i][b] = (await self.io(sources[i].read_block, b))[1]
                 trusted[i] -= set(unseen)
-            feed.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
-                                                           shown(name, entries[f].path))
-            _record_digests(feed, digests, reads, trusted)
+
+            def read(f: int, b: int, digest: bytes) -> None:
+                # A block read from the source is no longer one trusted from the journal.
+                digests[f][b] = digest
+                trusted.get(f, set()).discard(b)
+
+            sender.on_read = read
+            sender.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
+                                                             shown(name, entries[f].path))
             version = 2 if "frames2" in self.remote.features else 1
-            paths = self.http_paths(streams, lambda on_block: upload_stream(
-                self.remote.http, self.remote.session_url("/blocks"), feed,
+            paths = self.http_paths(streams, lambda path, on_block: upload_stream(
+                self.remote.http, self.remote.session_url("/blocks"), sender, path,
                 headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block,
                 version=version))
-            work = _FeedWork(feed)
+            if "acks" in self.remote.features:
+                async def exchange() -> None:
+                    got = await self.control.acks(C.Acks())
+                    sender.acks(got.journaled, got.failed)
+                self.start_acks(exchange)
+            work = _SendWork(sender)
             plain_roots: dict[int, str] = {}
-            rounds = 0
+            resent: dict[tuple[int, int], int] = {}  # commit said missing, how often
             while True:
-                if feed.pending:
+                if sender.pending:
                     await self.move(paths, work)
+                self.check_acks()
                 roots = {i: file_digest(entries[i].block_size, entries[i].size,
                                         (digests[i].get(b, b"")
                                          for b in range(sources[i].layout.count)))
@@ -178,13 +210,10 @@ class UploadSession(TransferSession):
                     if verifying:
                         continue
                     break
-                rounds += 1
-                if rounds >= MAX_ROUNDS:
-                    raise ConnectionLost(f"{sum(b - a for _, a, b in again)} blocks still "
-                                         f"missing after {rounds} rounds")
-                log.info("retry round %d: the daemon still misses %d blocks", rounds,
+                _count_resends(resent, again)
+                log.info("the daemon still misses %d blocks: sending them again",
                          sum(b - a for _, a, b in again))
-                feed.add_ranges(again)
+                sender.add_ranges(again)  # acknowledged or not, they are sent again
             progress.finish()
         finally:
             result.sent_bytes = progress.carried  # also when failing: what this run did move
@@ -256,33 +285,3 @@ def _with_header(entry: FileEntry, t: BlockTransform) -> FileEntry:
     return FileEntry(entry.path, "file", size=entry.size, mtime_ns=entry.mtime_ns, mode=entry.mode,
                      block_size=entry.block_size, header=t.header, overhead=t.overhead,
                      transform=t.name)
-
-
-def _record_digests(feed: BlockFeed, digests: dict[int, dict[int, bytes]],
-                    reads: set[asyncio.Task[Any]], trusted: dict[int, set[int]]) -> None:
-    """Remember each block's digest as it is read, for the whole-file digest at commit
-    (a block read from the source is no longer one trusted from the journal).
-
-    Reads run as tasks (a stream reads one block ahead); ``reads`` holds those
-    still running, and an error of one that nobody awaits any more (its stream
-    died) is taken here instead of surfacing as an asyncio traceback.
-    """
-    original = feed.read
-
-    def settled(task: asyncio.Task[Any]) -> None:
-        reads.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: the stream that wanted it has already failed
-
-    async def read(item: tuple[int, int]) -> tuple[bytes | bytearray, bytes]:
-        task = asyncio.current_task()
-        if task is not None and task not in reads:
-            reads.add(task)
-            task.add_done_callback(settled)
-        data, d = await original(item)
-        digests[item[0]][item[1]] = d
-        trusted.get(item[0], set()).discard(item[1])
-        return data, d
-
-    feed.read = read  # type: ignore[method-assign]
-

@@ -56,6 +56,9 @@ Buffer = bytes | bytearray | memoryview
 MAX_BLOCK_FAILURES = 3
 """Digest failures of one block in one session after which the session fails."""
 
+MAX_PENDING_ACKS = 1 << 16
+"""Acknowledgements (journaled or rejected blocks) kept between two ``take_acks``."""
+
 
 class _Pieces:
     """The assembler's ``PieceSink`` over a session's receivers (see the module docstring)."""
@@ -102,8 +105,10 @@ class BlockSink:
         self.duplicates = 0  # late duplicate pieces dropped
         self.failed = 0  # blocks that failed their digest (discarded, asked again)
         self.verified: list[tuple[int, int]] | None = None
-        """(file, block) verified since the list was last taken, when tracked (not None):
-        what the receiver acknowledges to the sender."""
+        """(file, block) verified and not journaled yet, when acknowledgements are tracked
+        (``track_acks``); ``flush`` moves them to ``journaled``."""
+        self.journaled: list[tuple[int, int]] = []
+        """(file, block) journaled since ``take_acks``: what the receiver acknowledges."""
         self.rejected: list[tuple[int, int]] = []  # (file, block) to ask for again
         self._clock = clock
         self._lock = threading.Lock()
@@ -190,14 +195,18 @@ class BlockSink:
                     self.duplicates += 1
                 elif isinstance(ev, BlockFailed):
                     self.failed += 1
-                    self.rejected.append((ev.file, ev.block))
+                    self._reject(ev.file, ev.block)
                     if ev.attempt >= MAX_BLOCK_FAILURES:
                         r = self.receiver(ev.file)
                         raise IntegrityError(f"{r.entry.path or r.target.name}: block {ev.block} "
                                              f"failed its digest {ev.attempt} times")
                 elif isinstance(ev, PieceRefused | BlockEvicted):
-                    self.rejected.append((ev.file, ev.block))
+                    self._reject(ev.file, ev.block)
             return done
+
+    def _reject(self, file: int, block: int) -> None:
+        if len(self.rejected) < MAX_PENDING_ACKS:
+            self.rejected.append((file, block))
 
     def _journal(self, ev: BlockVerified) -> int:
         rec = self.receivers.get(ev.file)
@@ -227,6 +236,21 @@ class BlockSink:
                 self._assembler.commit(file)
             self.receivers.pop(file, None)
 
+    # -- acknowledgements ---------------------------------------------------------------
+    def track_acks(self) -> None:
+        """Keep the blocks journaled (and rejected) for ``take_acks``, at most
+        ``MAX_PENDING_ACKS`` of each between two takes (beyond, the sender's other
+        means, a stream's success and the commit, still tell it)."""
+        if self.verified is None:
+            self.verified = []
+
+    def take_acks(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(journaled, rejected) ``(file, block)`` since the last take; both emptied."""
+        with self._lock:
+            journaled, self.journaled = self.journaled, []
+            rejected, self.rejected = self.rejected, []
+        return journaled, rejected
+
     # -- durability -------------------------------------------------------------------
     def _ensure_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():
@@ -237,9 +261,18 @@ class BlockSink:
         await self.flush()
 
     async def flush(self) -> None:
+        """Make every verified block durable and journaled (``FileReceiver.flush``)."""
         loop = asyncio.get_running_loop()
+        pending: list[tuple[int, int]] = []
+        if self.verified is not None:
+            with self._lock:
+                pending, self.verified = self.verified, []
         for rec in list(self.receivers.values()):
             await loop.run_in_executor(self.executor, rec.flush)
+        if pending:
+            with self._lock:
+                room = MAX_PENDING_ACKS - len(self.journaled)
+                self.journaled.extend(pending[:max(0, room)])
 
     async def close(self) -> None:
         """Checkpoint every receiver, keeping partials for a later resume."""

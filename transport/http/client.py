@@ -15,7 +15,9 @@ from typing import Any
 
 import aiohttp
 
-from transport.blocks.session import BlockFeed, BlockSink
+from transport.blocks.scheduler import Lease
+from transport.blocks.sender import BlockSender
+from transport.blocks.sink import BlockSink
 from transport.errors import ConnectError, ConnectionLost, RemoteError, TransportError
 from transport.http.framing import CONTENT_TYPE, PieceHeader
 from transport.http.server import receive_blocks
@@ -25,68 +27,71 @@ Activity = Callable[[int], None]
 """Called with the bytes of each block a stream moved (the path's activity meter)."""
 
 
-async def _frames(feed: BlockFeed, taken: list[tuple[int, int]], on_block: Activity | None = None,
-                  version: int = 2) -> AsyncIterator[bytes | bytearray]:
-    """Frames for an upload body, reading one block ahead of the socket."""
-    item = feed.take()
-    fut = asyncio.ensure_future(feed.read(item)) if item else None
-    nxt: tuple[int, int] | None = None
-    nfut: asyncio.Future[tuple[bytes | bytearray, bytes]] | None = None
+async def _frames(sender: BlockSender, path: str, delivered: list[Lease],
+                  on_block: Activity | None = None,
+                  version: int = 2) -> AsyncIterator[bytes | bytearray | memoryview]:
+    """Frames for an upload body: the pieces ``path`` leases, reading one ahead of the
+    socket; ends when nothing is left to lease. Leases taken and not delivered stay
+    the path's: the caller gives them back (``drop_path``) if the stream failed."""
+    lease = sender.lease(path)
+    fut = asyncio.ensure_future(sender.read(lease)) if lease else None
+    nxt: Lease | None = None
+    nfut: asyncio.Future[tuple[bytes | bytearray | memoryview, bytes | None]] | None = None
     try:
-        while item is not None and fut is not None:
-            taken.append(item)
+        while lease is not None and fut is not None:
             data, digest = await fut
-            nxt = feed.take()
-            nfut = asyncio.ensure_future(feed.read(nxt)) if nxt else None
-            yield PieceHeader(item[0], item[1], 0, len(data), digest).pack(version)
+            nxt = sender.lease(path)
+            nfut = asyncio.ensure_future(sender.read(nxt)) if nxt else None
+            yield PieceHeader(lease.file, lease.block, lease.offset, lease.length,
+                              digest).pack(version)
             yield data
-            feed.delivered(item, len(data))
+            sender.delivered(lease)
+            delivered.append(lease)
             if on_block is not None:
-                on_block(len(data))
-            item, fut, nxt, nfut = nxt, nfut, None, None
+                on_block(lease.length)
+            lease, fut, nxt, nfut = nxt, nfut, None, None
     finally:
-        # The body was cut short: the read-ahead's block never left, so another
-        # stream (or the next round) must carry it; the current one is in
-        # ``taken`` and the commit round re-asks for it if it did not arrive.
+        # The body was cut short: the read-ahead never left; the path's failure gives
+        # its leases back (drop_path), and the receiver's report tells what arrived.
         for f in (fut, nfut):
             if f is not None and not f.done():
                 f.cancel()
-        if nxt is not None:
-            feed.put_back([nxt])
-        if item is not None and item not in taken:
-            feed.put_back([item])
 
 
 async def upload_stream(
     http: aiohttp.ClientSession,
     url: str,
-    feed: BlockFeed,
+    sender: BlockSender,
+    path: str,
     *,
     headers: Mapping[str, str],
     ssl: SSLArg,
     on_block: Activity | None = None,
     version: int = 2,
 ) -> dict[str, Any]:
-    """One upload stream: PUT a chunked body of frames (``version`` 2, or 1 for a daemon
-    that does not read version 2) until the feed runs dry.
+    """One upload stream of path ``path``: PUT a chunked body of frames (``version`` 2, or 1
+    for a daemon that does not read version 2) until nothing is left to lease.
 
-    Raises ``ConnectError`` when no connection could be made, ``ConnectionLost``
-    when it broke, ``RemoteError`` (with the daemon's status and ``Retry-After``)
-    for an error answer."""
-    taken: list[tuple[int, int]] = []
+    The daemon answers once it holds every block of the body: those leases are then
+    acknowledged (``ack_lease``). Raises ``ConnectError`` when no connection could be
+    made, ``ConnectionLost`` when it broke, ``RemoteError`` (with the daemon's status
+    and ``Retry-After``) for an error answer."""
+    delivered: list[Lease] = []
     hdrs = {**headers, "Content-Type": CONTENT_TYPE}
     try:
-        async with http.put(url, data=_frames(feed, taken, on_block, version), headers=hdrs,
-                            ssl=ssl) as resp:
+        async with http.put(url, data=_frames(sender, path, delivered, on_block, version),
+                            headers=hdrs, ssl=ssl) as resp:
             body = await resp.read()
             if resp.status != 200:
                 raise remote_error(resp, body)
             result: dict[str, Any] = json.loads(body)
-            return result
     except TransportError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
         raise lost("upload stream", exc) from exc
+    for lease in delivered:
+        sender.ack_lease(lease)
+    return result
 
 
 async def download_stream(
