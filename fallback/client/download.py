@@ -29,6 +29,7 @@ from fallback.remote import Url
 from fallback.result import Progress
 from transport.blocks import envelope as env
 from transport.blocks.digest import digest_path
+from transport.blocks.keyring import EnvelopeKeyring
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.blocks.manifest import FileEntry
 from transport.blocks.plan import (
@@ -109,6 +110,7 @@ class DownloadSession(TransferSession):
         progress = Progress(result.bytes, self.remote.scheme, self.progress_cb)
         transforms: dict[int, BlockTransform] = {}
         targets: dict[int, Path] = {}
+        ring: EnvelopeKeyring | None = None
         for i in files:
             e = entries[i]
             target = target_for(root, e.path)
@@ -119,10 +121,11 @@ class DownloadSession(TransferSession):
                 raise IntegrityError("File decryption error, damaged envelope or not an envelope: "
                                      f"{shown(name, e.path)}")
             if e.transform == "envelope-v1" and opts.decrypt:
-                assert opts.passphrase is not None
+                if ring is None:
+                    assert opts.passphrase is not None
+                    ring = EnvelopeKeyring(opts.passphrase)  # one per transfer (cached masters)
                 try:
-                    transforms[i] = await self.io(env.EnvelopeTransform.open, opts.passphrase,
-                                                  e.header)
+                    transforms[i] = await self.io(ring.open, e.header)
                 except BadPassphrase:
                     raise BadPassphrase(
                         f"File decryption error, bad passphrase: {shown(name, e.path)}") from None

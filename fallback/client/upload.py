@@ -30,6 +30,7 @@ from fallback.remote import Url
 from fallback.result import Progress
 from transport.blocks import envelope as env
 from transport.blocks.digest import digest_path, file_digest
+from transport.blocks.keyring import EnvelopeKeyring
 from transport.blocks.manifest import FileEntry
 from transport.blocks.plan import (
     TargetState,
@@ -91,6 +92,8 @@ def _count_resends(resent: dict[tuple[int, int], int],
 
 class UploadSession(TransferSession):
     """One upload of a local file or folder to the daemon."""
+
+    ring: EnvelopeKeyring | None = None  # --encrypt: one keyring (one Argon2id) per transfer
 
     async def run(self, src: Path, url: Url) -> None:
         opts, result = self.opts, self.result
@@ -234,8 +237,10 @@ class UploadSession(TransferSession):
         result.content[file] = "envelope" if opts.encrypt else "plain"
         transform: BlockTransform | None = None
         if opts.encrypt:
-            assert opts.passphrase is not None
-            entry, transform = await self.io(_encrypted_entry, entry, state, opts.passphrase)
+            if self.ring is None:
+                assert opts.passphrase is not None
+                self.ring = EnvelopeKeyring(opts.passphrase)
+            entry, transform = await self.io(_encrypted_entry, entry, state, self.ring)
             entries[i] = entry
         action = overwrite_action(entry, state, opts.overwrite)
         if action == "compare":
@@ -268,16 +273,18 @@ def _encrypted_placeholder(entry: FileEntry) -> FileEntry:
 
 
 def _encrypted_entry(entry: FileEntry, state: TargetState,
-                     passphrase: str) -> tuple[FileEntry, BlockTransform]:
-    """The envelope for one file: the partial's header when it is ours to resume, else a new one."""
+                     ring: EnvelopeKeyring) -> tuple[FileEntry, BlockTransform]:
+    """The envelope for one file: the partial's header when it is ours to resume (version 1
+    or 2), else a new version 2 one. ``ring`` is the transfer's one keyring: one Argon2id
+    for all its new envelopes (``transport.blocks.keyring``)."""
     j = state.journal
     if j and j[:4] == [entry.size, entry.mtime_ns, entry.block_size, "envelope-v1"] and j[4]:
         try:
-            t = env.EnvelopeTransform.open(passphrase, bytes.fromhex(str(j[4])))
+            t = ring.open(bytes.fromhex(str(j[4])))
             return _with_header(entry, t), t
         except (TransportError, ValueError):
             pass  # another passphrase or a damaged header: start this file over
-    t = env.EnvelopeTransform.for_upload(passphrase, entry.size, entry.block_size)
+    t = ring.for_upload(entry.size, entry.block_size)
     return _with_header(entry, t), t
 
 
