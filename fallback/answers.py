@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fallback.control import MAX_ERROR_TEXT, MAX_ROOT_TEXT
+from fallback.control import MAX_ERROR_TEXT, MAX_ROOT_TEXT, Flow
 from fallback.paths import confine
 from transport.blocks.manifest import FileEntry, check_name, check_tree
 from transport.blocks.plan import TargetState
@@ -57,11 +57,16 @@ class DownloadOpened:
     streams_max: int | None  # the daemon's cap on parallel streams, if it gave one
     id: str = ""
     token: str = ""
+    flow: Flow | None = None  # the bandwidth that applies (the server's caps won)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "token": self.token, "name": self.name,
-                "entries": [e.to_json() for e in self.entries], "skipped": list(self.skipped),
-                "streams_max": self.streams_max}
+        d: dict[str, Any] = {
+            "id": self.id, "token": self.token, "name": self.name,
+            "entries": [e.to_json() for e in self.entries], "skipped": list(self.skipped),
+            "streams_max": self.streams_max}
+        if self.flow is not None:
+            d["flow"] = self.flow.to_json()
+        return d
 
 
 DownloadAnswer = DownloadOpened  # the name it had before the answers were shared
@@ -91,7 +96,18 @@ def download_answer(opened: dict[str, Any]) -> DownloadOpened:
             or not all(isinstance(s, str) for s in skipped):
         raise ProtocolError("refused the daemon's answer: 'skipped' is not a list of strings")
     return DownloadOpened(name, entries, skipped, streams_cap(opened),
-                          str(opened.get("id", "")), str(opened.get("token", "")))
+                          str(opened.get("id", "")), str(opened.get("token", "")),
+                          answer_flow(opened))
+
+
+def answer_flow(opened: dict[str, Any]) -> Flow | None:
+    """An open answer's ``flow`` (what bandwidth applies), when the daemon gave one."""
+    if opened.get("flow") is None:
+        return None
+    try:
+        return Flow.from_json(opened["flow"])
+    except ProtocolError as exc:
+        raise ProtocolError(f"refused the daemon's answer: {exc.message}") from None
 
 
 def streams_cap(opened: dict[str, Any]) -> int | None:
@@ -112,10 +128,15 @@ class UploadOpened:
     root: str  # where the upload lands, relative to the docroot (for messages)
     streams_max: int | None
     policy: dict[str, Any] = field(default_factory=dict)  # rules the client applies itself
+    flow: Flow | None = None  # the bandwidth that applies (the server's caps won)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "token": self.token, "states": [s.to_json() for s in self.states],
-                "root": self.root, "streams_max": self.streams_max, "policy": dict(self.policy)}
+        d: dict[str, Any] = {
+            "id": self.id, "token": self.token, "states": [s.to_json() for s in self.states],
+            "root": self.root, "streams_max": self.streams_max, "policy": dict(self.policy)}
+        if self.flow is not None:
+            d["flow"] = self.flow.to_json()
+        return d
 
     @classmethod
     def from_json(cls, opened: dict[str, Any], count: int) -> UploadOpened:
@@ -124,7 +145,8 @@ class UploadOpened:
         policy = opened.get("policy", {})
         return cls(str(opened.get("id", "")), str(opened.get("token", "")),
                    upload_states(opened, count), root if isinstance(root, str) else "",
-                   streams_cap(opened), policy if isinstance(policy, dict) else {})
+                   streams_cap(opened), policy if isinstance(policy, dict) else {},
+                   answer_flow(opened))
 
 
 def upload_states(opened: dict[str, Any], count: int) -> list[TargetState]:

@@ -131,10 +131,49 @@ def _kind(value: Any) -> str:
             str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
+# -- bandwidth ---------------------------------------------------------------------------------------
+POLICIES = ("fixed", "high", "fair", "low")
+MAX_RATE = 1 << 50
+"""Largest rate in bits per second a message may name (about a petabit per second)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """``{target_rate, min_rate, policy}``: rates in bits per second (0: no cap, no floor)
+    and a policy (``transport.blocks.pacing``: Aspera's ``fixed``, ``high``, ``fair``,
+    ``low``). In an open request what the client asks; in the answer what applies, the
+    server's ``<transfer><in|out><bandwidth><flow>`` having won."""
+
+    target_rate: int = 0
+    min_rate: int = 0
+    policy: str = "fair"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target_rate": self.target_rate, "min_rate": self.min_rate,
+                "policy": self.policy}
+
+    @classmethod
+    def from_json(cls, value: Any, where: str = "flow") -> Flow:
+        d = _obj(value, where)
+        policy = _str(d, "policy", where, default="fair", max_len=16)
+        if policy not in POLICIES:
+            raise ProtocolError(f"{where}: unknown policy {policy!r} (one of {', '.join(POLICIES)})")
+        target = _int(d, "target_rate", where, hi=MAX_RATE, default=0)
+        floor = _int(d, "min_rate", where, hi=MAX_RATE, default=0)
+        if target and floor > target:
+            raise ProtocolError(f"{where}: min_rate {floor} above target_rate {target}")
+        return cls(target, floor, policy)
+
+
+def _flow(d: dict[str, Any]) -> Flow | None:
+    return Flow.from_json(d["flow"]) if d.get("flow") is not None else None
+
+
 # -- POST /session -----------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class OpenUpload:
-    """``{direction: "upload", path, into_dir, name, entries, overwrite, encrypt, strong_pass}``."""
+    """``{direction: "upload", path, into_dir, name, entries, overwrite, encrypt, strong_pass,
+    flow?}``."""
 
     path: str
     into_dir: bool
@@ -143,12 +182,16 @@ class OpenUpload:
     overwrite: str
     encrypt: bool
     strong_pass: bool
+    flow: Flow | None = None  # the rate the client asks for (``--target-rate``)
 
     def to_json(self) -> dict[str, Any]:
-        return {"direction": "upload", "path": self.path, "into_dir": self.into_dir,
-                "name": self.name, "entries": [e.to_json() for e in self.entries],
-                "overwrite": self.overwrite, "encrypt": self.encrypt,
-                "strong_pass": self.strong_pass}
+        d = {"direction": "upload", "path": self.path, "into_dir": self.into_dir,
+             "name": self.name, "entries": [e.to_json() for e in self.entries],
+             "overwrite": self.overwrite, "encrypt": self.encrypt,
+             "strong_pass": self.strong_pass}
+        if self.flow is not None:
+            d["flow"] = self.flow.to_json()
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> OpenUpload:
@@ -167,21 +210,26 @@ class OpenUpload:
             overwrite=overwrite,
             encrypt=_bool(d, "encrypt", w),
             strong_pass=_bool(d, "strong_pass", w),
+            flow=_flow(d),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class OpenDownload:
-    """``{direction: "download", path}``."""
+    """``{direction: "download", path, flow?}``."""
 
     path: str
+    flow: Flow | None = None  # the rate the client asks for (``--target-rate``)
 
     def to_json(self) -> dict[str, Any]:
-        return {"direction": "download", "path": self.path}
+        d: dict[str, Any] = {"direction": "download", "path": self.path}
+        if self.flow is not None:
+            d["flow"] = self.flow.to_json()
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> OpenDownload:
-        return cls(path=_str(d, "path", "download", default="/"))
+        return cls(path=_str(d, "path", "download", default="/"), flow=_flow(d))
 
 
 def parse_open(d: dict[str, Any]) -> OpenUpload | OpenDownload:

@@ -292,6 +292,8 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
     session = st.table.new(direction="upload", root=root, entries=entries,
                            **_common(request, st, user, overwrite))
     session.heard(_scheme(request), _peer(request))
+    flow = S.effective_flow(st.config.flow_in, msg.flow)
+    session.pacer = S.pacer_for(flow)
     want_root = msg.overwrite == "diff"
     states = []
     for i in range(len(entries)):
@@ -300,7 +302,7 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
              user.name, request.remote, relpath_in(Path(user.docroot), root), len(entries))
     return web.json_response(A.UploadOpened(
         session.id, session.token, states, relpath_in(Path(user.docroot), root),
-        st.config.streams_max, _policy(st.config)).to_json())
+        st.config.streams_max, _policy(st.config), flow).to_json())
 
 
 def _policy(c: Config) -> dict[str, Any]:
@@ -326,6 +328,8 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
     session = st.table.new(direction="download", root=src, entries=tree.entries,
                            **_common(request, st, user, "diff"))
     session.heard(_scheme(request), _peer(request))
+    flow = S.effective_flow(st.config.flow_out, msg.flow)
+    session.pacer = S.pacer_for(flow)
     try:
         await _run(request, S.open_sources, session)
     except BaseException as exc:  # a file changed since the walk: do not leave the session open
@@ -335,7 +339,7 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
              user.name, request.remote, relpath_in(docroot, src), len(tree.entries))
     return web.json_response(A.DownloadOpened(
         src.name, list(tree.entries), list(tree.skipped), st.config.streams_max,
-        session.id, session.token).to_json())
+        session.id, session.token, flow).to_json())
 
 
 async def plan(request: web.Request) -> web.Response:
@@ -390,7 +394,8 @@ async def upload_blocks(request: web.Request) -> web.Response:
     session.streams += 1
     try:
         n = await _unless_stopping(request, receive_blocks(request.content, session.sink,
-                                                           on_block=_heard(request, session)))
+                                                           on_block=_heard(request, session),
+                                                           pacer=session.pacer))
     finally:
         session.streams -= 1
         session.touch()
@@ -525,7 +530,7 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
             await send_blocks(write, feed, path, stop=_state(request).stopping,
                               on_block=_heard(request, session),
                               version=2 if request.query.get("frames") == "2" else 1,
-                              acks=request.query.get("acks") == "1")
+                              acks=request.query.get("acks") == "1", pacer=session.pacer)
         except TransportError as exc:
             session.error = session.error or exc.message
             if not resp.prepared:

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from fallback import answers as A
-from fallback.config import UserConfig
+from fallback.config import FlowConfig, UserConfig
+from fallback.control import Flow
 from fallback.paths import confine, relpath_in
 from transport.blocks.digest import digest_path, file_digest
 from transport.blocks.manifest import FileEntry
+from transport.blocks.pacing import Pacer
 from transport.blocks.plan import TargetState
 from transport.blocks.ranges import RangeSet
 from transport.blocks.receiver import FileReceiver, inspect_partial
@@ -33,6 +35,7 @@ from transport.blocks.source import FileSource, SourceWindow
 from transport.blocks.statedir import StateDir
 from transport.blocks.tree import target_for
 from transport.errors import ConflictError, PathError, ProtocolError, SourceChanged
+from transport.http.pace import BURST
 
 log = logging.getLogger("fallback.daemon")
 
@@ -104,6 +107,7 @@ class Session:
     paths: dict[tuple[str, str], SessionPath] = field(default_factory=dict)
     sink: BlockSink | None = None
     feed: BlockSender | None = None
+    pacer: Pacer | None = None  # the session's rate cap (every stream of it waits for it)
     stream_ids: int = 0  # download streams started: each leases under its own path id
     verifier: asyncio.Task[None] | None = None
     planning: bool = False  # a plan call is running or succeeded: there is one plan per session
@@ -238,6 +242,32 @@ class SessionTable:
     async def close_all(self, reason: str) -> None:
         for s in list(self.sessions.values()):
             await self.close(s, reason)
+
+
+# -- bandwidth ----------------------------------------------------------------------------------
+def effective_flow(server: FlowConfig, asked: Flow | None) -> Flow:
+    """What applies to a session: the server's ``<bandwidth><flow>`` for its direction
+    wins over what the client asks. The target is the lower of the two that are set (0:
+    neither); the floor the server's if set, else the client's, never above the target;
+    the policy the server's unless it is the default ``fair``, else the client's."""
+    asked = asked or Flow()
+    server_target = server.target_rate_kbps * 1000
+    targets = [t for t in (server_target, asked.target_rate) if t]
+    target = min(targets) if targets else 0
+    floor = server.min_rate_kbps * 1000 or asked.min_rate
+    if target:
+        floor = min(floor, target)
+    policy = server.policy if server.policy != "fair" else asked.policy
+    return Flow(target, floor, policy)
+
+
+def pacer_for(flow: Flow) -> Pacer | None:
+    """The token bucket of a session's HTTP streams, None when nothing caps it. HTTP paces
+    at the target whatever the policy: TCP finds the fair share beneath it, and the
+    delay-based ``low`` needs the RTT samples only the UDP path takes (docs/blocks.md)."""
+    if not flow.target_rate:
+        return None
+    return Pacer(float(flow.target_rate), BURST)
 
 
 # -- session-level checks -----------------------------------------------------------------------

@@ -86,7 +86,7 @@ class DownloadSession(TransferSession):
 
     async def run(self, url: Url, dst: Path, into: bool) -> None:
         opts, result = self.opts, self.result
-        answer = await self.control.open_download(C.OpenDownload(url.path))
+        answer = await self.control.open_download(C.OpenDownload(url.path, opts.flow()))
         self.start_keepalive()
         entries, name = answer.entries, answer.name
         self.name = name
@@ -154,9 +154,13 @@ class DownloadSession(TransferSession):
                 query += "&acks=1" if query else "?acks=1"
                 sink.track_acks()
                 self.start_acks(lambda: self._report(sink))
+            # The daemon paces what it sends (answer.flow); one that does not say so is paced
+            # by reading no faster than --target-rate.
+            pacer = self.pacer(None) if answer.flow is None else None
             paths = self.http_paths(streams, lambda path, on_block: download_stream(
                 self.remote.http, self.remote.session_url("/blocks" + query), sink,
-                headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block))
+                headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block,
+                pacer=pacer))
             work = _SinkWork(sink)
             last, since = -1, time.monotonic()
             while True:

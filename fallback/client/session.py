@@ -25,13 +25,16 @@ from fallback.client.control import ControlClient
 from fallback.client.manager import PathManager, Work
 from fallback.client.options import Options
 from fallback.client.paths import HttpPath, Path
+from fallback.control import Flow
 from fallback.errors import TransferError, UsageError
 from fallback.remote import PREFIX, Remote, is_url, parse_url
 from fallback.result import ProgressCallback, TransferResult
 from transport.blocks import envelope as env
 from transport.blocks.manifest import FileEntry
+from transport.blocks.pacing import Pacer
 from transport.blocks.ranges import RangeSet
 from transport.errors import ConnectionLost, RemoteError, TransportError
+from transport.http.pace import BURST
 
 log = logging.getLogger("fallback.client")  # -v: info, -vv: debug (fallback.cli)
 T = TypeVar("T")
@@ -90,6 +93,17 @@ class TransferSession:
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the session's worker threads (disk work off the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def pacer(self, applies: Flow | None) -> Pacer | None:
+        """The token bucket every stream of this transfer waits for: the rate the daemon
+        says applies (its caps won), else the one asked (``--target-rate``); None: no cap.
+        ``--policy`` does not change it on HTTP (docs/blocks.md, "Pacing")."""
+        target = applies.target_rate if applies is not None else self.opts.target_bps
+        if not target:
+            return None
+        log.info("rate capped at %g Mbit/s%s", target / 1e6,
+                 f" (policy {applies.policy})" if applies is not None else "")
+        return Pacer(float(target), BURST)
 
     def streams_for(self, cap: int | None) -> int:
         """Parallel streams: what was asked, within the daemon's ``streams_max``."""

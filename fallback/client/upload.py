@@ -114,7 +114,7 @@ class UploadSession(TransferSession):
             name=name + (env.SUFFIX if opts.encrypt and not entries[0].is_dir else ""),
             entries=tuple(entries), overwrite=opts.overwrite, encrypt=opts.encrypt,
             strong_pass=bool(opts.encrypt and opts.passphrase
-                             and strong_passphrase(opts.passphrase))))
+                             and strong_passphrase(opts.passphrase)), flow=opts.flow()))
         self.start_keepalive()
         states = opened.states
         streams = self.streams_for(opened.streams_max)
@@ -166,10 +166,11 @@ class UploadSession(TransferSession):
             sender.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
                                                              shown(name, entries[f].path))
             version = 2 if "frames2" in self.remote.features else 1
+            pacer = self.pacer(opened.flow)
             paths = self.http_paths(streams, lambda path, on_block: upload_stream(
                 self.remote.http, self.remote.session_url("/blocks"), sender, path,
                 headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block,
-                version=version))
+                version=version, pacer=pacer))
             if "acks" in self.remote.features:
                 async def exchange() -> None:
                     got = await self.control.acks(C.Acks())

@@ -15,11 +15,13 @@ from typing import Any
 
 import aiohttp
 
+from transport.blocks.pacing import Pacer
 from transport.blocks.scheduler import Lease
 from transport.blocks.sender import BlockSender
 from transport.blocks.sink import BlockSink
 from transport.errors import ConnectError, ConnectionLost, RemoteError, TransportError
 from transport.http.framing import CONTENT_TYPE, PieceHeader
+from transport.http.pace import pace
 from transport.http.server import receive_blocks
 
 SSLArg = ssl_mod.SSLContext | aiohttp.Fingerprint | bool
@@ -28,8 +30,8 @@ Activity = Callable[[int], None]
 
 
 async def _frames(sender: BlockSender, path: str, delivered: list[Lease],
-                  on_block: Activity | None = None,
-                  version: int = 2) -> AsyncIterator[bytes | bytearray | memoryview]:
+                  on_block: Activity | None = None, version: int = 2,
+                  pacer: Pacer | None = None) -> AsyncIterator[bytes | bytearray | memoryview]:
     """Frames for an upload body: the pieces ``path`` leases, reading one ahead of the
     socket; ends when nothing is left to lease. Leases taken and not delivered stay
     the path's: the caller gives them back (``drop_path``) if the stream failed."""
@@ -42,6 +44,7 @@ async def _frames(sender: BlockSender, path: str, delivered: list[Lease],
             data, digest = await fut
             nxt = sender.lease(path)
             nfut = asyncio.ensure_future(sender.read(nxt)) if nxt else None
+            await pace(pacer, lease.length)
             yield PieceHeader(lease.file, lease.block, lease.offset, lease.length,
                               digest).pack(version)
             yield data
@@ -68,9 +71,11 @@ async def upload_stream(
     ssl: SSLArg,
     on_block: Activity | None = None,
     version: int = 2,
+    pacer: Pacer | None = None,
 ) -> dict[str, Any]:
     """One upload stream of path ``path``: PUT a chunked body of frames (``version`` 2, or 1
-    for a daemon that does not read version 2) until nothing is left to lease.
+    for a daemon that does not read version 2) until nothing is left to lease, each
+    piece after the session's ``pacer`` lets it go (``--target-rate``).
 
     The daemon answers once it holds every block of the body: those leases are then
     acknowledged (``ack_lease``). Raises ``ConnectError`` when no connection could be
@@ -79,7 +84,7 @@ async def upload_stream(
     delivered: list[Lease] = []
     hdrs = {**headers, "Content-Type": CONTENT_TYPE}
     try:
-        async with http.put(url, data=_frames(sender, path, delivered, on_block, version),
+        async with http.put(url, data=_frames(sender, path, delivered, on_block, version, pacer),
                             headers=hdrs, ssl=ssl) as resp:
             body = await resp.read()
             if resp.status != 200:
@@ -102,14 +107,16 @@ async def download_stream(
     headers: Mapping[str, str],
     ssl: SSLArg,
     on_block: Activity | None = None,
+    pacer: Pacer | None = None,
 ) -> int:
-    """One download stream: GET frames until the server's feed runs dry. Errors as
-    ``upload_stream``."""
+    """One download stream: GET frames until the daemon has nothing left to lease; with a
+    ``pacer``, read no faster than it allows (for a daemon that does not pace itself).
+    Errors as ``upload_stream``."""
     try:
         async with http.get(url, headers=headers, ssl=ssl) as resp:
             if resp.status != 200:
                 raise remote_error(resp, await resp.read())
-            return await receive_blocks(resp.content, sink, on_block=on_block)
+            return await receive_blocks(resp.content, sink, on_block=on_block, pacer=pacer)
     except TransportError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:

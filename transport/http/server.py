@@ -15,17 +15,20 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import StreamReader
 
+from transport.blocks.pacing import Pacer
 from transport.blocks.scheduler import Lease
 from transport.blocks.sender import BlockSender
 from transport.blocks.sink import BlockSink
 from transport.errors import ProtocolError
 from transport.http.framing import PIECE_SIZE, PieceHeader, header_rest, parse_piece
+from transport.http.pace import pace
 
 Writer = Callable[[bytes | bytearray | memoryview], Awaitable[None]]
 
 
 async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: int = 2,
-                         on_block: Callable[[int], None] | None = None) -> int:
+                         on_block: Callable[[int], None] | None = None,
+                         pacer: Pacer | None = None) -> int:
     """Read frames (version 1 or 2) until the body ends, each piece into ``sink``; returns
     the frame count.
     ``on_block`` is called with each frame's length as it arrives (activity)."""
@@ -47,6 +50,7 @@ async def receive_blocks(content: StreamReader, sink: BlockSink, *, inflight: in
             except asyncio.IncompleteReadError:
                 raise ProtocolError("stream ended inside a frame header") from None
             h = parse_piece(head, max_len)
+            await pace(pacer, h.length)  # reading slowly holds the client to the server's cap
             try:
                 data = await content.readexactly(h.length)
             except asyncio.IncompleteReadError:
@@ -76,7 +80,7 @@ another stream still holds leases it has not written (they come back if it dies)
 async def send_blocks(write: Writer, sender: BlockSender, path: str, *,
                       stop: asyncio.Event | None = None,
                       on_block: Callable[[int], None] | None = None, version: int = 2,
-                      acks: bool = True) -> int:
+                      acks: bool = True, pacer: Pacer | None = None) -> int:
     """Lease pieces for ``path`` and write them as frames (``version`` 2: each piece with
     the block's digest at offset 0; 1 for a client that does not read version 2);
     reads one ahead. Returns the frame count.
@@ -107,6 +111,7 @@ async def send_blocks(write: Writer, sender: BlockSender, path: str, *,
             data, digest = await fut
             nxt = None if stop is not None and stop.is_set() else sender.lease(path)
             nfut = asyncio.ensure_future(sender.read(nxt)) if nxt else None
+            await pace(pacer, lease.length)
             await write(PieceHeader(lease.file, lease.block, lease.offset, lease.length,
                                     digest).pack(version))
             await write(data)
