@@ -11,7 +11,7 @@ unknown action, ``2**70``) is refused in one place, before any work.
 
 What only the session can decide (is file 7 a file of this manifest, is block
 range ``[0, 10**10)`` inside it) is checked against the manifest by
-``fallback.sessions`` and ``BlockFeed``; the bounds here only keep parsing
+``fallback.sessions`` and ``BlockSender``; the bounds here only keep parsing
 itself bounded. Unknown keys are ignored, so a newer client can add optional
 fields without breaking an older daemon.
 
@@ -372,7 +372,7 @@ def parse_digests(d: dict[str, Any]) -> DigestsRequest | RootsRequest:
 class WantRequest:
     """``{blocks: [[file, start, stop], ...]}``: half-open block ranges to queue.
 
-    Only shapes and signs are checked here; ``BlockFeed.add_ranges`` checks each
+    Only shapes and signs are checked here; ``BlockSender.add_ranges`` checks each
     range against its file's block count before queuing any.
     """
 

@@ -135,6 +135,7 @@ class BlockSender:
     def delivered(self, lease: Lease) -> None:
         """The lease's bytes are on the wire."""
         self.sched.delivered(lease, self._clock())
+        self._wake()  # a stream waiting for others' undelivered leases re-checks
         self.sent_bytes += lease.length
         if self.on_progress is not None:
             self.on_progress(lease.file, lease.length)
