@@ -9,6 +9,11 @@ a download session's answer the way the daemon checks a client's upload
 local paths it leads to against symlinks that already exist there. The other
 answers (upload states, plan, commit, digests) are checked for their shapes and
 bounded by what the client itself sent. Everything raises ``ProtocolError``.
+
+The answers are frozen dataclasses defined here once for both ends: the
+daemon (``fallback.server``, ``fallback.sessions``) builds them and sends
+``to_json()``; the client reads them back through the checks of this module
+(``from_json`` with the bounds it knows). The requests are ``fallback.control``.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fallback.control import MAX_ERROR_TEXT, MAX_ROOT_TEXT, Flow
 from fallback.paths import confine
 from transport.blocks.manifest import FileEntry, check_name, check_tree
 from transport.blocks.plan import TargetState
@@ -38,17 +44,35 @@ DEFAULT_NAME = "download"
 """Local name of a download whose daemon sends no name (a docroot of ``/``)."""
 
 
+# -- the answers, one definition for both ends ------------------------------------------------------
+# The daemon builds these and sends ``to_json()``; the client parses them with the checks
+# below (``from_json`` with the bounds only the client knows: what it asked for).
 @dataclass(frozen=True, slots=True)
-class DownloadAnswer:
+class DownloadOpened:
     """A checked answer to ``POST /session`` for a download (docs/protocol.md)."""
 
     name: str  # one path component: the source's name, the local name under a folder
     entries: list[FileEntry]  # a tree: root first, parents before children
     skipped: list[str]  # "relpath: reason", files the daemon left out
     streams_max: int | None  # the daemon's cap on parallel streams, if it gave one
+    id: str = ""
+    token: str = ""
+    flow: Flow | None = None  # the bandwidth that applies (the server's caps won)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id, "token": self.token, "name": self.name,
+            "entries": [e.to_json() for e in self.entries], "skipped": list(self.skipped),
+            "streams_max": self.streams_max}
+        if self.flow is not None:
+            d["flow"] = self.flow.to_json()
+        return d
 
 
-def download_answer(opened: dict[str, Any]) -> DownloadAnswer:
+DownloadAnswer = DownloadOpened  # the name it had before the answers were shared
+
+
+def download_answer(opened: dict[str, Any]) -> DownloadOpened:
     """Check a download session's answer; raises ``ProtocolError`` saying what is wrong."""
     raw = opened.get("entries")
     if not isinstance(raw, list):
@@ -71,7 +95,19 @@ def download_answer(opened: dict[str, Any]) -> DownloadAnswer:
     if not isinstance(skipped, list) or len(skipped) > MAX_ENTRIES \
             or not all(isinstance(s, str) for s in skipped):
         raise ProtocolError("refused the daemon's answer: 'skipped' is not a list of strings")
-    return DownloadAnswer(name, entries, skipped, streams_cap(opened))
+    return DownloadOpened(name, entries, skipped, streams_cap(opened),
+                          str(opened.get("id", "")), str(opened.get("token", "")),
+                          answer_flow(opened))
+
+
+def answer_flow(opened: dict[str, Any]) -> Flow | None:
+    """An open answer's ``flow`` (what bandwidth applies), when the daemon gave one."""
+    if opened.get("flow") is None:
+        return None
+    try:
+        return Flow.from_json(opened["flow"])
+    except ProtocolError as exc:
+        raise ProtocolError(f"refused the daemon's answer: {exc.message}") from None
 
 
 def streams_cap(opened: dict[str, Any]) -> int | None:
@@ -82,12 +118,60 @@ def streams_cap(opened: dict[str, Any]) -> int | None:
     return cap
 
 
+@dataclass(frozen=True, slots=True)
+class UploadOpened:
+    """The answer to ``POST /session`` for an upload: one ``TargetState`` per entry."""
+
+    id: str
+    token: str
+    states: list[TargetState]
+    root: str  # where the upload lands, relative to the docroot (for messages)
+    streams_max: int | None
+    policy: dict[str, Any] = field(default_factory=dict)  # rules the client applies itself
+    flow: Flow | None = None  # the bandwidth that applies (the server's caps won)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id, "token": self.token, "states": [s.to_json() for s in self.states],
+            "root": self.root, "streams_max": self.streams_max, "policy": dict(self.policy)}
+        if self.flow is not None:
+            d["flow"] = self.flow.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, opened: dict[str, Any], count: int) -> UploadOpened:
+        """Checked: ``states`` has one entry per manifest entry we sent (``count``)."""
+        root = opened.get("root", "")
+        policy = opened.get("policy", {})
+        return cls(str(opened.get("id", "")), str(opened.get("token", "")),
+                   upload_states(opened, count), root if isinstance(root, str) else "",
+                   streams_cap(opened), policy if isinstance(policy, dict) else {},
+                   answer_flow(opened))
+
+
 def upload_states(opened: dict[str, Any], count: int) -> list[TargetState]:
     """An upload answer's ``states``: one ``TargetState`` per manifest entry."""
     raw = opened.get("states")
     if not isinstance(raw, list) or len(raw) != count:
         raise ProtocolError(f"refused the daemon's answer: 'states' is not a list of {count}")
     return [TargetState.from_json(s) for s in raw]
+
+
+@dataclass(frozen=True, slots=True)
+class PlanAnswer:
+    """``{missing: {file: [[start, stop], ...]}, refused: {file: reason}}``."""
+
+    missing: dict[int, RangeSet]
+    refused: dict[int, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"missing": {str(i): m.to_list() for i, m in self.missing.items()},
+                "refused": {str(i): why for i, why in self.refused.items()}}
+
+    @classmethod
+    def from_json(cls, planned: Any, counts: dict[int, int]) -> PlanAnswer:
+        """Checked against what we planned to send (``counts``: file -> block count)."""
+        return cls(planned_missing(planned, counts), planned_refused(planned, counts))
 
 
 def planned_missing(planned: Any, counts: dict[int, int]) -> dict[int, RangeSet]:
@@ -129,32 +213,121 @@ def _ranges(value: Any, count: int, what: str) -> RangeSet:
     return parse_ranges(value, limit=count, what=what, max_ranges=min(count, 1 << 22) or 1)
 
 
-def commit_results(committed: Any, counts: dict[int, int]) -> dict[int, dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """``{ok: true, root}``: the file is published; ``root`` is its whole-file digest."""
+
+    root: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": True, "root": self.root}
+
+
+@dataclass(frozen=True, slots=True)
+class CommitMissing:
+    """``{missing: [[start, stop], ...]}``: blocks the receiver still lacks; send them."""
+
+    missing: RangeSet
+
+    def to_json(self) -> dict[str, Any]:
+        return {"missing": self.missing.to_list()}
+
+
+@dataclass(frozen=True, slots=True)
+class CommitVerifying:
+    """``{verifying: n}``: ``n`` carried-over blocks are still being re-read; ask again."""
+
+    left: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verifying": self.left}
+
+
+@dataclass(frozen=True, slots=True)
+class CommitFailed:
+    """``{error, status}``: the file cannot be committed (the status classifies why)."""
+
+    error: str
+    status: int = 500
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.error, "status": self.status}
+
+
+CommitResult = Committed | CommitMissing | CommitVerifying | CommitFailed
+
+
+@dataclass(frozen=True, slots=True)
+class CommitAnswer:
+    """``{results: {file: CommitResult}}``."""
+
+    results: dict[int, CommitResult]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"results": {str(i): r.to_json() for i, r in self.results.items()}}
+
+    @classmethod
+    def from_json(cls, committed: Any, counts: dict[int, int]) -> CommitAnswer:
+        """Checked: each file one we committed (``counts``), each range inside it."""
+        return cls(commit_results(committed, counts))
+
+
+def commit_results(committed: Any, counts: dict[int, int]) -> dict[int, CommitResult]:
     """The ``results`` of a ``/commit`` answer, each ``{ok, root: str}``, ``{missing:
-    RangeSet}`` (parsed from ``[[start, stop], ...]`` inside the file), ``{verifying: n}``
-    or ``{error: str, status: int}``."""
+    [[start, stop], ...]}`` inside the file, ``{verifying: n}`` or ``{error: str, status: int}``."""
     raw = committed.get("results") if isinstance(committed, dict) else None
     if not isinstance(raw, dict):
         raise ProtocolError("refused the daemon's commit answer: no 'results' object")
-    out: dict[int, dict[str, Any]] = {}
+    out: dict[int, CommitResult] = {}
     for k, r in raw.items():
         i = _int(k, "file")
         if i not in counts or not isinstance(r, dict):
             raise ProtocolError(f"refused the daemon's commit answer: file {k!r}")
+        res: CommitResult | None = None
         if "error" in r:
-            ok = isinstance(r["error"], str) and isinstance(r.get("status", 500), int)
+            status = r.get("status", 500)
+            if isinstance(r["error"], str) and type(status) is int:
+                res = CommitFailed(r["error"][:MAX_ERROR_TEXT], status)
         elif r.get("ok"):
-            ok = isinstance(r.get("root"), str)
+            if isinstance(r.get("root"), str):
+                res = Committed(r["root"][:MAX_ROOT_TEXT])
         elif "verifying" in r:  # carried-over blocks still being re-read: ask again
-            ok = isinstance(r["verifying"], int) and 0 <= r["verifying"] <= counts[i]
+            n = r["verifying"]
+            if type(n) is int and 0 <= n <= counts[i]:
+                res = CommitVerifying(n)
         else:
-            r = dict(r, missing=_ranges(r.get("missing"), counts[i],
+            res = CommitMissing(_ranges(r.get("missing"), counts[i],
                                         f"refused the daemon's commit answer for file {i}"))
-            ok = True
-        if not ok:
+        if res is None:
             raise ProtocolError(f"refused the daemon's commit answer for file {i}: {r!r:.200}")
-        out[i] = r
+        out[i] = res
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class DigestsAnswer:
+    """``{digests: {block: hex}, root?}``: source block digests, and the whole-file digest."""
+
+    digests: dict[int, bytes]
+    root: str | None = None
+    pending: bool = False
+    """The root was asked for but not reached within the daemon's per-call read budget
+    (``MAX_DIGEST_BYTES``): ask again; blocks left out of ``digests`` likewise."""
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"digests": {str(b): v.hex() for b, v in self.digests.items()}}
+        if self.root is not None:
+            d["root"] = self.root
+        if self.pending:
+            d["pending"] = True
+        return d
+
+    @classmethod
+    def from_json(cls, got: Any) -> DigestsAnswer:
+        pending = got.get("pending", False) if isinstance(got, dict) else False
+        if not isinstance(pending, bool):
+            raise ProtocolError("refused the daemon's digests answer: bad 'pending'")
+        return cls(*digests_answer(got), pending)
 
 
 def digests_answer(got: Any) -> tuple[dict[int, bytes], str | None]:
@@ -168,6 +341,87 @@ def digests_answer(got: Any) -> tuple[dict[int, bytes], str | None]:
     except (TypeError, ValueError):
         raise ProtocolError("refused the daemon's digests answer: bad digest") from None
     return out, root
+
+
+@dataclass(frozen=True, slots=True)
+class RootsAnswer:
+    """``{roots: {file: root}, errors: {file: message}}``: whole-file digests over the
+    sources' current bytes; a file that changed is an error for that file only."""
+
+    roots: dict[int, str]
+    errors: dict[int, str] = field(default_factory=dict)
+    pending: list[int] = field(default_factory=list)
+    """Files not finished within the daemon's per-call read budget: ask again for them."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"roots": {str(i): r for i, r in self.roots.items()},
+                "errors": {str(i): e for i, e in self.errors.items()},
+                "pending": list(self.pending)}
+
+    @classmethod
+    def from_json(cls, got: Any, asked: Sequence[int]) -> RootsAnswer:
+        """Checked: only files we asked for (``asked``), strings of bounded length."""
+        wanted = set(asked)
+        out: list[dict[int, str]] = []
+        for key, limit in (("roots", MAX_ROOT_TEXT), ("errors", MAX_ERROR_TEXT)):
+            raw = got.get(key, {}) if isinstance(got, dict) else None
+            if not isinstance(raw, dict):
+                raise ProtocolError(f"refused the daemon's digests answer: bad {key!r}")
+            part: dict[int, str] = {}
+            for k, v in raw.items():
+                i = _int(k, "file")
+                if i not in wanted or not isinstance(v, str):
+                    raise ProtocolError(f"refused the daemon's digests answer: {key} {k!r:.50}")
+                part[i] = v[:limit]
+            out.append(part)
+        raw_pending = got.get("pending", []) if isinstance(got, dict) else None
+        if not isinstance(raw_pending, list) or len(raw_pending) > len(wanted):
+            raise ProtocolError("refused the daemon's digests answer: bad 'pending'")
+        pending = [_int(k, "file") for k in raw_pending]
+        if any(i not in wanted for i in pending):
+            raise ProtocolError("refused the daemon's digests answer: 'pending' names a file "
+                                "not asked for")
+        return cls(out[0], out[1], pending)
+
+
+@dataclass(frozen=True, slots=True)
+class WantAnswer:
+    """``{queued: n}``: blocks named by a ``want`` (duplicates once)."""
+
+    queued: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"queued": self.queued}
+
+    @classmethod
+    def from_json(cls, got: Any) -> WantAnswer:
+        n = got.get("queued", 0) if isinstance(got, dict) else None
+        if type(n) is not int or n < 0:
+            raise ProtocolError("refused the daemon's want answer")
+        return cls(n)
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveAnswer:
+    """``{idle_takeover, interval}`` (seconds): after ``idle_takeover`` seconds without
+    hearing from the client on any path, the daemon may hand its targets to a new
+    session; the client calls at least every ``interval`` seconds while quiet."""
+
+    idle_takeover: float
+    interval: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"idle_takeover": self.idle_takeover, "interval": self.interval}
+
+    @classmethod
+    def from_json(cls, got: Any) -> KeepaliveAnswer:
+        vals: list[float] = []
+        for k in ("idle_takeover", "interval"):
+            v: Any = got.get(k) if isinstance(got, dict) else None
+            if type(v) not in (int, float) or not 0 < v < 3600:
+                raise ProtocolError("refused the daemon's keepalive answer")
+            vals.append(float(v))
+        return cls(vals[0], vals[1])
 
 
 def _int(v: Any, what: str) -> int:

@@ -168,7 +168,8 @@ def cmd_transfer(a: argparse.Namespace) -> int:
         opts_kw = dict(transport=a.transport, streams=a.streams, resume=a.resume,
                        overwrite=a.overwrite, cacert=a.cacert, fingerprint=a.fingerprint,
                        insecure=a.insecure, user=user, password=password, encrypt=a.encrypt,
-                       decrypt=a.decrypt, fsync=not a.no_fsync,
+                       decrypt=a.decrypt, fsync=not a.no_fsync, target_rate=a.target_rate,
+                       min_rate=a.min_rate, policy=a.policy,
                        block_size=_block_size(a.block_size) if a.block_size else DEFAULT_BLOCK_SIZE)
         if a.insecure and not a.quiet:
             print("warning: --insecure: the server certificate is not verified", file=sys.stderr)

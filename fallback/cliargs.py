@@ -225,6 +225,15 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     t.add_argument("--decrypt", action="store_true", help="decrypt enveloped files on download")
     t.add_argument("--no-fsync", action="store_true",
                    help="skip fsync of received data (faster, less durable)")
+    t.add_argument("--target-rate", metavar="RATE", default=None,
+                   help="cap the transfer at RATE bits/s, as ascp -l: 20M, 500K, 1G; a bare "
+                        "number is Kbps (default: no cap; the server's own cap wins)")
+    t.add_argument("--min-rate", metavar="RATE", default=None,
+                   help="the rate the transfer keeps even when sharing (policy fair/low), "
+                        "as --target-rate")
+    t.add_argument("--policy", default="fair", choices=["fixed", "high", "fair", "low"],
+                   help="bandwidth policy, as ascp --policy (on HTTP paths every policy paces "
+                        "at the target rate; the server's configured policy wins)")
     t.add_argument("--json", action="store_true",
                    help="print the result as one JSON object on the last line of stdout")
     t.add_argument("-q", "--quiet", action="store_true",

@@ -2,14 +2,16 @@
 
 One frozen dataclass per request body (``docs/protocol.md``, "Control API"),
 each with a ``from_json`` that checks every field's JSON type and bounds and
-raises ``ProtocolError`` (HTTP 400) with a message naming the field. The
+raises ``ProtocolError`` (HTTP 400) with a message naming the field, and a
+``to_json`` the client (``fallback.client.control``) sends: both ends share one
+definition of each message. The answers are in ``fallback.answers``. The
 daemon's handlers work on these messages only, never on raw dicts, so a
 malformed body (a float where an integer belongs, a boolean, a missing key, an
 unknown action, ``2**70``) is refused in one place, before any work.
 
 What only the session can decide (is file 7 a file of this manifest, is block
 range ``[0, 10**10)`` inside it) is checked against the manifest by
-``fallback.sessions`` and ``BlockFeed``; the bounds here only keep parsing
+``fallback.sessions`` and ``BlockSender``; the bounds here only keep parsing
 itself bounded. Unknown keys are ignored, so a newer client can add optional
 fields without breaking an older daemon.
 
@@ -32,6 +34,12 @@ MAX_RANGES = 1 << 16
 """Ranges one ``want`` call may name: the client sends one per file and missing run,
 at most this many per call (it splits a larger want into several calls), so one
 call costs the daemon's event loop tens of milliseconds, not seconds."""
+MAX_DIGEST_READ = 64 << 20
+"""Source bytes one ``/digests`` call reads at most (at least one block, so every call
+makes progress): blocks asked for beyond it are left out of the answer, and a root
+not reached is answered ``pending`` (the client calls again; blocks read stay
+recorded in ``SentSource``). Each block is one executor job, so other requests on
+the daemon's I/O pool interleave with a long verification."""
 MAX_DIGESTS = 4096
 """Blocks (or files) one ``/digests`` call may name: each costs the daemon a read of a
 block (up to 64 MiB), so one call is bounded to a few GiB of reading at most."""
@@ -132,10 +140,49 @@ def _kind(value: Any) -> str:
             str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
+# -- bandwidth ---------------------------------------------------------------------------------------
+POLICIES = ("fixed", "high", "fair", "low")
+MAX_RATE = 1 << 50
+"""Largest rate in bits per second a message may name (about a petabit per second)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """``{target_rate, min_rate, policy}``: rates in bits per second (0: no cap, no floor)
+    and a policy (``transport.blocks.pacing``: Aspera's ``fixed``, ``high``, ``fair``,
+    ``low``). In an open request what the client asks; in the answer what applies, the
+    server's ``<transfer><in|out><bandwidth><flow>`` having won."""
+
+    target_rate: int = 0
+    min_rate: int = 0
+    policy: str = "fair"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target_rate": self.target_rate, "min_rate": self.min_rate,
+                "policy": self.policy}
+
+    @classmethod
+    def from_json(cls, value: Any, where: str = "flow") -> Flow:
+        d = _obj(value, where)
+        policy = _str(d, "policy", where, default="fair", max_len=16)
+        if policy not in POLICIES:
+            raise ProtocolError(f"{where}: unknown policy {policy!r} (one of {', '.join(POLICIES)})")
+        target = _int(d, "target_rate", where, hi=MAX_RATE, default=0)
+        floor = _int(d, "min_rate", where, hi=MAX_RATE, default=0)
+        if target and floor > target:
+            raise ProtocolError(f"{where}: min_rate {floor} above target_rate {target}")
+        return cls(target, floor, policy)
+
+
+def _flow(d: dict[str, Any]) -> Flow | None:
+    return Flow.from_json(d["flow"]) if d.get("flow") is not None else None
+
+
 # -- POST /session -----------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class OpenUpload:
-    """``{direction: "upload", path, into_dir, name, entries, overwrite, encrypt, strong_pass}``."""
+    """``{direction: "upload", path, into_dir, name, entries, overwrite, encrypt, strong_pass,
+    flow?}``."""
 
     path: str
     into_dir: bool
@@ -144,6 +191,16 @@ class OpenUpload:
     overwrite: str
     encrypt: bool
     strong_pass: bool
+    flow: Flow | None = None  # the rate the client asks for (``--target-rate``)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"direction": "upload", "path": self.path, "into_dir": self.into_dir,
+             "name": self.name, "entries": [e.to_json() for e in self.entries],
+             "overwrite": self.overwrite, "encrypt": self.encrypt,
+             "strong_pass": self.strong_pass}
+        if self.flow is not None:
+            d["flow"] = self.flow.to_json()
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> OpenUpload:
@@ -162,18 +219,26 @@ class OpenUpload:
             overwrite=overwrite,
             encrypt=_bool(d, "encrypt", w),
             strong_pass=_bool(d, "strong_pass", w),
+            flow=_flow(d),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class OpenDownload:
-    """``{direction: "download", path}``."""
+    """``{direction: "download", path, flow?}``."""
 
     path: str
+    flow: Flow | None = None  # the rate the client asks for (``--target-rate``)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"direction": "download", "path": self.path}
+        if self.flow is not None:
+            d["flow"] = self.flow.to_json()
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> OpenDownload:
-        return cls(path=_str(d, "path", "download", default="/"))
+        return cls(path=_str(d, "path", "download", default="/"), flow=_flow(d))
 
 
 def parse_open(d: dict[str, Any]) -> OpenUpload | OpenDownload:
@@ -195,6 +260,12 @@ class PlanItem:
     action: str
     entry: FileEntry | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"file": self.file, "action": self.action}
+        if self.entry is not None:
+            d["entry"] = self.entry.to_json()
+        return d
+
     @classmethod
     def from_json(cls, value: Any, k: int) -> PlanItem:
         w = f"plan item {k}"
@@ -213,6 +284,9 @@ class PlanRequest:
 
     files: tuple[PlanItem, ...]
 
+    def to_json(self) -> dict[str, Any]:
+        return {"files": [i.to_json() for i in self.files]}
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PlanRequest:
         raw = _list(d, "files", "plan", MAX_ENTRIES)
@@ -229,6 +303,9 @@ class CommitItem:
     file: int
     root: str | None
 
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "root": self.root}
+
     @classmethod
     def from_json(cls, value: Any, k: int) -> CommitItem:
         w = f"commit item {k}"
@@ -244,6 +321,9 @@ class CommitRequest:
     """``{files: [CommitItem, ...]}``, each file at most once."""
 
     files: tuple[CommitItem, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": [i.to_json() for i in self.files]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CommitRequest:
@@ -263,6 +343,9 @@ class DigestsRequest:
     blocks: tuple[int, ...]
     root: bool
 
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "blocks": list(self.blocks), "root": self.root}
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DigestsRequest:
         w = "digests"
@@ -277,6 +360,9 @@ class RootsRequest:
     client's check before it publishes downloaded files). At most ``MAX_DIGESTS`` files."""
 
     files: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"roots": list(self.files)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RootsRequest:
@@ -295,11 +381,14 @@ def parse_digests(d: dict[str, Any]) -> DigestsRequest | RootsRequest:
 class WantRequest:
     """``{blocks: [[file, start, stop], ...]}``: half-open block ranges to queue.
 
-    Only shapes and signs are checked here; ``BlockFeed.add_ranges`` checks each
+    Only shapes and signs are checked here; ``BlockSender.add_ranges`` checks each
     range against its file's block count before queuing any.
     """
 
     ranges: tuple[tuple[int, int, int], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"blocks": [list(r) for r in self.ranges]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> WantRequest:
@@ -317,6 +406,85 @@ class WantRequest:
         return cls(tuple(out))
 
 
+# -- POST /session/{id}/acks -------------------------------------------------------------------------
+MAX_ACK_BLOCKS = 1 << 16
+"""Blocks one acknowledgement message may name in all (each costs the sender a step)."""
+
+BlockRanges = tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Acks:
+    """``{journaled: [[file, start, stop], ...], failed: [[file, start, stop], ...]}``.
+
+    A receiver's acknowledgements: blocks it journaled (the sender retires them) and
+    blocks it discarded (failed digest, refused: the sender sends them again). The
+    client's report on a download, the daemon's answer on an upload (``docs/protocol.md``).
+    At most ``MAX_ACK_BLOCKS`` blocks in all; ranges are checked against the files by
+    the sender (``BlockSender.acks``).
+    """
+
+    journaled: BlockRanges = ()
+    failed: BlockRanges = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"journaled": [list(r) for r in self.journaled],
+                "failed": [list(r) for r in self.failed]}
+
+    @property
+    def blocks(self) -> int:
+        return sum(b - a for _, a, b in self.journaled) + sum(b - a for _, a, b in self.failed)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Acks:
+        out = cls(_block_ranges(d, "journaled", "acks"), _block_ranges(d, "failed", "acks"))
+        if out.blocks > MAX_ACK_BLOCKS:
+            raise ProtocolError(f"acks: {out.blocks} blocks, more than {MAX_ACK_BLOCKS}")
+        return out
+
+    @classmethod
+    def from_pairs(cls, journaled: list[tuple[int, int]], failed: list[tuple[int, int]]) -> Acks:
+        """From ``(file, block)`` pairs, merged into ranges."""
+        return cls(_merge(journaled), _merge(failed))
+
+
+def _block_ranges(d: dict[str, Any], key: str, where: str) -> BlockRanges:
+    out: list[tuple[int, int, int]] = []
+    for k, item in enumerate(_list(d, key, where, MAX_ACK_BLOCKS, default=[])):
+        w = f"{where}: {key} item {k}"
+        if not isinstance(item, list) or len(item) != 3:
+            raise ProtocolError(f"{w} must be [file, start, stop], not {_kind(item)}")
+        f, start, stop = (_check_int(x, f"{w}: {n}") for x, n in zip(
+            item, ("file", "start", "stop"), strict=True))
+        if start >= stop:
+            raise ProtocolError(f"{w}: empty range [{start}, {stop})")
+        out.append((f, start, stop))
+    return tuple(out)
+
+
+def _merge(pairs: list[tuple[int, int]]) -> BlockRanges:
+    out: list[tuple[int, int, int]] = []
+    for f, b in sorted(set(pairs)):
+        if out and out[-1][0] == f and out[-1][2] == b:
+            out[-1] = (f, out[-1][1], b + 1)
+        else:
+            out.append((f, b, b + 1))
+    return tuple(out)
+
+
+# -- POST /session/{id}/keepalive ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class KeepaliveRequest:
+    """``{}``: the client is alive (``fallback.sessions.IDLE_TAKEOVER``)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> KeepaliveRequest:
+        return cls()
+
+
 # -- DELETE /session/{id} ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class CloseRequest:
@@ -325,6 +493,9 @@ class CloseRequest:
     cannot forge log lines)."""
 
     error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.error}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CloseRequest:

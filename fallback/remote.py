@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,14 @@ from fallback import known_hosts
 from fallback.errors import UsageError
 from fallback.known_hosts import CertificateChanged, CertificateNotTrusted, KnownHost
 from fallback.tls import client_ssl, format_fingerprint
-from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
-from transport.http.client import SSLArg, describe, error_text, read_error, refuse_redirect
+from transport.errors import (
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
+from transport.http.client import SSLArg, describe, read_error, refuse_redirect, remote_error
 from transport.http.client import read_bounded as _read_bounded
 
 log = logging.getLogger("fallback.client")
@@ -99,8 +106,12 @@ class Remote:
     """One daemon, reached over HTTP or HTTPS, with Basic then session-token auth."""
 
     def __init__(self, url: Url, *, user: str, password: str, ssl: Any, scheme: str,
-                 port: int, streams: int, known: KnownHost | None = None) -> None:
+                 port: int, streams: int, known: KnownHost | None = None,
+                 features: frozenset[str] = frozenset()) -> None:
         self.url = url
+        self.features = features
+        """What the daemon's ``/info`` says it supports beyond API 1 (``keepalive``, ``acks``,
+        ``frames2``): the client uses a newer call only with a daemon that has it."""
         self.user = user
         self._password = password
         self.ssl: SSLArg = ssl if scheme == "https" else True
@@ -116,6 +127,7 @@ class Remote:
                                           auto_decompress=False, read_bufsize=1 << 20)
         self.sid: str | None = None
         self.token: str | None = None
+        self.last_call = time.monotonic()  # when the latest control call started
 
     @classmethod
     async def connect(cls, url: Url, *, transport: str, user: str | None, password: str | None,
@@ -187,8 +199,11 @@ class Remote:
             link_ssl, known = trust(port) if scheme == "https" else (ssl, None)
         else:
             log.info("transport %s: --transport %s", scheme, transport)
+        raw = info.get("features")
+        features = frozenset(f for f in raw if isinstance(f, str)) if isinstance(raw, list) \
+            else frozenset()
         return cls(url, user=name, password=pw, ssl=link_ssl, scheme=scheme, port=port,
-                   streams=streams, known=known)
+                   streams=streams, known=known, features=features)
 
     # -- control calls --------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -204,6 +219,7 @@ class Remote:
         return f"{self.base}{PREFIX}/session/{self.sid}{tail}"
 
     async def call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+        self.last_call = time.monotonic()
         try:
             async with self.http.request(method, url, json=body or {}, headers=self._headers(),
                                          ssl=self.ssl, allow_redirects=False) as resp:
@@ -211,7 +227,7 @@ class Remote:
                 if resp.status != 200:
                     raw = await read_error(resp)
                     log.debug("%s %s: %d, %d bytes", method, url, resp.status, len(raw))
-                    raise RemoteError(error_text(raw, resp.status), status=resp.status)
+                    raise remote_error(resp, raw)
                 raw = await read_bounded(resp, self.base)
                 log.debug("%s %s: %d, %d bytes", method, url, resp.status, len(raw))
                 return parse_answer(raw, self.base)
@@ -219,6 +235,8 @@ class Remote:
             raise
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ServerFingerprintMismatch) as exc:
             raise await _tls_error(exc, self.url.host, self.port, self.known) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectError(f"cannot reach {self.base}: {describe(exc)}") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ConnectionLost(f"cannot reach {self.base}: {describe(exc)}") from None
 

@@ -9,7 +9,10 @@ everything else is the user's docroot as plain HTTP):
 * ``POST   /.fallback/v1/session/{id}/commit``   upload: verify and publish files
 * ``POST   /.fallback/v1/session/{id}/digests``  download: source digests (resume check, final check)
 * ``POST   /.fallback/v1/session/{id}/want``     download: queue blocks
-* ``GET    /.fallback/v1/session/{id}/blocks``   download stream
+* ``GET    /.fallback/v1/session/{id}/blocks``   download stream (``?frames=2``: pieces, v2)
+* ``POST   /.fallback/v1/session/{id}/keepalive`` the client is alive (a long local phase)
+* ``POST   /.fallback/v1/session/{id}/acks``     journaled blocks: the client's (download),
+  the daemon's (upload)
 * ``DELETE /.fallback/v1/session/{id}``          close (logs the session line)
 * ``GET|HEAD /path`` (with ``Range``), ``PUT /path``: plain clients (curl, aria2c) with Basic auth.
 
@@ -35,6 +38,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from fallback import answers as A
 from fallback import control, plainhttp
 from fallback import sessions as S
 from fallback.auth import PasswordChecker, parse_basic
@@ -45,6 +49,7 @@ from fallback.throttle import LoginRefused, LoginThrottle, check_login
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import MAX_ENTRIES, FileEntry, check_relpath
 from transport.blocks.modes import file_mode
+from transport.blocks.plan import TargetState
 from transport.blocks.receiver import FileReceiver
 from transport.blocks.statedir import STATE_DIR, StateDir, crosses_state_dir, is_state_dir
 from transport.blocks.tree import describe_envelopes, walk_source
@@ -64,6 +69,9 @@ log = logging.getLogger("fallback.daemon")
 resource_log = RateLimitedLog(log)
 PREFIX = "/.fallback/v1"
 MAX_CONTROL_BODY = 64 << 20
+FEATURES = ("keepalive", "frames2", "acks")
+"""What this daemon offers beyond API 1, listed in ``/info`` (docs/protocol.md): a
+client uses a newer call only with a daemon that lists it."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -204,9 +212,20 @@ def _session(request: web.Request, direction: str | None, call: str) -> S.Sessio
     s = st.table.get(request.match_info["sid"], token)
     if direction is not None:
         S.check_access(s, st.config.user(s.user), direction, call)
-    s.touch(_scheme(request))
+    s.heard(_scheme(request), _peer(request))
     s.used = True
     return s
+
+
+def _peer(request: web.Request) -> str:
+    """The client's address as an HTTP path of a session sees it."""
+    return str(request.remote or "-")
+
+
+def _heard(request: web.Request, session: S.Session) -> Callable[[int], None]:
+    """Counts each block a stream carries on the session's HTTP path (and keeps it alive)."""
+    kind, peer = _scheme(request), _peer(request)
+    return lambda n: session.heard(kind, peer, n)
 
 
 def _run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
@@ -282,14 +301,16 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
     overwrite = "never" if st.config.overwrite == "deny" else msg.overwrite
     session = st.table.new(direction="upload", root=root, entries=entries,
                            **_common(request, st, user, overwrite))
-    session.touch(_scheme(request))
+    session.heard(_scheme(request), _peer(request))
+    flow = S.effective_flow(st.config.flow_in, msg.flow)
+    session.pacer = S.pacer_for(flow)
     want_root = msg.overwrite == "diff"
 
-    def batch(k: int) -> list[dict[str, Any]]:  # one executor job per STATE_BATCH entries
-        return [S.target_state(session, i, want_root=want_root).to_json()
+    def batch(k: int) -> list[TargetState]:  # one executor job per STATE_BATCH entries
+        return [S.target_state(session, i, want_root=want_root)
                 for i in range(k, min(k + STATE_BATCH, len(entries)))]
 
-    states: list[dict[str, Any]] = []
+    states: list[TargetState] = []
     try:
         for k in range(0, len(entries), STATE_BATCH):
             states += await _run(request, batch, k)
@@ -298,9 +319,9 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
         raise
     log.info("session %s opened: user=%s peer=%s upload to %s (%d entries)", session.id[:8],
              user.name, request.remote, relpath_in(Path(user.docroot), root), len(entries))
-    return web.json_response({"id": session.id, "token": session.token, "states": states,
-                              "root": relpath_in(Path(user.docroot), root),
-                              "streams_max": st.config.streams_max, "policy": _policy(st.config)})
+    return web.json_response(A.UploadOpened(
+        session.id, session.token, states, relpath_in(Path(user.docroot), root),
+        st.config.streams_max, _policy(st.config), flow).to_json())
 
 
 def _policy(c: Config) -> dict[str, Any]:
@@ -325,7 +346,9 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
     await _run(request, describe_envelopes, tree)
     session = st.table.new(direction="download", root=src, entries=tree.entries,
                            **_common(request, st, user, "diff"))
-    session.touch(_scheme(request))
+    session.heard(_scheme(request), _peer(request))
+    flow = S.effective_flow(st.config.flow_out, msg.flow)
+    session.pacer = S.pacer_for(flow)
     try:
         await _run(request, S.open_sources, session)
     except BaseException as exc:  # a file changed since the walk: do not leave the session open
@@ -333,11 +356,9 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
         raise
     log.info("session %s opened: user=%s peer=%s download of %s (%d entries)", session.id[:8],
              user.name, request.remote, relpath_in(docroot, src), len(tree.entries))
-    return web.json_response({
-        "id": session.id, "token": session.token, "name": src.name,
-        "entries": [e.to_json() for e in tree.entries], "skipped": tree.skipped,
-        "streams_max": st.config.streams_max,
-    })
+    return web.json_response(A.DownloadOpened(
+        src.name, list(tree.entries), list(tree.skipped), st.config.streams_max,
+        session.id, session.token, flow).to_json())
 
 
 async def plan(request: web.Request) -> web.Response:
@@ -355,6 +376,7 @@ async def plan(request: web.Request) -> web.Response:
             final[item.file] = _final_entry(opened, item.entry)
         actions[item.file] = item.action
     S.begin_plan(session)
+    session.streams += 1  # busy: opening 100,000 receivers must not look idle to a takeover
     try:
         for i, entry in final.items():
             session.entries[i] = entry
@@ -368,8 +390,10 @@ async def plan(request: web.Request) -> web.Response:
     except BaseException:
         session.planning = False  # nothing was opened: the client may plan again
         raise
-    return web.json_response({"missing": {str(i): m.to_list() for i, m in missing.items()},
-                              "refused": {str(i): why for i, why in refused.items()}})
+    finally:
+        session.streams -= 1
+        session.touch()
+    return web.json_response(A.PlanAnswer(missing, refused).to_json())
 
 
 def _final_entry(opened: FileEntry, final: FileEntry) -> FileEntry:
@@ -388,7 +412,9 @@ async def upload_blocks(request: web.Request) -> web.Response:
     _admit_stream(request, session)
     session.streams += 1
     try:
-        n = await _unless_stopping(request, receive_blocks(request.content, session.sink))
+        n = await _unless_stopping(request, receive_blocks(request.content, session.sink,
+                                                           on_block=_heard(request, session),
+                                                           pacer=session.pacer))
     finally:
         session.streams -= 1
         session.touch()
@@ -436,23 +462,23 @@ async def _commit(request: web.Request, session: S.Session, msg: control.CommitR
     assert session.sink is not None
     await session.sink.flush()
     deadline = time.monotonic() + S.COMMIT_WAIT
-    results: dict[str, Any] = {}
+    results: dict[int, A.CommitResult] = {}
     for item in msg.files:
         i = item.file
         try:
             left = await S.verify_for_commit(session, i, deadline)
             if left:
-                results[str(i)] = {"verifying": left}
+                results[i] = A.CommitVerifying(left)
                 continue
-            results[str(i)] = await _run(request, S.commit_file, session, i, item.root)
+            results[i] = await _run(request, S.commit_file, session, i, item.root)
         except TransportError as exc:
-            results[str(i)] = {"error": exc.message, "status": exc.status}
+            results[i] = A.CommitFailed(exc.message, exc.status)
         except OSError as exc:  # e.g. the partial cannot be read back
             name = session.entries[i].path or session.root.name
-            results[str(i)] = {"error": f"{name}: {exc.strerror or exc}", "status": 500}
+            results[i] = A.CommitFailed(f"{name}: {exc.strerror or exc}", 500)
     if not session.sink.receivers:
         await _run(request, S.finish_dirs, session)
-    return web.json_response({"results": results})
+    return web.json_response(A.CommitAnswer(results).to_json())
 
 
 async def digests(request: web.Request) -> web.Response:
@@ -469,13 +495,13 @@ async def digests(request: web.Request) -> web.Response:
     session.streams += 1  # busy while it reads: not idle to a takeover
     try:
         if isinstance(msg, control.RootsRequest):
-            return web.json_response(await S.source_roots(session, list(msg.files)))
+            return web.json_response((await S.source_roots(session, list(msg.files))).to_json())
         count = S.file_entry(session, msg.file).layout().count
         if msg.blocks and msg.blocks[-1] >= count:
             raise ProtocolError(f"digests: block {msg.blocks[-1]} out of range for file {msg.file} "
                                 f"({count} blocks)")
         out = await S.source_digests(session, msg.file, list(msg.blocks), msg.root)
-        return web.json_response(out)
+        return web.json_response(out.to_json())
     finally:
         session.digesting = False
         session.streams -= 1
@@ -489,7 +515,7 @@ async def want(request: web.Request) -> web.Response:
     if session.feed is None:
         raise ProtocolError("not a download session", status=409)
     msg = await _json(request, control.WantRequest.from_json)
-    return web.json_response({"queued": session.feed.add_ranges(msg.ranges)})
+    return web.json_response(A.WantAnswer(session.feed.add_ranges(msg.ranges)).to_json())
 
 
 def _admit_stream(request: web.Request, session: S.Session) -> None:
@@ -518,15 +544,20 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
     resp.enable_chunked_encoding()
 
-    async def write(data: bytes | bytearray) -> None:
+    async def write(data: bytes | bytearray | memoryview) -> None:
         if not resp.prepared:
             await resp.prepare(request)
         await resp.write(data)
 
     session.streams += 1
+    session.stream_ids += 1
+    path = f"{_scheme(request)}-{session.stream_ids}"
     try:
         try:
-            await send_blocks(write, feed, stop=_state(request).stopping)
+            await send_blocks(write, feed, path, stop=_state(request).stopping,
+                              on_block=_heard(request, session),
+                              version=2 if request.query.get("frames") == "2" else 1,
+                              acks=request.query.get("acks") == "1", pacer=session.pacer)
         except TransportError as exc:
             session.error = session.error or exc.message
             if not resp.prepared:
@@ -543,6 +574,32 @@ async def download_blocks(request: web.Request) -> web.StreamResponse:
         session.streams -= 1
         session.touch()
     return resp
+
+
+async def acks(request: web.Request) -> web.Response:
+    """Acknowledgements, either direction (``control.Acks``): on a download the client
+    reports the blocks it journaled (retired) and discarded (sent again) and gets ``{}``
+    back; on an upload the client polls and the answer lists the blocks the daemon
+    journaled and discarded since the last poll."""
+    session = _session(request, None, "acks")
+    msg = await _json(request, control.Acks.from_json)
+    if session.direction == "download":
+        if session.feed is None:
+            raise ProtocolError("not a download session", status=409)
+        session.feed.acks(msg.journaled, msg.failed)
+        return web.json_response(control.Acks().to_json())
+    if session.sink is None:
+        return web.json_response(control.Acks().to_json())  # not planned yet: nothing
+    journaled, rejected = session.sink.take_acks()
+    return web.json_response(control.Acks.from_pairs(journaled, rejected).to_json())
+
+
+async def keepalive(request: web.Request) -> web.Response:
+    """``{}`` -> ``{idle_takeover, interval}``: the client is alive (a long local phase, a
+    UDP-only phase); hearing it is all this call does. Either direction."""
+    _session(request, None, "keepalive")
+    await _json(request, control.KeepaliveRequest.from_json)
+    return web.json_response(A.KeepaliveAnswer(S.IDLE_TAKEOVER, S.KEEPALIVE_INTERVAL).to_json())
 
 
 async def close_session(request: web.Request) -> web.Response:
@@ -649,7 +706,7 @@ async def info(request: web.Request) -> web.Response:
         "enable_http": c.enable_http, "http_port": c.http_port,
         "enable_https": c.enable_https, "https_port": c.https_port,
         "udp_port": c.bind_udp_port, "udp": False,
-        "scheme": _scheme(request),
+        "scheme": _scheme(request), "features": list(FEATURES),
     })
 
 
@@ -678,6 +735,8 @@ def make_app(state: DaemonState) -> web.Application:
     app.router.add_post(f"{PREFIX}/session/{{sid}}/digests", digests)
     app.router.add_post(f"{PREFIX}/session/{{sid}}/want", want)
     app.router.add_get(f"{PREFIX}/session/{{sid}}/blocks", download_blocks, allow_head=False)
+    app.router.add_post(f"{PREFIX}/session/{{sid}}/keepalive", keepalive)
+    app.router.add_post(f"{PREFIX}/session/{{sid}}/acks", acks)
     app.router.add_delete(f"{PREFIX}/session/{{sid}}", close_session)
     # [\s\S], not '.': a file name may hold a newline (%0A), and '.' stops there.
     app.router.add_get("/{path:[\\s\\S]*}", plain_get)

@@ -1,7 +1,7 @@
 """Daemon-side sessions: one per transfer, whatever path carries its blocks.
 
 A ``Session`` owns the data-plane objects of ``transport.blocks`` (a
-``BlockSink`` for uploads, a ``BlockFeed`` for downloads) and the facts the
+``BlockSink`` for uploads, a ``BlockSender`` for downloads) and the facts the
 log line reports. It is deliberately not tied to HTTP: the UDP path (#4) will
 attach to the same session id and feed the same sink, and a failover (#5)
 only changes which path pulls from the feed.
@@ -21,19 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fallback.config import UserConfig
+from fallback import answers as A
+from fallback.config import FlowConfig, UserConfig
+from fallback.control import MAX_DIGEST_READ, Flow
 from fallback.paths import confine, relpath_in
 from transport.blocks.digest import digest_path, file_digest
 from transport.blocks.manifest import FileEntry
 from transport.blocks.modes import dir_mode
+from transport.blocks.pacing import Pacer
 from transport.blocks.plan import TargetState
 from transport.blocks.ranges import RangeSet
 from transport.blocks.receiver import FileReceiver, inspect_partial
-from transport.blocks.session import BlockFeed, BlockSink
+from transport.blocks.session import BlockSender, BlockSink
 from transport.blocks.source import FileSource, SourceWindow
 from transport.blocks.statedir import StateDir, crosses_state_dir
 from transport.blocks.tree import target_for
 from transport.errors import ConflictError, PathError, ProtocolError, SourceChanged
+from transport.http.pace import BURST
 
 log = logging.getLogger("fallback.daemon")
 
@@ -51,12 +55,8 @@ MAX_DIGEST_BLOCKS = 4096
 """Most block digests (or file roots) one ``/digests`` call may ask for; the
 client batches far below this."""
 
-MAX_DIGEST_BYTES = 64 << 20
-"""Source bytes one ``/digests`` call reads at most (at least one block, so every call
-makes progress): blocks asked for beyond it are left out of the answer, and a root
-not reached is answered ``pending`` (the client calls again; blocks read stay
-recorded in ``SentSource``). Each block is one executor job, so other requests on
-the daemon's I/O pool interleave with a long verification."""
+MAX_DIGEST_BYTES = MAX_DIGEST_READ  # see fallback.control
+
 
 MAX_OPENING = 2
 """Session opens one user may have under way at a time (``SessionTable.admit``): an
@@ -64,10 +64,36 @@ upload open inspects every target (up to 2^22 entries) on the daemon's shared I/
 pool, so one user cannot occupy it with many at once. Beyond it: 429."""
 
 IDLE_TAKEOVER = 2.0
-"""Seconds without a request or an open stream after which a session's
+"""Seconds without hearing from the client on any path (a control call, a block,
+a keepalive, a datagram) and without an open stream, after which a session's
 write locks may be taken over by a new session for the same targets: this is
 how a client killed with -9 and re-run resumes at once instead of waiting for
-the old session to time out."""
+the old session to time out. A client in a long local phase (planning 100,000
+files, a UDP-only phase) keeps its session alive with ``POST .../keepalive``
+every ``KEEPALIVE_INTERVAL``."""
+
+KEEPALIVE_INTERVAL = 0.5
+"""Seconds between a client's keepalive calls while it makes no other (a quarter of
+``IDLE_TAKEOVER``, so a loaded machine may delay three in a row)."""
+
+MAX_PATHS = 16
+"""Paths a session remembers (the least recently heard is forgotten beyond)."""
+
+
+@dataclass(slots=True)
+class SessionPath:
+    """One way the client reaches a session: ``kind`` (``http``, ``https``, ``udp``),
+    the client's ``address`` as that path sees it, when it was last heard from
+    (``time.monotonic()``) and the bytes of blocks it carried (either direction)."""
+
+    kind: str
+    address: str
+    last_heard: float
+    bytes: int = 0
+
+    def describe(self) -> str:
+        """``kind/address/bytes``, as the session's log line lists it."""
+        return f"{self.kind}/{self.address}/{self.bytes}"
 
 
 @dataclass(slots=True)
@@ -87,9 +113,12 @@ class Session:
     transports: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
-    streams: int = 0
+    streams: int = 0  # open block streams and long calls (plan, commit): busy meanwhile
+    paths: dict[tuple[str, str], SessionPath] = field(default_factory=dict)
     sink: BlockSink | None = None
-    feed: BlockFeed | None = None
+    feed: BlockSender | None = None
+    pacer: Pacer | None = None  # the session's rate cap (every stream of it waits for it)
+    stream_ids: int = 0  # download streams started: each leases under its own path id
     verifier: asyncio.Task[None] | None = None
     planning: bool = False  # a plan call is running or succeeded: there is one plan per session
     digesting: bool = False  # a /digests call is running: one at a time per session
@@ -104,9 +133,34 @@ class Session:
         if transport and (not self.transports or self.transports[-1] != transport):
             self.transports.append(transport)
 
+    def heard(self, kind: str, address: str, nbytes: int = 0) -> None:
+        """The client was heard on path ``(kind, address)``, carrying ``nbytes`` of blocks.
+
+        Any path keeps the session alive (``idle``): the HTTP control calls and
+        streams call this, and so will the UDP path for its datagrams. O(1);
+        at most ``MAX_PATHS`` paths are kept.
+        """
+        now = time.monotonic()
+        path = self.paths.get((kind, address))
+        if path is None:
+            if len(self.paths) >= MAX_PATHS:
+                oldest = min(self.paths, key=lambda k: self.paths[k].last_heard)
+                del self.paths[oldest]
+            path = self.paths[kind, address] = SessionPath(kind, address, now)
+        path.last_heard = now
+        path.bytes += nbytes
+        self.touch(kind)
+
+    @property
+    def last_heard(self) -> float:
+        """When the client was last heard on any path, or the session last did work
+        (``heard`` and ``touch`` both move it)."""
+        return self.last_activity
+
     @property
     def idle(self) -> bool:
-        return self.streams == 0 and time.monotonic() - self.last_activity > IDLE_TAKEOVER
+        """No stream open, and nothing heard on any path for ``IDLE_TAKEOVER`` seconds."""
+        return self.streams == 0 and time.monotonic() - self.last_heard > IDLE_TAKEOVER
 
     def target(self, index: int) -> Path:
         return target_for(self.root, self.entries[index].path)
@@ -131,8 +185,17 @@ class Session:
             f"session {self.id[:8]} user={self.user} peer={self.peer} direction={self.direction} "
             f"path={relpath_in(self.docroot, self.root)} files={len(self.file_indices())} "
             f"committed={self.committed} skipped={self.skipped} bytes={self.bytes_moved} "
-            f"transport={','.join(self.transports) or '-'} result={result}"
+            f"transport={','.join(self.transports) or '-'} "
+            f"paths={','.join(p.describe() for p in self.paths.values()) or '-'}"
+            f"{self._repairs()} result={result}"
         )
+
+
+    def _repairs(self) -> str:
+        """`` duplicates=N failed=N`` when pieces came twice or blocks failed their digest."""
+        if self.sink is None or not (self.sink.duplicates or self.sink.failed):
+            return ""
+        return f" duplicates={self.sink.duplicates} failed={self.sink.failed}"
 
 
 class SessionTable:
@@ -206,12 +269,38 @@ class SessionTable:
         now = time.monotonic()
         for s in list(self.sessions.values()):
             limit = timeout if s.used or unused is None else unused
-            if s.streams == 0 and now - s.last_activity > limit:
+            if s.streams == 0 and now - s.last_heard > limit:
                 await self.close(s, "session activity timeout")
 
     async def close_all(self, reason: str) -> None:
         for s in list(self.sessions.values()):
             await self.close(s, reason)
+
+
+# -- bandwidth ----------------------------------------------------------------------------------
+def effective_flow(server: FlowConfig, asked: Flow | None) -> Flow:
+    """What applies to a session: the server's ``<bandwidth><flow>`` for its direction
+    wins over what the client asks. The target is the lower of the two that are set (0:
+    neither); the floor the server's if set, else the client's, never above the target;
+    the policy the server's unless it is the default ``fair``, else the client's."""
+    asked = asked or Flow()
+    server_target = server.target_rate_kbps * 1000
+    targets = [t for t in (server_target, asked.target_rate) if t]
+    target = min(targets) if targets else 0
+    floor = server.min_rate_kbps * 1000 or asked.min_rate
+    if target:
+        floor = min(floor, target)
+    policy = server.policy if server.policy != "fair" else asked.policy
+    return Flow(target, floor, policy)
+
+
+def pacer_for(flow: Flow) -> Pacer | None:
+    """The token bucket of a session's HTTP streams, None when nothing caps it. HTTP paces
+    at the target whatever the policy: TCP finds the fair share beneath it, and the
+    delay-based ``low`` needs the RTT samples only the UDP path takes (docs/blocks.md)."""
+    if not flow.target_rate:
+        return None
+    return Pacer(float(flow.target_rate), BURST)
 
 
 # -- session-level checks -----------------------------------------------------------------------
@@ -348,6 +437,7 @@ async def open_receivers(
             rec.close()
         raise
     session.sink = BlockSink(receivers, session.executor)
+    session.sink.track_acks()  # the client polls them (POST .../acks)
     if any(r.unverified for r in receivers.values()):
         session.verifier = asyncio.ensure_future(_verify_in_background(session))
     return {i: r.missing() for i, r in receivers.items()}
@@ -413,7 +503,7 @@ async def _wait_idle(holder: Session) -> bool:
     return True
 
 
-def commit_file(session: Session, index: int, root: str | None) -> dict[str, object]:
+def commit_file(session: Session, index: int, root: str | None) -> A.CommitMissing | A.Committed:
     """Commit one received file (worker thread): ok, or what is missing.
 
     Blocks carried over from an earlier run are re-read first
@@ -426,11 +516,11 @@ def commit_file(session: Session, index: int, root: str | None) -> dict[str, obj
     missing = rec.missing()
     if missing:
         rec.flush()
-        return {"missing": missing.to_list()}
+        return A.CommitMissing(missing)
     digest = rec.commit(root, replace=session.overwrite != "never")
-    del session.sink.receivers[index]
+    session.sink.committed(index)
     session.committed += 1
-    return {"ok": True, "root": digest}
+    return A.Committed(digest)
 
 
 def finish_dirs(session: Session) -> None:
@@ -498,7 +588,7 @@ class SentSource(FileSource):
                            (self._digests[b] for b in range(count)))
 
 
-def open_sources(session: Session) -> BlockFeed:
+def open_sources(session: Session) -> BlockSender:
     """The feed of a download session (worker thread): one lazily opened source per file.
 
     Each file's size and mtime are checked against the manifest here (``SourceChanged``,
@@ -509,7 +599,7 @@ def open_sources(session: Session) -> BlockFeed:
     for i in session.file_indices():
         sources[i] = SentSource(session.target(i), session.entries[i], window=window,
                                 where="on the server")
-    feed = BlockFeed(sources, session.executor)
+    feed = BlockSender(sources, session.executor)
     session.feed = feed
     return feed
 
@@ -537,7 +627,7 @@ async def _read_digests(session: Session, src: SentSource, blocks: Iterable[int]
 
 
 async def source_digests(session: Session, index: int, blocks: list[int],
-                         root: bool) -> dict[str, object]:
+                         root: bool) -> A.DigestsAnswer:
     """``{digests: {block: hex}, root?: hex, pending?: true}``: digests of some source
     blocks and optionally the whole-file digest, reading at most ``MAX_DIGEST_BYTES``.
 
@@ -558,16 +648,17 @@ async def source_digests(session: Session, index: int, blocks: list[int],
         if not await _read_digests(session, src, [b], budget):
             break
         done.append(b)
-    out: dict[str, object] = {"digests": {str(b): src.digest_of(b).hex() for b in done}}
+    whole: str | None = None
+    pending = False
     if root:
         if len(done) == len(blocks) and await _read_digests(session, src, src.unread(), budget):
-            out["root"] = await asyncio.get_running_loop().run_in_executor(session.executor, src.root)
+            whole = await asyncio.get_running_loop().run_in_executor(session.executor, src.root)
         else:
-            out["pending"] = True
-    return out
+            pending = True
+    return A.DigestsAnswer({b: src.digest_of(b) for b in done}, whole, pending)
 
 
-async def source_roots(session: Session, files: list[int]) -> dict[str, object]:
+async def source_roots(session: Session, files: list[int]) -> A.RootsAnswer:
     """Whole-file digests over the current bytes of some files, for the client's check
     before it publishes them: ``{roots: {file: root}, errors: {file: message},
     pending: [file, ...]}``. At most ``MAX_DIGEST_BYTES`` are read per call; files not
@@ -575,8 +666,8 @@ async def source_roots(session: Session, files: list[int]) -> dict[str, object]:
     changed since the session opened is an error for that file only."""
     if len(files) > MAX_DIGEST_BLOCKS:
         raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} files per digests call")
-    roots: dict[str, str] = {}
-    errors: dict[str, str] = {}
+    roots: dict[int, str] = {}
+    errors: dict[int, str] = {}
     pending: list[int] = []
     budget = [MAX_DIGEST_BYTES]
     loop = asyncio.get_running_loop()
@@ -586,7 +677,7 @@ async def source_roots(session: Session, files: list[int]) -> dict[str, object]:
             if pending or not await _read_digests(session, src, src.unread(), budget):
                 pending.append(i)
                 continue
-            roots[str(i)] = await loop.run_in_executor(session.executor, src.root)
+            roots[i] = await loop.run_in_executor(session.executor, src.root)
         except SourceChanged as exc:
-            errors[str(i)] = exc.message
-    return {"roots": roots, "errors": errors, "pending": pending}
+            errors[i] = exc.message
+    return A.RootsAnswer(roots, errors, pending)

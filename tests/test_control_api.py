@@ -138,27 +138,42 @@ async def test_largest_file_plans_as_one_range_and_larger_is_refused(cd: Daemon,
     assert_log_clean(cd, mark)
 
 
-def test_feed_queues_ranges_and_hands_out_blocks_in_order(tmp_path: Path) -> None:
-    """The feed's one range set spans files of 3, 0 and 2 blocks: the empty file is never
-    handed out, a put-back block comes out again first, pending counts blocks."""
+async def test_sender_queues_ranges_and_leases_blocks_in_order(tmp_path: Path) -> None:
+    """The sender's scheduler spans files of 3, 0 and 2 blocks: the empty file is never
+    leased, a dead path's block comes out again first, refused requests queue nothing,
+    and an acknowledged block is sent again only when the receiver asks for it again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from transport.blocks.session import BlockFeed
+    from transport.blocks.session import BlockSender
     from transport.blocks.source import FileSource, entry_for
 
     sizes = {0: SIZE, 1: 0, 2: BS + 1}
     srcs = {i: FileSource(p, entry_for(p, "", BS)) for i, n in sizes.items()
             for p in [make_file(tmp_path / f"{i}.bin", n, seed=i)]}
     pool = ThreadPoolExecutor(1)
-    feed = BlockFeed(srcs, pool)
+    sender = BlockSender(srcs, pool)
+
+    def blocks(leases: list[Any]) -> list[tuple[int, int] | None]:
+        return [(x.file, x.block) if x is not None else None for x in leases]
+
     with pytest.raises(ProtocolError, match=r"\[0, 1\) out of range for file 1 \(0 blocks\)"):
-        feed.add_ranges([(0, 0, 3), (1, 0, 1)])
-    assert feed.pending == 0  # nothing of a refused request was queued
-    assert feed.add_ranges([(2, 0, 2), (0, 0, 3), (0, 1, 2)]) == 6 and feed.pending == 5
-    assert [feed.take(), feed.take()] == [(0, 0), (0, 1)]
-    feed.put_back([(0, 1)])
-    assert [feed.take() for _ in range(5)] == [(0, 1), (0, 2), (2, 0), (2, 1), None]
-    feed.close()
+        sender.add_ranges([(0, 0, 3), (1, 0, 1)])
+    assert not sender.pending and sender.done  # nothing of a refused request was queued
+    assert sender.add_ranges([(2, 0, 2), (0, 0, 3), (0, 1, 2)]) == 6 and sender.pending
+    a = [sender.lease("a"), sender.lease("a")]
+    assert blocks(a) == [(0, 0), (0, 1)]
+    data, digest = await sender.read(a[0])
+    assert len(data) == BS and digest is not None
+    sender.delivered(a[0])
+    assert sender.drop_path("a") == 2  # the path died: both come back, in order, first
+    assert blocks([sender.lease("b") for _ in range(6)]) == [(0, 0), (0, 1), (0, 2), (2, 0),
+                                                              (2, 1), None]
+    for f, b in [(0, 0), (0, 1), (0, 2), (2, 0), (2, 1)]:
+        sender.ack(f, b)
+    assert sender.done and not sender.pending
+    sender.add_ranges([(0, 1, 2)])  # the receiver lost it after all: sent again
+    assert blocks([sender.lease("b"), sender.lease("b")]) == [(0, 1), None]
+    sender.close()
     pool.shutdown()
 
 

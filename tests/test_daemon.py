@@ -114,7 +114,7 @@ def test_sigterm_during_upload_checkpoints_and_the_rerun_resumes(daemon_factory,
     assert re.search(r"session \w{8} user=alice peer=127\.0\.0\.1 direction=upload "
                      r"path=/in/big\.bin "
                      r"files=1 committed=0 skipped=0 bytes=[1-9]\d* transport=http "
-                     r"result=error: daemon stopped$", log, re.M), log
+                     r"paths=http/127\.0\.0\.1/[1-9]\d* result=error: daemon stopped$", log, re.M), log
     assert log.rstrip().endswith("stopped")
     # after a restart the same command resumes from the journal
     d.start()
@@ -209,14 +209,16 @@ def test_session_log_line_has_the_facts(daemon_factory, tmp_path: Path) -> None:
     sessions = [ln.split(" fallback.daemon INFO ", 1)[1] for ln in log.splitlines()
                 if re.search(r"INFO session \w{8} user=", ln)]
     pattern = (r"session [0-9a-f]{8} user=%s peer=127\.0\.0\.1 direction=%s path=/logs/s\.bin "
-               r"files=1 committed=%d skipped=%d bytes=%d transport=%s result=ok")
+               r"files=1 committed=%d skipped=%d bytes=%d transport=%s "
+               r"paths=%s/127\.0\.0\.1/%d result=ok")
     expect = [("alice", "upload", 1, 0, 5_000_000, "http"),
               ("alice", "download", 0, 0, 5_000_000, "https"),
               ("bob", "upload", 1, 0, 5_000_000, "https"),
               ("bob", "upload", 0, 1, 0, "https")]  # unchanged: skipped, nothing moved
     assert len(sessions) == len(expect), sessions
     for line, e in zip(sessions, expect, strict=True):
-        assert re.fullmatch(pattern % e, line), (line, e)
+        # each session's one path: its scheme and peer, with the bytes it carried
+        assert re.fullmatch(pattern % (*e, e[-1], e[-2]), line), (line, e)
     assert_log_clean(log)
 
 

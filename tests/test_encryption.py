@@ -35,7 +35,8 @@ BLOCK_XML = "<file_system><block_size>256K</block_size></file_system>"
 PASS = "Corr3ct-Horse-Battery-Staple"  # strong: 28 characters, 4 classes
 WRONG = "Corr3ct-Horse-Battery-Stapler"
 SUFFIX = env.SUFFIX
-HS = env.HEADER_SIZE
+HS = env.HEADER_SIZE  # version 1: what ``env.encrypt_file`` (``fallback encrypt``) writes
+HS2 = env.HEADER_SIZES[2]  # version 2: what the engine's uploads write (one keyring a transfer)
 REQUIRED_XML = ("<transfer><encryption><content_protection_required>true"
                 "</content_protection_required></encryption></transfer>")
 STRONG_XML = ("<transfer><encryption><content_protection_strong_pass_required>true"
@@ -100,14 +101,15 @@ def flip_bit(path: Path, offset: int, bit: int = 3) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def stored_size(plain: int) -> int:
-    return HS + plain + -(-plain // BS) * env.OVERHEAD
+def stored_size(plain: int, header: int = HS2) -> int:
+    """Size of an envelope of ``plain`` bytes (by default one the engine uploaded)."""
+    return header + plain + -(-plain // BS) * env.OVERHEAD
 
 
-def stored_blocks(data: bytes, plain: int) -> list[bytes]:
+def stored_blocks(data: bytes, plain: int, header: int = HS2) -> list[bytes]:
     out = []
     for i in range(-(-plain // BS)):
-        start = HS + i * (BS + env.OVERHEAD)
+        start = header + i * (BS + env.OVERHEAD)
         out.append(data[start:start + min(BS, plain - i * BS) + env.OVERHEAD])
     return out
 
@@ -181,7 +183,7 @@ def test_encrypted_upload_then_decrypted_download(shared: Daemon, tmp_path: Path
     # stored as NAME.fallback-env, nothing else (no partial, no journal)
     assert files_under(folder) == {"pat.bin" + SUFFIX: stored_size(size)}
     stored = (folder / ("pat.bin" + SUFFIX)).read_bytes()
-    assert stored.startswith(b"FBENV\x01")
+    assert stored.startswith(b"FBENV\x02")  # version 2: one Argon2id per transfer
     header = env.EnvelopeHeader.decode(stored)
     assert (header.block_size, header.plain_size) == (BS, size)
     # no 32-byte run of the plaintext anywhere in the stored bytes: with a 64-byte period the
@@ -265,6 +267,12 @@ def test_content_protection_required(required: Daemon, tmp_path: Path, scheme: s
     got = tmp_path / "b.bin"
     env.decrypt_file(docroot / f"in-{scheme}" / "tree" / "sub" / ("b.bin" + SUFFIX), got, PASS)
     assert sha256(got) == sha256(tree / "sub" / "b.bin")
+    # one key derivation for the whole transfer: both envelopes carry the transfer's salt
+    # (one Argon2id), each its own file salt (its own key)
+    headers = [env.EnvelopeHeader.decode((docroot / f"in-{scheme}" / "tree" / p).read_bytes())
+               for p in ("a.bin" + SUFFIX, "sub/b.bin" + SUFFIX)]
+    assert [h.version for h in headers] == [2, 2]
+    assert headers[0].salt == headers[1].salt and headers[0].file_salt != headers[1].file_salt
 
 
 @SCHEMES
@@ -493,7 +501,7 @@ def test_killed_encrypted_upload_resumes_with_the_same_envelope(shared: Daemon, 
     count = RESUME_SIZE // BS
     assert 4 <= len(have) < count, f"{len(have)} blocks journaled: not an interrupted upload"
     assert not target.exists()
-    header_before = partial_path(target, StateDir(docroot)).read_bytes()[:HS]
+    header_before = partial_path(target, StateDir(docroot)).read_bytes()[:HS2]
     assert env.EnvelopeHeader.decode(header_before).plain_size == RESUME_SIZE
 
     rc, res, err = xfer(shared, str(src), shared.url(f"/ru-{scheme}/", scheme=scheme), scheme,
@@ -506,7 +514,7 @@ def test_killed_encrypted_upload_resumes_with_the_same_envelope(shared: Daemon, 
     assert files_under(folder) == {"big.bin" + SUFFIX: stored_size(RESUME_SIZE)}
     # the resumed run reused the partial's header (same salt), so the stored file is one
     # valid envelope: it decrypts, every block authenticating, to the source
-    assert target.read_bytes()[:HS] == header_before
+    assert target.read_bytes()[:HS2] == header_before
     out = tmp_path / "plain.bin"
     p = cli("decrypt", str(target), str(out))
     assert p.returncode == 0, p.stderr

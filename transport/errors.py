@@ -101,5 +101,18 @@ class ConnectionLost(TransportError):
     status = 503
 
 
+class ConnectError(ConnectionLost):
+    """No connection could be made to the peer at all (refused, unreachable, timed out
+    while connecting): nothing was sent. A path manager retries it with a backoff."""
+
+
 class RemoteError(TransportError):
-    """The peer answered with an error; ``status`` is its HTTP status."""
+    """The peer answered with an error; ``status`` is its HTTP status. ``retry_after``
+    (seconds) is the peer's ``Retry-After`` when it gave one (RFC 9110 section 10.2.3)."""
+
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after

@@ -422,6 +422,14 @@ class BlockAssembler:
         self._verified[file] = RangeSet()
         self._committed.add(file)
 
+    def forget(self, file: int, blocks: Iterable[int]) -> None:
+        """Blocks verified earlier that the receiver has dropped since (a block carried
+        over from an earlier run failed its re-verification, or the source changed it):
+        they are no longer late duplicates and may be received again."""
+        known = self._known(file)
+        for b in blocks:
+            known.discard(b)
+
     # -- queries ----------------------------------------------------------------------
     def state(self, file: int, block: int) -> PartState:
         if file in self._committed:

@@ -1,10 +1,13 @@
 """Receiving one file: partial file, journal, verification, atomic commit.
 
-Both data paths hand verified-or-not blocks to ``FileReceiver.write_block``;
-it checks the digest, applies the inverse transform if asked (decrypting a
-download), writes at the block's offset and queues a journal record. Records
-reach the journal only in ``flush``, after the partial file's data is durable,
-so the journal never claims a block the disk may not have.
+Pieces of blocks reach a receiver through a session's ``BlockAssembler``
+(``transport.blocks.session.BlockSink``): ``write_piece`` writes them in place
+unverified, and only once the assembler reports the whole block verified does
+``record_verified`` queue its journal record (a decrypting receiver gets the
+whole verified block instead, ``write_verified``, and writes its plaintext).
+``write_block`` verifies and writes a whole block in one call. Records reach the
+journal only in ``flush``, after the partial file's data is durable, so the
+journal never claims a block the disk may not have.
 
 The file appears under its real name only in ``commit``: all blocks present,
 whole-file digest equal to the sender's, data synced, mtime and mode set, then
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +154,9 @@ class FileReceiver:
         self.plain_digests: dict[int, bytes] = {}
         """Digests of decoded (plaintext) blocks written this run: the output
         file's own checksum without a second pass over it."""
+        self.on_dropped: Callable[[list[int]], None] | None = None
+        """Called (any thread) with blocks ``drop_blocks`` forgets, before they become
+        missing: a session's assembler takes them back (they may be received again)."""
 
     def _open_journal(self, meta: dict[str, object], *, keep: bool) -> Journal:
         """Create the state folder if needed, then lock and open the journal in it. A client
@@ -165,6 +172,11 @@ class FileReceiver:
         raise AssertionError("unreachable")
 
     # -- state ----------------------------------------------------------------
+    @property
+    def decodes(self) -> bool:
+        """It decodes what arrives (a decrypted download): whole verified blocks only."""
+        return self._decode is not None
+
     @property
     def out_layout(self) -> BlockLayout:
         if self._decode is None:
@@ -187,9 +199,11 @@ class FileReceiver:
 
     # -- data -----------------------------------------------------------------
     def write_block(self, index: int, data: bytes | bytearray | memoryview, digest: bytes) -> int:
-        """Verify and write one wire block; returns the bytes written (0 for a duplicate)."""
-        if not 0 <= index < self.layout.count:
-            raise ProtocolError(f"{self.entry.path or self.target.name}: block {index} out of range")
+        """Verify and write one whole wire block; returns the bytes written (0 for a duplicate).
+
+        The whole-block shortcut of ``BlockAssembler`` (which sessions use): checks the
+        length and the digest here, then ``write_verified``."""
+        self._check_index(index)
         _, length = self.layout.stored_range(index)
         if len(data) != length:
             raise ProtocolError(
@@ -201,6 +215,14 @@ class FileReceiver:
                 return 0
         if block_digest(data) != digest:
             raise IntegrityError(f"{self.entry.path or self.target.name}: block {index} digest mismatch")
+        return self.write_verified(index, data, digest)
+
+    def write_verified(self, index: int, data: bytes | bytearray | memoryview, digest: bytes) -> int:
+        """Write a whole block whose ``digest`` was checked by the caller (the assembler),
+        decoding it first if the receiver decodes; then record it for the journal.
+        Returns the wire bytes recorded (0 for a duplicate). ``IntegrityError`` when
+        decoding fails (an envelope's tag)."""
+        self._check_index(index)
         if self._decode is not None:
             try:
                 out: bytes | bytearray | memoryview = self._decode.decode(index, data)
@@ -211,6 +233,50 @@ class FileReceiver:
         else:
             out = data
             offset, _ = self.layout.stored_range(index)
+        self._pwrite(out, offset)
+        return self.record_verified(index, digest, len(data))
+
+    def write_piece(self, index: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write bytes ``[offset, offset + len(data))`` of a block's stored form in place
+        (the assembler's file sink; only for a receiver that does not decode). Unverified:
+        the assembler journals nothing before the whole block matches its digest."""
+        if self._decode is not None:
+            raise ValueError("a decoding receiver takes whole verified blocks (write_verified)")
+        start, length = self.layout.stored_range(index)
+        if offset < 0 or offset + len(data) > length:
+            raise ProtocolError(f"{self.entry.path or self.target.name}: piece outside block {index}")
+        self._pwrite(data, start + offset)
+
+    def read_piece(self, index: int, offset: int, length: int) -> bytes:
+        """Read back stored bytes of a block written by ``write_piece`` (for hashing)."""
+        start, _ = self.layout.stored_range(index)
+        fd = os.open(self.partial, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _pread_full(fd, length, start + offset)
+        finally:
+            os.close(fd)
+
+    def record_verified(self, index: int, digest: bytes, length: int) -> int:
+        """Record a block whose bytes are in the partial and match ``digest`` (checked by
+        the caller) for the next journal ``flush``; returns ``length``, 0 for a duplicate."""
+        with self._lock:
+            if index in self._received:
+                return 0
+            self._received.add(index)
+            self._pending.append((index, bytes(digest)))
+            self.bytes_written += length
+        return length
+
+    def received(self) -> RangeSet:
+        """Blocks written (journaled or pending), as ranges (a copy)."""
+        with self._lock:
+            return self._received.copy()
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.layout.count:
+            raise ProtocolError(f"{self.entry.path or self.target.name}: block {index} out of range")
+
+    def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         with self._lock:
             if not self._open:
                 raise ConflictError(f"{self.entry.path or self.target.name}: receiver closed")
@@ -218,20 +284,13 @@ class FileReceiver:
         try:
             fd = os.open(self.partial, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                _pwrite_all(fd, out, offset)
+                _pwrite_all(fd, data, offset)
             finally:
                 os.close(fd)
         finally:
             with self._lock:
                 self._active -= 1
                 self._idle.notify_all()
-        with self._lock:
-            if index in self._received:
-                return 0
-            self._received.add(index)
-            self._pending.append((index, digest))
-            self.bytes_written += len(data)
-        return len(data)
 
     def flush(self) -> None:
         """Make written blocks durable, then journal them (in that order)."""
@@ -356,6 +415,8 @@ class FileReceiver:
                 self._unverified.difference_update(gone)
                 for i in gone:
                     self.plain_digests.pop(i, None)
+        if self.on_dropped is not None:  # after: an assembler built meanwhile saw them held
+            self.on_dropped(sorted(gone))
 
     # -- end ------------------------------------------------------------------
     def root(self) -> str:

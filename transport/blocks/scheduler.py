@@ -291,6 +291,58 @@ class Scheduler:
             self._outstanding += new.count
         return new.count
 
+    def retry(self, file: int, ranges: Iterable[tuple[int, int]]) -> int:
+        """The receiver lacks blocks ``[start, stop)`` although they were acked or delivered
+        (a receiver that acknowledged by delivery and lost them, or dropped them after a
+        failed re-verification): want them again. Acked blocks come back as new work, blocks
+        delivered and awaiting their ack are sent again now, the others are wanted as usual.
+        Returns how many blocks come back or are new. Costs O(ranges + started blocks)."""
+        lay = self._layout(file)
+        again = RangeSet()
+        for a, b in ranges:
+            if not 0 <= a < b <= lay.count:
+                raise ProtocolError(f"blocks [{a}, {b}) outside file {file} ({lay.count} blocks)")
+            again.add(a, b)
+        not_acked = again.copy()
+        not_acked.difference_update(self._acked[file])
+        back = again.copy()
+        back.difference_update(not_acked)  # the acked part of ``again``
+        n = 0
+        if back:
+            self._acked[file].difference_update(back)
+            wanted = back.copy()
+            wanted.difference_update(self._wanted[file])
+            self._wanted[file].update(back)
+            self._fresh[file].update(back)
+            heapq.heappush(self._fresh_files, file)
+            self._outstanding += back.count
+            self._n_acked -= back.count - wanted.count
+            n += back.count
+        for (f, b), blk in list(self._blocks.items()):
+            if f == file and b in again and not blk.todo and blk.undelivered == 0:
+                self.nack(f, b, None)  # delivered, never acked: lost on the way
+        return n + self.want(file, not_acked)
+
+    @property
+    def leasable(self) -> bool:
+        """Whether ``lease`` would give bytes now (re-queued or started bytes, or a new
+        block within the window). Amortised O(1): drops stale index entries on the way."""
+        ready = self._ready
+        while ready:
+            blk = ready[0]
+            if blk.todo and (blk.file, blk.index) in self._blocks:
+                return True
+            ready.popleft()
+            blk.ready = False
+        if len(self._open) >= self._max_open:
+            return False
+        heap = self._fresh_files
+        while heap:
+            if self._fresh[heap[0]]:
+                return True
+            heapq.heappop(heap)
+        return False
+
     # -- work out ---------------------------------------------------------------------
     def lease(self, path: str, now: float, *, max_bytes: int | None = None,
               max_pieces: int | None = None, piece_size: int | None = None) -> list[Lease]:
@@ -525,6 +577,12 @@ class Scheduler:
         if blk is not None:
             return blk.todo.copy()
         return RangeSet([(0, length)]) if block in self._fresh[file] else RangeSet()
+
+    def undelivered_elsewhere(self, path: str) -> bool:
+        """Whether a path other than ``path`` holds a lease it has not delivered yet
+        (it would come back to the queue if that path died). O(live leases)."""
+        return any(rec.state is State.LEASED and rec.lease.path != path
+                   for rec in self._leases.values())
 
     def leases_of(self, path: str) -> list[Lease]:
         return [rec.lease for rec in self._by_path.get(path, {}).values()]

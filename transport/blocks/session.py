@@ -1,212 +1,24 @@
 """The data-plane half of a session: what to send, where received blocks go.
 
 A session's files are numbered by their manifest position. The sender side is
-a ``BlockFeed``: a work queue of (file, block) that any number of streams pull
-from (work stealing: a fast stream takes more, a dead stream's blocks are put
-back). The receiver side is a ``BlockSink``: one ``FileReceiver`` per file.
-Both are path-agnostic: HTTP streams use them now, the UDP path (#4) will feed
-and drain the very same objects, so a failover (#5) moves the remaining
-blocks of one feed from one path to the other with nothing re-sent.
+a ``BlockSender`` (``transport.blocks.sender``): a lease scheduler any number
+of paths draw pieces from, each under its own id, retired by the receiver's
+acknowledgements; a dead path's leases go back to the others at once. The
+receiver side is a ``BlockSink`` (``transport.blocks.sink``): pieces through
+one ``BlockAssembler`` into one ``FileReceiver`` per file. Both are
+path-agnostic: HTTP streams use them now, the UDP path (#4) will feed and
+drain the very same objects, so a failover (#5) moves the remaining blocks
+from one path to the other with nothing re-sent.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from array import array
-from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable
 
-from transport.blocks.ranges import RangeSet
-from transport.blocks.receiver import FileReceiver
-from transport.blocks.source import FileSource
-from transport.errors import ProtocolError, TransportError
+from transport.blocks.sender import HTTP_TIMING, BlockSender
+from transport.blocks.sink import BlockSink
 
 ProgressFn = Callable[[int, int], None]
 """Called with (file index, wire bytes) for every block moved."""
 
-
-class BlockFeed:
-    """Blocks still to send, shared by every stream of a session.
-
-    The queue is one ``RangeSet`` over a global block numbering (file ``f``'s
-    block ``b`` is ``base(f) + b``, files in index order), so asking for every
-    block of a 1 PiB file, or of a million files, costs one range, not one
-    entry per block; ``take`` hands blocks out in file order, block order.
-    Ranges are validated against the sources' layouts before anything is queued.
-    """
-
-    def __init__(self, sources: dict[int, FileSource], executor: Executor) -> None:
-        self.sources = sources
-        self.executor = executor
-        # Two flat arrays (16 bytes a file): the file indices in order, and _bases[k], the
-        # global number of block 0 of file _files[k]; the last base is the total.
-        self._files = array("q", sorted(sources))
-        self._bases = array("q", [0])
-        for f in self._files:
-            self._bases.append(self._bases[-1] + sources[f].layout.count)
-        self._queue = RangeSet()
-        self._changed = asyncio.Event()
-        self.closed = False
-        self.sent_bytes = 0
-        self.on_progress: ProgressFn | None = None
-
-    def _slot(self, file: int) -> int:
-        k = bisect_left(self._files, file) if type(file) is int else len(self._files)
-        if k == len(self._files) or self._files[k] != file:
-            raise ProtocolError(f"unknown file index {file}")
-        return k
-
-    def block_count(self, file: int) -> int:
-        """Blocks of ``file``; raises ``ProtocolError`` for a file this feed does not send."""
-        k = self._slot(file)
-        return self._bases[k + 1] - self._bases[k]
-
-    def check_range(self, file: int, start: int, stop: int) -> None:
-        """Raise ``ProtocolError`` unless ``0 <= start < stop <= block_count(file)``."""
-        count = self.block_count(file)
-        if not (type(start) is int and type(stop) is int and 0 <= start < stop <= count):
-            raise ProtocolError(f"blocks [{start}, {stop}) out of range for file {file} "
-                                f"({count} blocks)")
-
-    def add_ranges(self, ranges: Sequence[tuple[int, int, int]]) -> int:
-        """Queue ``(file, start, stop)`` half-open block ranges; all are checked before
-        any is queued. Returns the number of blocks named (duplicates are queued once)."""
-        for f, start, stop in ranges:
-            self.check_range(f, start, stop)
-        named = 0
-        wanted: list[tuple[int, int]] = []
-        for f, start, stop in ranges:
-            base = self._bases[self._slot(f)]
-            wanted.append((base + start, base + stop))
-            named += stop - start
-        self._queue.merge(wanted)  # one sort and one pass, not an insert per range
-        self._changed.set()
-        return named
-
-    def add(self, items: Iterable[tuple[int, int]]) -> None:
-        """Queue single ``(file, block)`` items (checked one by one)."""
-        for f, b in items:
-            self.check_range(f, b, b + 1 if type(b) is int else b)
-            base = self._bases[self._slot(f)]
-            self._queue.add(base + b)
-        self._changed.set()
-
-    def put_back(self, items: Iterable[tuple[int, int]]) -> None:
-        """Re-queue blocks a failed stream had taken but not delivered (they were
-        handed out in order, so they come out again before the blocks after them)."""
-        for f, b in items:
-            self._queue.add(self._bases[self._slot(f)] + b)
-        self._changed.set()
-
-    def take(self) -> tuple[int, int] | None:
-        if self.closed or not self._queue:
-            return None
-        taken = self._queue.pop_first(1)
-        assert taken is not None
-        g = taken[0]
-        # Files without blocks share their base with the next file: bisect_right skips them.
-        k = bisect_right(self._bases, g) - 1
-        return self._files[k], g - self._bases[k]
-
-    @property
-    def pending(self) -> int:
-        """Blocks queued and not yet taken."""
-        return self._queue.count
-
-    error: TransportError | None = None
-    """Why the feed failed (a source changed, the system ran out of descriptors), or None."""
-
-    async def read(self, item: tuple[int, int]) -> tuple[bytes | bytearray, bytes]:
-        """Read (wire bytes, digest) of a block off the event loop.
-
-        A source that fails (``SourceChanged``, ``ResourceExhausted``, an I/O
-        error) fails the whole feed: ``error`` keeps the first such error and
-        every stream ends at its next ``take``, so no block of a file that
-        changed is sent after the change was seen.
-        """
-        if self.error is not None:
-            raise self.error
-        f, b = item
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self.executor, self.sources[f].read_block, b)
-        except TransportError as exc:
-            self.fail(exc)
-            raise
-
-    def fail(self, error: TransportError) -> None:
-        """Stop the feed for good because of ``error`` (the first one is kept)."""
-        if self.error is None:
-            self.error = error
-        self.closed = True
-        self._changed.set()
-
-    def delivered(self, item: tuple[int, int], nbytes: int) -> None:
-        self.sent_bytes += nbytes
-        if self.on_progress is not None:
-            self.on_progress(item[0], nbytes)
-
-    def close(self) -> None:
-        """End the feed and give back every source's descriptor (reads in flight finish first)."""
-        self.closed = True
-        self._changed.set()
-        for s in self.sources.values():
-            s.close()
-
-
-class BlockSink:
-    """Receivers of a session, with periodic durable flushes of their journals."""
-
-    FLUSH_INTERVAL = 0.5
-
-    def __init__(self, receivers: dict[int, FileReceiver], executor: Executor) -> None:
-        self.receivers = receivers
-        self.executor = executor
-        self.received_bytes = 0
-        self.on_progress: ProgressFn | None = None
-        self.last_activity = time.monotonic()
-        self._flusher: asyncio.Task[None] | None = None
-
-    def receiver(self, file_index: int) -> FileReceiver:
-        try:
-            return self.receivers[file_index]
-        except KeyError:
-            raise ProtocolError(f"unknown file index {file_index}") from None
-
-    def max_block(self) -> int:
-        return max((r.layout.max_stored_block for r in self.receivers.values()), default=0)
-
-    async def write(self, file_index: int, block: int, data: bytes | bytearray, digest: bytes) -> int:
-        rec = self.receiver(file_index)
-        loop = asyncio.get_running_loop()
-        n = await loop.run_in_executor(self.executor, rec.write_block, block, data, digest)
-        self.received_bytes += n
-        self.last_activity = time.monotonic()
-        if n and self.on_progress is not None:
-            self.on_progress(file_index, n)
-        self._ensure_flusher()
-        return n
-
-    def _ensure_flusher(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
-
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(self.FLUSH_INTERVAL)
-        await self.flush()
-
-    async def flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        for rec in list(self.receivers.values()):
-            await loop.run_in_executor(self.executor, rec.flush)
-
-    async def close(self) -> None:
-        """Checkpoint every receiver, keeping partials for a later resume."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-        loop = asyncio.get_running_loop()
-        for rec in list(self.receivers.values()):
-            await loop.run_in_executor(self.executor, rec.close)
-        self.receivers.clear()
+__all__ = ["HTTP_TIMING", "BlockSender", "BlockSink", "ProgressFn"]

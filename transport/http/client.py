@@ -10,18 +10,30 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl as ssl_mod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import yarl
 
-from transport.blocks.session import BlockFeed, BlockSink
-from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
-from transport.http.framing import CONTENT_TYPE, FrameHeader
+from transport.blocks.pacing import Pacer
+from transport.blocks.scheduler import Lease
+from transport.blocks.sender import BlockSender
+from transport.blocks.sink import BlockSink
+from transport.errors import (
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
+from transport.http.framing import CONTENT_TYPE, PieceHeader
+from transport.http.pace import pace
 from transport.http.server import receive_blocks
 
 SSLArg = ssl_mod.SSLContext | aiohttp.Fingerprint | bool
+Activity = Callable[[int], None]
+"""Called with the bytes of each block a stream moved (the path's activity meter)."""
 
 MAX_ERROR_BODY = 64 << 10
 """Bytes of a peer's error body the client reads (the rest is dropped): an error
@@ -66,62 +78,78 @@ def refuse_redirect(resp: aiohttp.ClientResponse, base: str) -> None:
                           status=502)
 
 
-async def _frames(feed: BlockFeed, taken: list[tuple[int, int]]) -> AsyncIterator[bytes | bytearray]:
-    """Frames for an upload body, reading one block ahead of the socket."""
-    item = feed.take()
-    fut = asyncio.ensure_future(feed.read(item)) if item else None
-    nxt: tuple[int, int] | None = None
-    nfut: asyncio.Future[tuple[bytes | bytearray, bytes]] | None = None
+async def _frames(sender: BlockSender, path: str, delivered: list[Lease],
+                  on_block: Activity | None = None, version: int = 2,
+                  pacer: Pacer | None = None) -> AsyncIterator[bytes | bytearray | memoryview]:
+    """Frames for an upload body: the pieces ``path`` leases, reading one ahead of the
+    socket; ends when nothing is left to lease. Leases taken and not delivered stay
+    the path's: the caller gives them back (``drop_path``) if the stream failed."""
+    lease = sender.lease(path)
+    fut = asyncio.ensure_future(sender.read(lease)) if lease else None
+    nxt: Lease | None = None
+    nfut: asyncio.Future[tuple[bytes | bytearray | memoryview, bytes | None]] | None = None
     try:
-        while item is not None and fut is not None:
-            taken.append(item)
+        while lease is not None and fut is not None:
             data, digest = await fut
-            nxt = feed.take()
-            nfut = asyncio.ensure_future(feed.read(nxt)) if nxt else None
-            yield FrameHeader(item[0], item[1], len(data), digest).pack()
+            nxt = sender.lease(path)
+            nfut = asyncio.ensure_future(sender.read(nxt)) if nxt else None
+            await pace(pacer, lease.length)
+            yield PieceHeader(lease.file, lease.block, lease.offset, lease.length,
+                              digest).pack(version)
             yield data
-            feed.delivered(item, len(data))
-            item, fut, nxt, nfut = nxt, nfut, None, None
+            sender.delivered(lease)
+            delivered.append(lease)
+            if on_block is not None:
+                on_block(lease.length)
+            lease, fut, nxt, nfut = nxt, nfut, None, None
     finally:
-        # The body was cut short: the read-ahead's block never left, so another
-        # stream (or the next round) must carry it; the current one is in
-        # ``taken`` and the commit round re-asks for it if it did not arrive.
+        # The body was cut short: the read-ahead never left; the path's failure gives
+        # its leases back (drop_path), and the receiver's report tells what arrived.
         for f in (fut, nfut):
             if f is not None and not f.done():
                 f.cancel()
-        if nxt is not None:
-            feed.put_back([nxt])
-        if item is not None and item not in taken:
-            feed.put_back([item])
 
 
 async def upload_stream(
     http: aiohttp.ClientSession,
     url: str,
-    feed: BlockFeed,
+    sender: BlockSender,
+    path: str,
     *,
     headers: Mapping[str, str],
     ssl: SSLArg,
+    on_block: Activity | None = None,
+    version: int = 2,
+    pacer: Pacer | None = None,
 ) -> dict[str, Any]:
-    """One upload stream: PUT a chunked body of frames until the feed runs dry."""
-    taken: list[tuple[int, int]] = []
+    """One upload stream of path ``path``: PUT a chunked body of frames (``version`` 2, or 1
+    for a daemon that does not read version 2) until nothing is left to lease, each
+    piece after the session's ``pacer`` lets it go (``--target-rate``).
+
+    The daemon answers once it holds every block of the body: those leases are then
+    acknowledged (``ack_lease``). Raises ``ConnectError`` when no connection could be
+    made, ``ConnectionLost`` when it broke, ``RemoteError`` (with the daemon's status
+    and ``Retry-After``) for an error answer."""
+    delivered: list[Lease] = []
     hdrs = {**headers, "Content-Type": CONTENT_TYPE}
     try:
-        async with http.put(url, data=_frames(feed, taken), headers=hdrs, ssl=ssl,
-                            allow_redirects=False) as resp:
+        async with http.put(url, data=_frames(sender, path, delivered, on_block, version, pacer),
+                            headers=hdrs, ssl=ssl, allow_redirects=False) as resp:
             refuse_redirect(resp, _origin(url))
             if resp.status != 200:
-                raise RemoteError(error_text(await read_error(resp), resp.status), status=resp.status)
+                raise remote_error(resp, await read_error(resp))
             try:
                 result: dict[str, Any] = json.loads(await read_bounded(resp, MAX_STREAM_ANSWER))
             except ValueError:
                 raise ProtocolError(f"{_origin(url)}: the answer to an upload stream is not "
                                     "JSON") from None
-            return result
     except TransportError:
         raise
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise ConnectionLost(f"upload stream lost: {describe(exc)}") from exc
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        raise lost("upload stream", exc) from exc
+    for lease in delivered:
+        sender.ack_lease(lease)
+    return result
 
 
 async def download_stream(
@@ -131,18 +159,38 @@ async def download_stream(
     *,
     headers: Mapping[str, str],
     ssl: SSLArg,
+    on_block: Activity | None = None,
+    pacer: Pacer | None = None,
 ) -> int:
-    """One download stream: GET frames until the server's feed runs dry."""
+    """One download stream: GET frames until the daemon has nothing left to lease; with a
+    ``pacer``, read no faster than it allows (for a daemon that does not pace itself).
+    Errors as ``upload_stream``."""
     try:
         async with http.get(url, headers=headers, ssl=ssl, allow_redirects=False) as resp:
             refuse_redirect(resp, _origin(url))
             if resp.status != 200:
-                raise RemoteError(error_text(await read_error(resp), resp.status), status=resp.status)
-            return await receive_blocks(resp.content, sink)
+                raise remote_error(resp, await read_error(resp))
+            return await receive_blocks(resp.content, sink, on_block=on_block, pacer=pacer)
     except TransportError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise ConnectionLost(f"download stream lost: {describe(exc)}") from exc
+        raise lost("download stream", exc) from exc
+
+
+def lost(what: str, exc: BaseException) -> ConnectionLost:
+    """The error for a request that failed below HTTP: ``ConnectError`` when no connection
+    was made (nothing was sent), ``ConnectionLost`` otherwise."""
+    if isinstance(exc, aiohttp.ClientConnectorError) \
+            and not isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return ConnectError(f"{what} lost: {describe(exc)}")
+    return ConnectionLost(f"{what} lost: {describe(exc)}")
+
+
+def remote_error(resp: aiohttp.ClientResponse, body: bytes) -> RemoteError:
+    """A daemon's error answer, with its status and ``Retry-After`` (seconds) if any."""
+    retry = resp.headers.get("Retry-After", "")
+    after = float(retry) if retry.isascii() and retry.isdigit() and len(retry) < 8 else None
+    return RemoteError(error_text(body, resp.status), status=resp.status, retry_after=after)
 
 
 def _origin(url: str) -> str:

@@ -1,0 +1,351 @@
+"""Download: check the daemon's manifest, plan against local partials, fetch, publish.
+
+The daemon's answer is checked before any use (``fallback.answers``: names,
+tree, sizes, local paths against symlinks). The client plans each file with
+its own journal (``inspect_partial``), compares kept blocks with the daemon's
+current bytes, asks for the blocks it misses, and publishes each file only if
+its whole-file digest equals the daemon's over the source's current bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from fallback import control as C
+from fallback.answers import confine_download, plain_name
+from fallback.client.session import (
+    GIVE_UP_AFTER,
+    TransferSession,
+    display,
+    plain_len,
+    plain_share,
+    shown,
+)
+from fallback.remote import Url
+from fallback.result import Progress
+from transport.blocks import envelope as env
+from transport.blocks.digest import digest_path
+from transport.blocks.keyring import EnvelopeKeyring
+from transport.blocks.layout import DEFAULT_BLOCK_SIZE
+from transport.blocks.manifest import FileEntry
+from transport.blocks.modes import dir_mode
+from transport.blocks.plan import (
+    TargetState,
+    batches,
+    overwrite_action,
+    resumable,
+    resume_ok,
+    resume_samples,
+)
+from transport.blocks.receiver import FileReceiver, inspect_partial
+from transport.blocks.session import BlockSink
+from transport.blocks.statedir import StateDir, in_state_dir
+from transport.blocks.transform import BlockTransform
+from transport.blocks.tree import target_for
+from transport.errors import (
+    BadPassphrase,
+    ConnectionLost,
+    IntegrityError,
+    PathError,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
+from transport.http.client import download_stream
+
+log = logging.getLogger("fallback.client")
+
+DIGEST_BATCH = 32
+"""Blocks per ``/digests`` call: the daemon reads them within one request (32 x 4 MiB
+is well under a second of disk), so no call nears the client's read timeout."""
+
+
+class _SinkWork:
+    """The path manager's view of a download's sink (the daemon holds the queue)."""
+
+    def __init__(self, sink: BlockSink) -> None:
+        self.sink = sink
+
+    def pending(self) -> bool:
+        return False  # only the daemon knows: a stream that ended found nothing to send
+
+    def progress(self) -> int:
+        return self.sink.received_bytes
+
+    def lost(self, path: str) -> None:
+        pass  # the daemon gives a dead stream's leases to the others (drop_path)
+
+    def complete(self) -> bool:
+        return all(not r.missing() for r in self.sink.receivers.values())
+
+
+class DownloadSession(TransferSession):
+    """One download of a file or folder from the daemon."""
+
+    async def run(self, url: Url, dst: Path, into: bool) -> None:
+        opts, result = self.opts, self.result
+        answer = await self.control.open_download(C.OpenDownload(url.path, opts.flow()))
+        self.start_keepalive()
+        entries, name = answer.entries, answer.name
+        self.name = name
+        for why in answer.skipped:  # e.g. symlinks leading out of the docroot
+            rel, _, reason = why.partition(": ")
+            result.skipped_files[shown(name, rel)] = reason or "skipped by the daemon"
+        files = [i for i, e in enumerate(entries) if not e.is_dir]
+        streams = self.streams_for(answer.streams_max)
+        root = dst / name if (into or dst.is_dir()) else dst
+        anchor = root.parent  # the folder the user named, or the one the named root goes in
+        if entries[0].is_dir is False and root.is_dir():
+            root = root / name
+        # Partials and journals go to the state folder at the top of the destination folder
+        # (the one receiving the transfer root): same file system, never among the user's files.
+        statedir = StateDir(root.parent)
+        if statedir.holds(root) or in_state_dir(root.parent):
+            raise PathError(f"{root}: would be in fallback's state folder (.fallback at the top "
+                            "of a destination is reserved); choose another destination or name")
+        result.files = len(files)
+        result.bytes = sum(entries[i].size for i in files)
+        progress = Progress(result.bytes, self.remote.scheme, self.progress_cb)
+        transforms: dict[int, BlockTransform] = {}
+        targets: dict[int, Path] = {}
+        ring: EnvelopeKeyring | None = None
+        for i in files:
+            e = entries[i]
+            target = target_for(root, e.path)
+            result.content[display(name, e, False)] = "envelope" if e.header else "plain"
+            if opts.decrypt and e.transform == "identity" and shown(name, e.path).endswith(env.SUFFIX):
+                # The daemon sends a file it cannot parse as an envelope (damaged header, wrong
+                # length) as plain bytes; asked to decrypt it, say so instead of copying it.
+                raise IntegrityError("File decryption error, damaged envelope or not an envelope: "
+                                     f"{shown(name, e.path)}")
+            if e.transform == "envelope-v1" and opts.decrypt:
+                if ring is None:
+                    assert opts.passphrase is not None
+                    ring = EnvelopeKeyring(opts.passphrase)  # one per transfer (cached masters)
+                try:
+                    transforms[i] = await self.io(ring.open, e.header)
+                except BadPassphrase:
+                    raise BadPassphrase(
+                        f"File decryption error, bad passphrase: {shown(name, e.path)}") from None
+                del result.content[display(name, e, False)]
+                result.content[display(name, e, True)] = "decrypted"
+                target = target.with_name(plain_name(target.name, env.SUFFIX))
+            targets[i] = target
+        confine_download(anchor, [targets[i] if i in targets else target_for(root, e.path)
+                                  for i, e in enumerate(entries)])
+        for e in entries:
+            if e.is_dir:
+                path = target_for(root, e.path)
+                if path.exists() and not path.is_dir():
+                    raise TransportError(f"{path}: a file of that name exists", status=409)
+                path.mkdir(parents=True, exist_ok=True)
+        receivers: dict[int, FileReceiver] = {}
+        sink = BlockSink(receivers, self.executor)
+        try:
+            for i in files:
+                await self._plan_file(i, entries[i], targets[i], transforms.get(i), receivers,
+                                      progress, statedir)
+            sink.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
+                                                           shown(name, entries[f].path))
+            query = "?frames=2" if "frames2" in self.remote.features else ""
+            if "acks" in self.remote.features:
+                query += "&acks=1" if query else "?acks=1"
+                sink.track_acks()
+                self.start_acks(lambda: self._report(sink))
+            # The daemon paces what it sends (answer.flow); one that does not say so is paced
+            # by reading no faster than --target-rate.
+            pacer = self.pacer(None) if answer.flow is None else None
+            paths = self.http_paths(streams, lambda path, on_block: download_stream(
+                self.remote.http, self.remote.session_url("/blocks" + query), sink,
+                headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block,
+                pacer=pacer))
+            work = _SinkWork(sink)
+            last, since = -1, time.monotonic()
+            while True:
+                want = [(i, a, b) for i, r in receivers.items() for a, b in r.missing()]
+                if not want:
+                    break
+                if sink.received_bytes != last:
+                    last, since = sink.received_bytes, time.monotonic()
+                elif time.monotonic() - since > GIVE_UP_AFTER:
+                    raise ConnectionLost(f"{sum(b - a for _, a, b in want)} blocks still missing, "
+                                         f"no progress for {GIVE_UP_AFTER:.0f} s")
+                else:
+                    log.info("%d blocks still missing: asking again",
+                             sum(b - a for _, a, b in want))
+                    await asyncio.sleep(0.2)
+                for k in range(0, len(want), C.MAX_RANGES):  # the daemon's cap per call
+                    await self.control.want(C.WantRequest(tuple(want[k:k + C.MAX_RANGES])))
+                await self.move(paths, work)
+                self.check_acks()
+                if sink.verified is not None:
+                    await self._report(sink)  # the daemon learns of failed blocks at once
+            await sink.flush()
+            failed = await self._commit(sink, entries, targets, transforms)
+            if failed:
+                raise failed[0] if len(failed) == 1 else IntegrityError(
+                    f"{len(failed)} files failed their final check, e.g. {failed[0].message}")
+            for i in reversed(range(len(entries))):
+                if entries[i].is_dir:
+                    path = target_for(root, entries[i].path)
+                    os.chmod(path, dir_mode(entries[i].mode))  # no set-id/sticky; umask applies
+                    os.utime(path, ns=(entries[i].mtime_ns, entries[i].mtime_ns))
+            progress.finish()
+        finally:
+            result.sent_bytes = progress.carried  # also when failing: what this run did move
+            result.skipped_bytes = progress.skipped
+            await sink.close()  # checkpoints what is left, keeping partials for a resume
+            try:
+                await self.io(statedir.tidy)  # gone unless partials are left
+            except OSError:
+                pass  # an empty state folder left behind is harmless
+
+    async def _plan_file(self, i: int, entry: FileEntry, target: Path,
+                         transform: BlockTransform | None, receivers: dict[int, FileReceiver],
+                         progress: Progress, statedir: StateDir) -> None:
+        opts, result = self.opts, self.result
+        file = shown(self.name, entry.path)
+        decoded = transform is not None
+        partial = await self.io(lambda: inspect_partial(target, decoded=decoded, state=statedir))
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            st = None
+        state = TargetState(exists=st is not None, is_dir=target.is_dir(),
+                            size=st.st_size if st else 0, mtime_ns=st.st_mtime_ns if st else 0,
+                            journal=partial.identity, have=partial.have)
+        compare_entry = entry if not decoded else FileEntry(
+            entry.path, "file", size=entry.size, mtime_ns=entry.mtime_ns,
+            block_size=entry.block_size)
+        action = overwrite_action(compare_entry, state, opts.overwrite)
+        if action == "compare":
+            if decoded or entry.header:
+                action = "transfer"  # ciphertext and plaintext digests are not comparable
+            else:
+                local = await self.io(digest_path, target, entry.block_size)
+                action = "skip" if local == await self._source_root(i, entry) else "transfer"
+                if action == "skip":
+                    result.checksums[file] = local
+        if action == "skip":
+            result.skipped_files[file] = "exists" if opts.overwrite != "diff" else "unchanged"
+            progress.skip(entry.size)
+            return
+        resume = False
+        compared: set[int] = set()  # journaled blocks compared with the daemon's current bytes
+        if resumable(entry, state) and opts.resume != "none":
+            samples = resume_samples(state.have, opts.resume)
+            fresh = await self._source_digests(i, samples)
+            compared = set(samples)
+            resume = resume_ok(opts.resume, entry, state, fresh)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        rec = await self.io(lambda: FileReceiver(
+            target, entry, resume=resume, decode=transform, fsync=opts.fsync, state=statedir))
+        receivers[i] = rec
+        if rec.unverified:
+            # Kept from an earlier run: the partial's bytes must still match the journal (read
+            # back here, local), and the journal the daemon's current bytes (blocks the resume
+            # check did not sample are compared now, so a stale partial costs only its changed
+            # blocks).
+            await self.io(rec.verify_carried)
+            kept = rec.have()
+            current = await self._source_digests(i, sorted(set(kept) - compared))
+            stale = sorted(b for b, d in current.items() if kept.get(b) != d)
+            await self.io(rec.drop_blocks, stale)
+        have = set(rec.have())
+        progress.skip(sum(plain_len(entry, b) for b in have))
+
+    async def _report(self, sink: BlockSink) -> None:
+        """Tell the daemon which blocks are journaled (it retires them) and which were
+        discarded (it sends them again)."""
+        await sink.flush()
+        journaled, rejected = sink.take_acks()
+        if journaled or rejected:
+            try:
+                await self.control.acks(C.Acks.from_pairs(journaled, rejected))
+            except (ConnectionLost, RemoteError):
+                sink.journaled[:0] = journaled  # told with the next report
+                sink.rejected[:0] = rejected
+                raise
+
+    async def _source_digests(self, file: int, blocks: list[int]) -> dict[int, bytes]:
+        """The daemon's digests of some blocks of a download's source, over its current bytes."""
+        out: dict[int, bytes] = {}
+        for part in batches(blocks, DIGEST_BATCH):
+            while part:  # the daemon reads at most MAX_DIGEST_BYTES per call: ask for the rest
+                got = await self.control.digests(C.DigestsRequest(file, tuple(part), False))
+                answered = {b: d for b, d in got.digests.items() if b in part}
+                if not answered:
+                    raise ProtocolError("refused the daemon's digests answer: no digest given")
+                out.update(answered)
+                part = [b for b in part if b not in answered]
+        return out
+
+    async def _source_root(self, file: int, entry: FileEntry) -> str | None:
+        """The daemon's whole-file digest of a download's source over its current bytes. It
+        answers ``pending`` until it has read the file within its per-call budget; a daemon
+        that stays pending longer than the file's size needs is refused."""
+        for _ in range(_pending_calls(entry.size)):
+            got = await self.control.digests(C.DigestsRequest(file, (), True))
+            if got.root is not None or not got.pending:
+                return got.root
+        raise ProtocolError(f"the daemon kept its digest of file {file} pending")
+
+    async def _commit(self, sink: BlockSink, entries: list[FileEntry], targets: dict[int, Path],
+                      transforms: dict[int, BlockTransform]) -> list[TransportError]:
+        """Publish every received file whose whole-file digest equals the daemon's; return the
+        failures.
+
+        The daemon computes each root over its file's current bytes from the digests
+        of the blocks it read this session (it reads only blocks it had not: none
+        when this run fetched or compared every block). The client's root comes
+        from its journal, every record of which was checked against the partial's
+        bytes. A file whose roots differ, or whose source changed during the
+        session, is not published (its failure is returned); the others are.
+        """
+        receivers = sink.receivers
+        failed: list[TransportError] = []
+        roots: dict[int, str] = {}
+        errors: dict[int, str] = {}
+        for part in batches(sorted(receivers), DIGEST_BATCH * 32):
+            # Files the daemon did not finish within its per-call budget: ask again, at most
+            # as often as their sizes need (a daemon that stays pending longer is refused).
+            for _ in range(_pending_calls(sum(entries[i].size for i in part))):
+                got = await self.control.roots(C.RootsRequest(tuple(part)))
+                roots.update(got.roots)
+                errors.update(got.errors)
+                part = [i for i in part if i in got.pending]
+                if not part:
+                    break
+            else:
+                raise ProtocolError("the daemon kept whole-file digests pending")
+        for i, rec in list(receivers.items()):
+            file = display(self.name, entries[i], i in transforms)
+            expected = roots.get(i)
+            if expected is None:
+                why = errors.get(i) or f"{file}: the daemon gave no whole-file digest"
+                failed.append(IntegrityError(f"{why}; not published, run again"))
+                continue
+            try:
+                plain = await self.io(rec.plain_root) if i in transforms else None
+                digest = await self.io(rec.commit, expected)
+            except IntegrityError as exc:
+                failed.append(IntegrityError(f"{exc.message}; not published, run again"))
+                continue
+            sink.committed(i)
+            if plain is not None:  # the plaintext's digest, as `fallback checksum` gives it
+                digest = plain
+            elif entries[i].header:  # an envelope kept as it is: the digest of the file we wrote
+                digest = await self.io(digest_path, targets[i], DEFAULT_BLOCK_SIZE)
+            self.result.checksums[file] = digest
+            self.result.mark_verified(file, "full")
+        return failed
+
+
+def _pending_calls(nbytes: int) -> int:
+    """How many ``/digests`` calls reading ``nbytes`` can take at the daemon's budget of
+    ``MAX_DIGEST_READ`` per call, with room for rounding (bounds a daemon's ``pending``)."""
+    return 3 + nbytes // C.MAX_DIGEST_READ

@@ -1,0 +1,295 @@
+"""Upload: walk the source, plan against the daemon's state, send, commit.
+
+The client plans (``transport.blocks.plan``): it sees the source and what the
+daemon reports for each target, applies the overwrite policy and the resume
+check, and plans each file (skip, fresh, resume). The daemon answers with the
+blocks it misses; the paths send them and the commit verifies and publishes
+each file, saying which blocks are still missing (sent again) or which
+carried-over blocks it is still re-reading (asked again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from fallback import answers as A
+from fallback import control as C
+from fallback.client.options import strong_passphrase
+from fallback.client.session import (
+    TransferSession,
+    plain_bytes,
+    plain_len,
+    plain_share,
+    shown,
+)
+from fallback.remote import Url
+from fallback.result import Progress
+from transport.blocks import envelope as env
+from transport.blocks.digest import digest_path, file_digest
+from transport.blocks.keyring import EnvelopeKeyring
+from transport.blocks.manifest import FileEntry
+from transport.blocks.plan import (
+    TargetState,
+    overwrite_action,
+    resumable,
+    resume_ok,
+    resume_samples,
+    trusted_blocks,
+)
+from transport.blocks.session import BlockSender
+from transport.blocks.source import FileSource
+from transport.blocks.transform import BlockTransform
+from transport.blocks.tree import walk_source
+from transport.errors import ConnectionLost, TransportError
+from transport.http.client import upload_stream
+
+log = logging.getLogger("fallback.client")
+
+MAX_RESENDS = 5
+"""Times the daemon may report one block missing at commit before the upload fails:
+a block is sent again when the daemon dropped it (a carried-over block failing its
+re-verification) or lost it; one that never sticks means something is wrong there."""
+
+
+class _SendWork:
+    """The path manager's view of an upload's sender."""
+
+    def __init__(self, sender: BlockSender) -> None:
+        self.sender = sender
+
+    def pending(self) -> bool:
+        return self.sender.pending
+
+    def progress(self) -> int:
+        return self.sender.sent_bytes + self.sender.sched.stats.acked
+
+    def lost(self, path: str) -> None:
+        self.sender.drop_path(path)  # its leases, delivered ones too, go to the others
+
+    def complete(self) -> bool:
+        return self.sender.closed or (not self.sender.pending
+                                      and not self.sender.sched.undelivered_elsewhere(""))
+
+
+def _count_resends(resent: dict[tuple[int, int], int],
+                   again: list[tuple[int, int, int]]) -> None:
+    """Count each block the daemon asks for again; ``ConnectionLost`` past ``MAX_RESENDS``."""
+    worst = 0
+    for f, a, b in again:
+        if b - a > 4096:
+            continue  # a large range is a first send of blocks never delivered, not a resend
+        for k in range(a, b):
+            resent[f, k] = resent.get((f, k), 0) + 1
+            worst = max(worst, resent[f, k])
+    if worst > MAX_RESENDS:
+        n = sum(b - a for _, a, b in again)
+        raise ConnectionLost(f"{n} blocks still missing after {MAX_RESENDS} attempts")
+
+
+class UploadSession(TransferSession):
+    """One upload of a local file or folder to the daemon."""
+
+    ring: EnvelopeKeyring | None = None  # --encrypt: one keyring (one Argon2id) per transfer
+
+    async def run(self, src: Path, url: Url) -> None:
+        opts, result = self.opts, self.result
+        tree = await self.io(walk_source, src, opts.block_size)
+        name = src.resolve().name
+        self.name = name
+        for why in tree.skipped:  # special files, unreadable folders: reported, the rest goes on
+            rel, _, reason = why.partition(": ")
+            result.skipped_files[shown(name, rel)] = reason
+        entries = list(tree.entries)
+        if opts.encrypt:
+            entries = [_encrypted_placeholder(e) for e in entries]
+        files = [i for i, e in enumerate(entries) if not e.is_dir]
+        result.files = len(files)
+        result.bytes = sum(entries[i].size for i in files)
+        opened = await self.control.open_upload(C.OpenUpload(
+            path=url.path, into_dir=url.into_dir,
+            name=name + (env.SUFFIX if opts.encrypt and not entries[0].is_dir else ""),
+            entries=tuple(entries), overwrite=opts.overwrite, encrypt=opts.encrypt,
+            strong_pass=bool(opts.encrypt and opts.passphrase
+                             and strong_passphrase(opts.passphrase)), flow=opts.flow()))
+        self.start_keepalive()
+        states = opened.states
+        streams = self.streams_for(opened.streams_max)
+        progress = Progress(result.bytes, self.remote.scheme, self.progress_cb)
+        sources: dict[int, FileSource] = {}
+        plan: dict[int, C.PlanItem] = {}
+        trusted: dict[int, set[int]] = {}  # journaled blocks kept without comparing them
+        reads: set[asyncio.Task[Any]] = set()
+        try:
+            for i in files:
+                item = await self._plan_file(i, entries, states[i], tree.paths[i],
+                                             tree.entries[i].path, sources, trusted, progress)
+                plan[i] = item
+            counts = {i: s.layout.count for i, s in sources.items()}
+            planned = await self.control.plan(C.PlanRequest(tuple(plan.values())), counts)
+            missing = dict(planned.missing)
+            for k, why in planned.refused.items():
+                # The server's overwrite=deny kept an existing target: skipped, with its reason.
+                sources.pop(k).close()
+                missing.pop(k, None)
+                result.skipped_files[shown(name, tree.entries[k].path)] = \
+                    f"refused by the server: {why}"
+                progress.skip(entries[k].size)
+            sender = BlockSender(sources, self.executor)
+            kept: dict[int, set[int]] = {}  # blocks counted as skipped (held by the daemon)
+            for i, blocks in missing.items():
+                have = blocks.complement(0, sources[i].layout.count)
+                kept[i] = set(have.members())
+                progress.skip(plain_bytes(entries[i], have))
+                for a, b in blocks:
+                    sender.sched.want(i, [(a, b)])
+            digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
+            for i, blocks in missing.items():
+                # The daemon may hold blocks it had not journaled yet when it reported its state
+                # (the last records of a session it took over): digest those from the source,
+                # or the whole-file digest at commit misses them and the partial is thrown away.
+                have = blocks.complement(0, sources[i].layout.count)
+                unseen = [b for b in have.members() if b not in digests[i]]
+                for b in unseen:
+                    digests[i][b] = (await self.io(sources[i].read_block, b))[1]
+                trusted[i] -= set(unseen)
+
+            def read(f: int, b: int, digest: bytes) -> None:
+                # A block read from the source is no longer one trusted from the journal.
+                digests[f][b] = digest
+                trusted.get(f, set()).discard(b)
+
+            sender.on_read = read
+            sender.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
+                                                             shown(name, entries[f].path))
+            version = 2 if "frames2" in self.remote.features else 1
+            pacer = self.pacer(opened.flow)
+            paths = self.http_paths(streams, lambda path, on_block: upload_stream(
+                self.remote.http, self.remote.session_url("/blocks"), sender, path,
+                headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block,
+                version=version, pacer=pacer))
+            if "acks" in self.remote.features:
+                async def exchange() -> None:
+                    got = await self.control.acks(C.Acks())
+                    sender.acks(got.journaled, got.failed)
+                self.start_acks(exchange)
+            work = _SendWork(sender)
+            plain_roots: dict[int, str] = {}
+            resent: dict[tuple[int, int], int] = {}  # commit said missing, how often
+            while True:
+                if sender.pending:
+                    await self.move(paths, work)
+                self.check_acks()
+                roots = {i: file_digest(entries[i].block_size, entries[i].size,
+                                        (digests[i].get(b, b"")
+                                         for b in range(sources[i].layout.count)))
+                         for i in sources}
+                for s in sources.values():
+                    s.check_unchanged()
+                committed = await self.control.commit(C.CommitRequest(tuple(
+                    C.CommitItem(i, roots[i]) for i in sources if i not in plain_roots)),
+                    {i: s.layout.count for i, s in sources.items()})
+                again: list[tuple[int, int, int]] = []
+                verifying = False
+                for i, r in committed.results.items():
+                    if isinstance(r, A.CommitFailed):
+                        raise TransportError(r.error, status=r.status)
+                    if isinstance(r, A.Committed):
+                        plain_roots[i] = r.root
+                        file = shown(name, tree.entries[i].path)
+                        result.checksums[file] = r.root if not opts.encrypt else \
+                            await self.io(sources[i].plain_root)
+                        result.mark_verified(file, "sampled" if trusted.get(i) else "full")
+                    elif isinstance(r, A.CommitVerifying):
+                        verifying = True  # the daemon is still re-reading its partial: ask again
+                    else:
+                        again.extend((i, a, b) for a, b in r.missing)
+                        for b in [b for b in kept.get(i, set()) if b in r.missing]:
+                            kept[i].discard(b)  # dropped at the daemon: carried after all
+                            progress.unskip(plain_len(entries[i], b))
+                if not again:
+                    if verifying:
+                        continue
+                    break
+                _count_resends(resent, again)
+                log.info("the daemon still misses %d blocks: sending them again",
+                         sum(b - a for _, a, b in again))
+                sender.add_ranges(again)  # acknowledged or not, they are sent again
+            progress.finish()
+        finally:
+            result.sent_bytes = progress.carried  # also when failing: what this run did move
+            result.skipped_bytes = progress.skipped
+            running = reads - {asyncio.current_task()}
+            if running:  # a dead stream may leave a read-ahead running: let it end first
+                await asyncio.wait(running)
+            for s in sources.values():
+                s.close()
+
+    async def _plan_file(self, i: int, entries: list[FileEntry], state: TargetState, path: Path,
+                         rel: str, sources: dict[int, FileSource], trusted: dict[int, set[int]],
+                         progress: Progress) -> C.PlanItem:
+        """Decide file ``i``: skip, fresh or resume (reading the source where the check needs)."""
+        opts, result = self.opts, self.result
+        entry = entries[i]
+        file = shown(self.name, rel)
+        result.content[file] = "envelope" if opts.encrypt else "plain"
+        transform: BlockTransform | None = None
+        if opts.encrypt:
+            if self.ring is None:
+                assert opts.passphrase is not None
+                self.ring = EnvelopeKeyring(opts.passphrase)
+            entry, transform = await self.io(_encrypted_entry, entry, state, self.ring)
+            entries[i] = entry
+        action = overwrite_action(entry, state, opts.overwrite)
+        if action == "compare":
+            local = await self.io(digest_path, path, entry.block_size)
+            action = "skip" if local == state.root else "transfer"
+            if action == "skip":
+                result.checksums[file] = local
+        if action == "skip":
+            result.skipped_files[file] = "exists" if opts.overwrite != "diff" else "unchanged"
+            progress.skip(entry.size)
+            return C.PlanItem(i, "skip")
+        src_file = await self.io(functools.partial(FileSource, path, entry, encode=transform))
+        sources[i] = src_file
+        resume = False
+        if resumable(entry, state) and opts.resume != "none":
+            samples = resume_samples(state.have, opts.resume)
+            fresh = {b: (await self.io(src_file.read_block, b))[1] for b in samples}
+            resume = resume_ok(opts.resume, entry, state, fresh)
+        trusted[i] = trusted_blocks(state.have, opts.resume) if resume else set()
+        return C.PlanItem(i, "resume" if resume else "fresh", entry)
+
+
+def _encrypted_placeholder(entry: FileEntry) -> FileEntry:
+    """Open-time entry: the daemon reports its partial's header, so a resume can reuse the salt."""
+    if entry.is_dir:
+        return entry
+    return FileEntry(entry.path + env.SUFFIX if entry.path else "", "file", size=entry.size,
+                     mtime_ns=entry.mtime_ns, mode=entry.mode, block_size=entry.block_size,
+                     transform="envelope-v1", overhead=env.OVERHEAD)
+
+
+def _encrypted_entry(entry: FileEntry, state: TargetState,
+                     ring: EnvelopeKeyring) -> tuple[FileEntry, BlockTransform]:
+    """The envelope for one file: the partial's header when it is ours to resume (version 1
+    or 2), else a new version 2 one. ``ring`` is the transfer's one keyring: one Argon2id
+    for all its new envelopes (``transport.blocks.keyring``)."""
+    j = state.journal
+    if j and j[:4] == [entry.size, entry.mtime_ns, entry.block_size, "envelope-v1"] and j[4]:
+        try:
+            t = ring.open(bytes.fromhex(str(j[4])))
+            return _with_header(entry, t), t
+        except (TransportError, ValueError):
+            pass  # another passphrase or a damaged header: start this file over
+    t = ring.for_upload(entry.size, entry.block_size)
+    return _with_header(entry, t), t
+
+
+def _with_header(entry: FileEntry, t: BlockTransform) -> FileEntry:
+    return FileEntry(entry.path, "file", size=entry.size, mtime_ns=entry.mtime_ns, mode=entry.mode,
+                     block_size=entry.block_size, header=t.header, overhead=t.overhead,
+                     transform=t.name)

@@ -1,0 +1,231 @@
+"""The sending half of a session: a lease scheduler over the session's sources.
+
+``BlockSender`` replaces the take/put-back queue (``BlockFeed``) with the
+``Scheduler`` of ``transport.blocks.scheduler``: each path leases pieces under
+its own id (an HTTP stream leases whole blocks, one ahead of the socket),
+reports them delivered when they are on the wire, and the receiver's
+acknowledgements retire them: ``ack`` when a block is journaled, ``nack`` when
+it failed its digest or was refused. A path that dies gives everything it held
+back at once (``drop_path``); a lease a path did not deliver in time, or a
+block delivered and never acknowledged, comes back when its deadline passes
+(``expire``, run by the sender's own timer task at ``get_timer()``). So a lost
+block is leased again within one deadline by any live path, not at the next
+commit round.
+
+Reads run in the session's worker threads; a source that fails (changed,
+out of descriptors) fails the sender (``error``): every path ends at its next
+lease and the session reports the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
+
+from transport.blocks.scheduler import Lease, PathTiming, Scheduler
+from transport.blocks.source import FileSource
+from transport.errors import ProtocolError, TransportError
+
+__all__ = ["HTTP_TIMING", "BlockSender", "ReadFn"]
+
+HTTP_TIMING = PathTiming(lease_timeout=60.0, ack_timeout=60.0, reliable=True)
+"""Deadlines of an HTTP stream's leases, in seconds. A stream holds a lease while it
+reads the block and waits for the socket (a 4 MiB block at 1 Mbit/s takes 34 s), so
+the lease timeout is generous; a stream that dies gives its leases back at once
+(``drop_path``), so the deadline is only a safety net. ``ack_timeout`` covers the
+receiver's journal flush (0.5 s) and the acknowledgement's trip back."""
+
+ReadFn = Callable[[int, int, bytes], None]
+"""Called with (file, block, digest) for every block read from a source."""
+
+
+class BlockSender:
+    """Blocks of a session's ``sources`` to send, leased to paths (see the module docstring).
+
+    ``sources`` maps file index -> ``FileSource``. ``want`` ranges are checked
+    against the sources' block counts before any is queued; they are kept as
+    ranges, so wanting every block of a 1 PiB file costs one range.
+    """
+
+    def __init__(self, sources: dict[int, FileSource], executor: Executor, *,
+                 timing: PathTiming = HTTP_TIMING, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.sources = sources
+        self.executor = executor
+        self.sched = Scheduler({i: s.layout for i, s in sources.items()}, default_timing=timing)
+        self.timing = timing
+        self._clock = clock
+        self.sent_bytes = 0
+        self.on_progress: Callable[[int, int], None] | None = None
+        self.on_read: ReadFn | None = None
+        self.error: TransportError | None = None
+        """Why the sender failed (a source changed, the system ran out of descriptors)."""
+        self.closed = False
+        self._changed: asyncio.Event | None = None
+        self._timer: asyncio.Task[None] | None = None
+
+    # -- what to send -----------------------------------------------------------------
+    def block_count(self, file: int) -> int:
+        """Blocks of ``file``; ``ProtocolError`` for a file this sender does not send."""
+        src = self.sources.get(file) if type(file) is int else None
+        if src is None:
+            raise ProtocolError(f"unknown file index {file}")
+        return src.layout.count
+
+    def check_range(self, file: int, start: int, stop: int) -> None:
+        """Raise ``ProtocolError`` unless ``0 <= start < stop <= block_count(file)``."""
+        count = self.block_count(file)
+        if not (type(start) is int and type(stop) is int and 0 <= start < stop <= count):
+            raise ProtocolError(f"blocks [{start}, {stop}) out of range for file {file} "
+                                f"({count} blocks)")
+
+    def add_ranges(self, ranges: Sequence[tuple[int, int, int]]) -> int:
+        """Want ``(file, start, stop)`` half-open block ranges (all checked first). Blocks
+        the receiver lacks although acknowledged or delivered are sent again (``retry``).
+        Returns the number of blocks named."""
+        for f, start, stop in ranges:
+            self.check_range(f, start, stop)
+        for f, start, stop in ranges:
+            self.sched.retry(f, [(start, stop)])
+        self._wake()
+        return sum(stop - start for _, start, stop in ranges)
+
+    @property
+    def pending(self) -> bool:
+        """A path that leased now would get work."""
+        return not self.closed and self.sched.leasable
+
+    @property
+    def done(self) -> bool:
+        """Every wanted block is acknowledged."""
+        return self.sched.done
+
+    # -- paths ------------------------------------------------------------------------
+    def lease(self, path: str) -> Lease | None:
+        """The next piece for ``path`` (HTTP: the rest of a block, normally all of it)."""
+        if self.closed:
+            return None
+        got = self.sched.lease(path, self._clock(), max_pieces=1)
+        if got:
+            self._ensure_timer()
+            return got[0]
+        return None
+
+    async def read(self, lease: Lease) -> tuple[bytes | bytearray | memoryview, bytes | None]:
+        """(the lease's bytes, the block's digest when the lease starts at offset 0), read
+        off the event loop. A source that fails fails the whole sender (``error``)."""
+        if self.error is not None:
+            raise self.error
+        src = self.sources[lease.file]
+        loop = asyncio.get_running_loop()
+        try:
+            data, digest = await loop.run_in_executor(self.executor, src.read_block, lease.block)
+        except TransportError as exc:
+            self.fail(exc)
+            raise
+        if self.on_read is not None:
+            self.on_read(lease.file, lease.block, digest)
+        if lease.offset == 0 and lease.length == len(data):
+            return data, digest
+        view = memoryview(data)[lease.offset:lease.stop]
+        return view, digest if lease.offset == 0 else None
+
+    def delivered(self, lease: Lease) -> None:
+        """The lease's bytes are on the wire."""
+        self.sched.delivered(lease, self._clock())
+        self._wake()  # a stream waiting for others' undelivered leases re-checks
+        self.sent_bytes += lease.length
+        if self.on_progress is not None:
+            self.on_progress(lease.file, lease.length)
+
+    def drop_path(self, path: str) -> int:
+        """``path`` died: everything it held (leased or delivered, not acknowledged) is
+        leased again by the others. Returns how many leases came back."""
+        n = len(self.sched.drop_path(path))
+        if n:
+            self._wake()
+        return n
+
+    # -- the receiver's reports -------------------------------------------------------
+    def ack(self, file: int, block: int) -> bool:
+        """The receiver journaled the block: never send it again (unless ``retry``)."""
+        return self.sched.ack(file, block)
+
+    def ack_lease(self, lease: Lease) -> None:
+        """The receiver has the lease's bytes (a stream that ended with success)."""
+        if lease.offset == 0 and lease.length == self.sources[lease.file].layout.stored_range(
+                lease.block)[1]:
+            self.sched.ack(lease.file, lease.block)
+        else:
+            self.sched.received(lease.file, lease.block, [(lease.offset, lease.stop)],
+                                self._clock())
+
+    def nack(self, file: int, block: int) -> None:
+        """The receiver discarded the block (failed digest, refused, evicted): resend it."""
+        if self.sched.nack(file, block, None):
+            self._wake()
+
+    def acks(self, journaled: Iterable[tuple[int, int, int]],
+             failed: Iterable[tuple[int, int, int]]) -> int:
+        """A receiver's report: ``(file, start, stop)`` ranges journaled and failed (each
+        checked against its file). Returns how many blocks it retired."""
+        journaled, failed = list(journaled), list(failed)
+        for f, a, b in journaled + failed:
+            self.check_range(f, a, b)
+        n = sum(self.sched.ack(f, k) for f, a, b in journaled for k in range(a, b))
+        for f, a, b in failed:
+            for k in range(a, b):
+                self.nack(f, k)
+        return n
+
+    # -- time and waiting -------------------------------------------------------------
+    def _ensure_timer(self) -> None:
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.get_running_loop().create_task(self._expire_on_time())
+
+    async def _expire_on_time(self) -> None:
+        """Re-queue leases past their deadline when ``get_timer`` says (a lost block comes
+        back within one deadline, whatever the paths are doing)."""
+        while not self.closed:
+            when = self.sched.get_timer()
+            if when is None:
+                return  # started again by the next lease
+            # at most 1 s: a nearer deadline may appear meanwhile (a block's ack timer)
+            await asyncio.sleep(min(1.0, max(0.0, when - self._clock()) + 0.001))
+            if self.sched.expire(self._clock()):
+                self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Wait until work may have come back (a nack, a dead path, an expiry, a want) or
+        ``timeout`` seconds; True when something changed."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- end --------------------------------------------------------------------------
+    def fail(self, error: TransportError) -> None:
+        """Stop sending for good because of ``error`` (the first one is kept)."""
+        if self.error is None:
+            self.error = error
+        self.closed = True
+        self._wake()
+
+    def close(self) -> None:
+        """End the sender and give back every source's descriptor."""
+        self.closed = True
+        self._wake()
+        if self._timer is not None:
+            self._timer.cancel()
+        for s in self.sources.values():
+            s.close()
