@@ -67,3 +67,34 @@ def test_parse_ranges_bounds_count() -> None:
     with pytest.raises(ProtocolError):
         parse_ranges([[0, 1]] * 11, limit=10, max_ranges=10)
     assert parse_ranges([[0, 2], [1, 5]], limit=10).to_list() == [(0, 5)]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_bulk_update_and_difference_match_a_set(seed: int) -> None:
+    """Many ranges at once take the one-pass paths (merge, linear subtraction)."""
+    rng = random.Random(seed)
+    rs, ref = RangeSet(), set()
+    for _ in range(20):
+        pairs = [(a, a + rng.randrange(1, 6)) for a in rng.sample(range(400), 40)]
+        if rng.random() < 0.5:
+            rs.update(pairs)
+            for a, b in pairs:
+                ref.update(range(a, b))
+        else:
+            rs.difference_update(pairs)
+            for a, b in pairs:
+                ref.difference_update(range(a, b))
+        assert _members(rs) == ref
+        ranges = list(rs)
+        for (s1, e1), (s2, _) in zip(ranges, ranges[1:], strict=False):
+            assert s1 < e1 < s2
+
+
+def test_difference_of_many_ranges_is_fast() -> None:
+    import time
+
+    big = RangeSet()
+    big.merge((2 * k, 2 * k + 1) for k in range(65536))
+    t0 = time.monotonic()
+    big.difference_update(RangeSet((2 * k, 2 * k + 1) for k in range(0, 65536, 2)))
+    assert big.count == 32768 and time.monotonic() - t0 < 1.0

@@ -19,6 +19,9 @@ from transport.errors import ProtocolError
 
 __all__ = ["RangeSet", "parse_ranges"]
 
+_FEW = 8
+"""Up to this many ranges, ``update``/``difference_update`` work range by range."""
+
 
 class RangeSet:
     """Sorted, disjoint, non-adjacent half-open ranges ``[start, stop)`` of ints.
@@ -147,7 +150,12 @@ class RangeSet:
         return start, stop
 
     def update(self, other: Iterable[tuple[int, int]]) -> None:
-        for a, b in other:
+        """Add every range of ``other``: one at a time for a few, ``merge`` for many."""
+        pairs = list(other)
+        if len(pairs) > _FEW:
+            self.merge(pairs)
+            return
+        for a, b in pairs:
             self.add(a, b)
 
     def merge(self, other: Iterable[tuple[int, int]]) -> None:
@@ -168,8 +176,36 @@ class RangeSet:
         self._starts, self._stops = starts, stops
 
     def difference_update(self, other: Iterable[tuple[int, int]]) -> None:
-        for a, b in other:
-            self.discard(a, b)
+        """Remove every range of ``other``. A few are discarded one by one; many are
+        subtracted in one walk over both sorted lists, O((n + m) log m), so subtracting a
+        set of 65,536 ranges from another does not cost a list deletion per range."""
+        pairs = list(other)
+        if len(pairs) <= _FEW:
+            for a, b in pairs:
+                self.discard(a, b)
+            return
+        cut = RangeSet()
+        cut.merge(pairs)  # sorted, disjoint
+        cs, ce = cut._starts, cut._stops
+        starts: list[int] = []
+        stops: list[int] = []
+        j, n = 0, len(cs)
+        for s, e in zip(self._starts, self._stops, strict=True):
+            while j < n and ce[j] <= s:
+                j += 1
+            cur, k = s, j
+            while k < n and cs[k] < e:
+                if cs[k] > cur:
+                    starts.append(cur)
+                    stops.append(cs[k])
+                cur = max(cur, ce[k])
+                if ce[k] >= e:
+                    break
+                k += 1
+            if cur < e:
+                starts.append(cur)
+                stops.append(e)
+        self._starts, self._stops = starts, stops
 
     def complement(self, start: int, stop: int) -> RangeSet:
         """The members of ``[start, stop)`` that are *not* in the set."""

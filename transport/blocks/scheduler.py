@@ -276,12 +276,7 @@ class Scheduler:
         """Add blocks ``[start, stop)`` of ``file`` to send; returns how many were new.
 
         Blocks already wanted or acked are not added again."""
-        lay = self._layout(file)
-        new = RangeSet()
-        for a, b in ranges:
-            if not 0 <= a < b <= lay.count:
-                raise ProtocolError(f"blocks [{a}, {b}) outside file {file} ({lay.count} blocks)")
-            new.add(a, b)
+        new = self._checked(file, ranges)
         new.difference_update(self._wanted[file])
         self._wanted[file].update(new)
         new.difference_update(self._acked[file])
@@ -291,18 +286,25 @@ class Scheduler:
             self._outstanding += new.count
         return new.count
 
+    def _checked(self, file: int, ranges: Iterable[tuple[int, int]]) -> RangeSet:
+        """``ranges`` of ``file`` as a set, each checked against its block count (one sort,
+        not an insertion per range: a peer may name 65,536 ranges in the worst order)."""
+        count = self._layout(file).count
+        pairs = list(ranges)
+        for a, b in pairs:
+            if not 0 <= a < b <= count:
+                raise ProtocolError(f"blocks [{a}, {b}) outside file {file} ({count} blocks)")
+        out = RangeSet()
+        out.merge(pairs)
+        return out
+
     def retry(self, file: int, ranges: Iterable[tuple[int, int]]) -> int:
         """The receiver lacks blocks ``[start, stop)`` although they were acked or delivered
         (a receiver that acknowledged by delivery and lost them, or dropped them after a
         failed re-verification): want them again. Acked blocks come back as new work, blocks
         delivered and awaiting their ack are sent again now, the others are wanted as usual.
         Returns how many blocks come back or are new. Costs O(ranges + started blocks)."""
-        lay = self._layout(file)
-        again = RangeSet()
-        for a, b in ranges:
-            if not 0 <= a < b <= lay.count:
-                raise ProtocolError(f"blocks [{a}, {b}) outside file {file} ({lay.count} blocks)")
-            again.add(a, b)
+        again = self._checked(file, ranges)
         not_acked = again.copy()
         not_acked.difference_update(self._acked[file])
         back = again.copy()

@@ -85,10 +85,12 @@ class BlockSender:
         """Want ``(file, start, stop)`` half-open block ranges (all checked first). Blocks
         the receiver lacks although acknowledged or delivered are sent again (``retry``).
         Returns the number of blocks named."""
+        by_file: dict[int, list[tuple[int, int]]] = {}
         for f, start, stop in ranges:
             self.check_range(f, start, stop)
-        for f, start, stop in ranges:
-            self.sched.retry(f, [(start, stop)])
+            by_file.setdefault(f, []).append((start, stop))
+        for f, pairs in by_file.items():  # one call per file: its ranges merge in one pass
+            self.sched.retry(f, pairs)
         self._wake()
         return sum(stop - start for _, start, stop in ranges)
 
