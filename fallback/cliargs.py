@@ -153,7 +153,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     """The top-level parser and every (sub)command's parser by name (``config validate``)."""
     p = Parser(prog="fallback", formatter_class=_Formatter, description=(
         "Bulk file transfer with resumable, verified HTTP(S) streams "
-        "(UDP path: coming in #4)."), epilog=EXIT_STATUS + "\n\nRun 'fallback COMMAND --help' "
+        "(UDP path: coming in #12)."), epilog=EXIT_STATUS + "\n\nRun 'fallback COMMAND --help' "
         "for a command's options, environment and examples.")
     p.add_argument("-V", "--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
@@ -183,7 +183,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     s.add_argument("--https-port", type=_port, metavar="PORT",
                    help="HTTPS port, overriding <https_port> (and enabling HTTPS)")
     s.add_argument("--udp-port", type=_port, metavar="PORT",
-                   help="UDP port, overriding <bind_udp_port> (the UDP path is issue #4)")
+                   help="UDP port, overriding <bind_udp_port> (the UDP path is issue #12)")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parsers["serve"] = s
 
@@ -197,7 +197,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     t.add_argument("dst", help="local path or URL")
     t.add_argument("--transport", default="auto", choices=["auto", "udp", "http", "https"],
                    help="auto: the URL's scheme; http/https: that scheme on the daemon's port "
-                        "for it; udp: not built yet (#4)")
+                        "for it; udp: not wired in yet (#12)")
     t.add_argument("--streams", type=int, default=4,
                    help="parallel HTTP streams (1-64; the daemon caps it with streams_max)")
     t.add_argument("--resume", default=DEFAULT_RESUME, choices=list(RESUME_MODES),

@@ -101,7 +101,7 @@ def run_demo(size: int, streams: int = 4) -> int:
                                 streams=streams, **fp_opt)  # type: ignore[arg-type]
                 ok &= _row("download", down, _sha256(back) == digest)
                 back.unlink()
-            print("UDP (port 33001): not built yet (issue #4); HTTPS and HTTP shown above.")
+            print("UDP (port 33001): its core is built (transport/udp) but not wired in yet (issue #12); HTTPS and HTTP shown above.")
             return 0 if ok else 1
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -169,7 +169,7 @@ class Remote:
             why = exc.strerror or getattr(exc, "reason", None) or exc
             raise UsageError(f"--cacert {cacert}: cannot load CA certificate: {why}") from None
         if transport in ("udp",):
-            raise UsageError("the UDP transport is not available yet (issue #4); use auto, http or https")
+            raise UsageError("the UDP transport is not wired in yet (issue #12); use auto, http or https")
         explicit = cacert is not None or fingerprint is not None or insecure
 
         def trust(port: int) -> tuple[Any, KnownHost | None]:
