@@ -4,6 +4,10 @@ Fairness needs each flow's share *while both run*; file sizes and finish times c
 The kernel's per-socket ``bytes_received`` can: sample ``ss -tinp`` on the client side, group
 sockets by owning pid, and difference the samples over the window.  Sockets that close during
 the window keep their last sample (at most one sampling period is lost).
+
+UDP clients (ours over UDP) have no kernel byte counter per flow: their bytes are the file
+bytes that landed in their destination directory (``measure.tree_bytes``: allocated blocks,
+so holes of a sparse part file do not count), sampled the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.site import Site
 
@@ -82,8 +87,14 @@ class Concurrent:
 
 
 def run_concurrent(site: Site, argvs: Sequence[Sequence[str]], total_s: float, warmup_s: float,
-                   env: dict[str, str] | None = None, log_prefix: str = "") -> Concurrent:
-    """Start every argv on the client side at once; measure [warmup, total]; stop them all."""
+                   env: dict[str, str] | None = None, log_prefix: str = "",
+                   dirs: Sequence[Path | None] | None = None) -> Concurrent:
+    """Start every argv on the client side at once; measure [warmup, total]; stop them all.
+
+    *dirs*: per argv, a destination directory whose landed bytes count as that client's
+    (UDP clients), or None to count its TCP sockets' ``bytes_received``."""
+    from bench.peers.measure import tree_bytes
+
     procs = []
     for i, a in enumerate(argvs):
         err = open(f"{log_prefix}{i}.err", "wb") if log_prefix else None  # noqa: SIM115
@@ -100,6 +111,14 @@ def run_concurrent(site: Site, argvs: Sequence[Sequence[str]], total_s: float, w
     waiters = [threading.Thread(target=reap, args=(p.pid,), daemon=True) for p in procs]
     for w in waiters:
         w.start()
+    by_dir = {p.pid: d for p, d in zip(procs, dirs or [None] * len(procs), strict=True) if d}
+
+    def snap() -> dict[tuple[str, str], tuple[set[int], int]]:
+        out = {k: v for k, v in sample(site).items() if not v[0] & by_dir.keys()}
+        for pid, d in by_dir.items():
+            out[("dir", str(d))] = ({pid}, tree_bytes(d))
+        return out
+
     win = FlowWindow()
     t_start = time.monotonic()
     end = t_start + total_s
@@ -107,11 +126,11 @@ def run_concurrent(site: Site, argvs: Sequence[Sequence[str]], total_s: float, w
     while time.monotonic() < end:
         now = time.monotonic()
         if not opened and now - t_start >= warmup_s:
-            win.feed(sample(site), opening=True)
+            win.feed(snap(), opening=True)
             win.t0 = time.monotonic()
             opened = True
         elif opened:
-            win.feed(sample(site), opening=False)
+            win.feed(snap(), opening=False)
             win.t1 = time.monotonic()
         if all(not w.is_alive() for w in waiters):
             break

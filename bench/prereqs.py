@@ -23,6 +23,7 @@ PACKAGES: dict[str, str] = {
     "aria2c": "aria2",
     "iperf3": "iperf3",
     "openssl": "openssl",
+    "rsync": "rsync",
 }
 """Each tool and the Debian package that provides it."""
 
@@ -32,6 +33,7 @@ PEER_TOOLS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tar+curl*", ("curl", *_NGINX)),
     ("aria2c*", ("aria2c", *_NGINX)),
     ("iperf3*", ("iperf3",)),
+    ("rsync*", ("rsync",)),
     ("ours*", ()),
 )
 """Peer keys (shell globs, as ``--peers`` takes them) and the tools each needs."""

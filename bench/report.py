@@ -29,9 +29,14 @@ COLUMNS = (
     ("crss", "client peak RSS MB"),
     ("srss", "server peak RSS MB"),
     ("resent", "re-sent MB"),
+    ("uretx", "UDP re-sent MB"),
+    ("redund", "redundancy %"),
+    ("uloss", "UDP loss %"),
+    ("urtt", "UDP rtt ms"),
     ("late", "emu late p99 ms"),
     ("ecpu", "emu CPU %"),
     ("steal", "VM steal %"),
+    ("load", "load 1m"),
     ("note", "note"),
 )
 
@@ -61,9 +66,14 @@ def row_cells(r: PeerResult) -> dict[str, str]:
         "crss": _f(r.client_rss_mb),
         "srss": _f(r.server_rss_mb),
         "resent": _f(resent / 1e6 if resent is not None else None, 2),
+        "uretx": _f(r.udp_resent_bytes / 1e6 if r.udp_resent_bytes is not None else None, 2),
+        "redund": _f(r.redundancy_pct, 2),
+        "uloss": _f(r.udp_loss_pct, 2),
+        "urtt": _f(r.udp_rtt_ms),
         "late": _f(r.emu.get("late_p99_ms"), 2),
         "ecpu": _f(r.emu.get("cpu_pct")),
         "steal": _f(r.emu.get("steal_pct")),
+        "load": _f(r.load_avg),
         "note": r.note.replace("\n", " "),
     }
 
@@ -187,7 +197,7 @@ def _loss_plot(out: Path, results: Sequence[PeerResult], plt: Any) -> list[Path]
     grid: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for r in results:
         parts = r.scenario.split("-")
-        if len(parts) != 4 or parts[0] != "wan" or r.goodput_mbps is None:
+        if len(parts) != 4 or parts[:2] != ["wan", "100M"] or r.goodput_mbps is None:
             continue
         rtt, loss = parts[2], float(parts[3].removesuffix("pct"))
         key = f"{r.peer} {r.direction}"

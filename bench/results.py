@@ -32,12 +32,20 @@ class PeerResult:
     app_resent_bytes: int | None = None
     files: int | None = None
     share_pct: float | None = None
+    udp_resent_bytes: int | None = None  # UDP rows: piece bytes the sender sent again
+    udp_loss_pct: float | None = None  # UDP rows: datagrams declared lost, % (sender's view)
+    udp_rtt_ms: float | None = None  # UDP rows: smoothed RTT of the path
+    load_avg: float | None = None  # the host's 1-minute load average when the row ended
+    published_mbps: float | None = None  # a vendor's published figure (status "published")
     emu: dict[str, Any] = field(default_factory=dict)
     note: str = ""
 
     @property
     def goodput_mbps(self) -> float | None:
-        """File bytes over wall time, in Mbit/s (None when nothing was measured)."""
+        """File bytes over wall time, in Mbit/s (None when nothing was measured); a
+        published row gives the published figure."""
+        if self.status == "published":
+            return self.published_mbps
         if self.status in ("skipped", "failed") or self.seconds <= 0:
             return None
         return self.bytes * 8 / self.seconds / 1e6
@@ -49,6 +57,13 @@ class PeerResult:
         if g is None or not self.link_mbit:
             return None
         return 100.0 * g / self.link_mbit
+
+    @property
+    def redundancy_pct(self) -> float | None:
+        """UDP rows: bytes sent again as a share of the file bytes moved, in %."""
+        if self.udp_resent_bytes is None or self.bytes <= 0:
+            return None
+        return 100.0 * self.udp_resent_bytes / self.bytes
 
     def cpu_per_gb(self, side: str) -> float | None:
         """CPU seconds per GB moved on the client ("client") or server ("server") side."""
@@ -72,6 +87,7 @@ class PeerResult:
         d["client_cpu_s_per_gb"] = self.cpu_per_gb("client")
         d["server_cpu_s_per_gb"] = self.cpu_per_gb("server")
         d["files_per_s"] = self.files_per_s
+        d["redundancy_pct"] = self.redundancy_pct
         return d
 
     def sane(self) -> bool:

@@ -61,6 +61,9 @@ class RunOptions:
     work_base: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
     keep_work: bool = False
     missing: tuple[str, ...] | None = None  # reference tools not installed; None: look
+    # Issue 12: the UDP rows move 400 MB and up, so ramp-up is amortised as a user's would be
+    # (the other peers keep link rate x data_seconds). 0 under --quick / tiny.
+    udp_min_bytes: int = 400_000_000
 
     @classmethod
     def make(cls, out: Path, quick: bool = False, tiny: bool = False, **kw: Any) -> RunOptions:
@@ -69,6 +72,7 @@ class RunOptions:
         if quick or tiny:
             o.loopback_bytes, o.data_seconds, o.iperf_s, o.cap_s = 256 * MiB, 4.0, 8.0, 25.0
             o.concurrent_s, o.small_files, o.small_cap_s = 15.0, 2000, 40.0
+            o.udp_min_bytes = 0
         if tiny:
             o.loopback_bytes, o.data_seconds, o.iperf_s, o.cap_s = 32 * MiB, 1.5, 3.0, 15.0
             o.concurrent_s, o.small_files, o.small_cap_s = 8.0, 300, 20.0
@@ -145,9 +149,21 @@ class Runner:
         return name, size
 
     def size_for(self, rate_mbit: float) -> int:
-        """File size that takes about ``data_seconds`` at the link rate (whole MiB, >= 4 MiB)."""
+        """File size that takes about ``data_seconds`` at the link rate (whole MiB, >= 4 MiB,
+        at most 1 GiB: on a 1 Gbit/s link the peers reach a fraction of the rate, and a
+        2.5 GB file would only hit the time cap)."""
         raw = rate_mbit * 1e6 / 8 * self.opts.data_seconds
-        return max(4, round(raw / MiB)) * MiB
+        return min(1024, max(4, round(raw / MiB))) * MiB
+
+    def udp_size_for(self, rate_mbit: float) -> int:
+        """The UDP rows' file: ``size_for`` but at least ``udp_min_bytes`` (whole MiB)."""
+        least = -(-self.opts.udp_min_bytes // MiB) * MiB
+        return max(self.size_for(rate_mbit), least)
+
+    def udp_cap_s(self, size: int, rate_mbit: float) -> float:
+        """Time cap of a UDP row: 2.5 x the file's time at the link rate plus 15 s of
+        start-up, never below the scenario cap (400 MB at 100 Mbit/s: 95 s)."""
+        return max(self.opts.cap_s, 2.5 * size * 8 / (rate_mbit * 1e6) + 15.0)
 
     # -- scenarios -------------------------------------------------------------------------
     def run(self, scenarios: list[Scenario]) -> list[PeerResult]:
@@ -168,6 +184,13 @@ class Runner:
         """Dispatch on the scenario kind."""
         if sc.kind == "pending":
             self.results.append(PeerResult(sc.name, "ours", "-", status="skipped", note=sc.needs))
+            return
+        if sc.kind == "udp-loopback":
+            from bench.udp_loopback import scenario_rows
+
+            mb = 16 if self.opts.loopback_bytes <= 32 * MiB else (
+                128 if self.opts.loopback_bytes <= 256 * MiB else 477)
+            self.results += scenario_rows(sc.name, mb, self.opts.wants, log=log)
             return
         if sc.kind == "loopback":
             site = Site("loopback", "127.0.0.1", self.work)
@@ -220,6 +243,9 @@ class Runner:
         finally:
             if srv.ours:
                 srv.ours.stop()
+                logs = self.opts.out / "logs" / sc.name
+                logs.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(srv.ours.log_path, logs / "daemon.out")  # UDP paths' figures
             if srv.nginx:
                 srv.nginx.stop()
             if iperf_proc and iperf_proc.poll() is None:
@@ -256,6 +282,7 @@ class Runner:
                 r = fn()
             except Exception as exc:  # noqa: BLE001 - a broken peer becomes a failed row
                 r = PeerResult(sc.name, key, status="failed", note=f"{exc}"[:200])
+            r.load_avg = os.getloadavg()[0]  # a shared 2-core host: every row says how busy
             self.results.append(r)
             g = r.goodput_mbps
             log(f"   {key:<16} {r.status:<7} "
@@ -300,6 +327,8 @@ class Runner:
 
     def wan_peers(self, site: Site, sc: Scenario, srv: Servers) -> None:
         """Every peer in turn over the same emulated link."""
+        from bench.peers.quicwan import quic_download
+
         name, size = self.data_file(self.size_for(sc.rate_mbit))
         ctx = self.ctx(sc)
         ng, ip = srv.nginx, srv.iperf_probe  # None when missing: play() skips their peers
@@ -310,6 +339,29 @@ class Runner:
             ("curl-http", lambda: curl_download(site, ctx, ng, name, size, https=False)),
             ("curl-https", lambda: curl_download(site, ctx, ng, name, size, https=True)),
             ("aria2c-x8", lambda: aria2_download(site, ctx, ng, name, size)),
+            ("aioquic-udp", lambda: quic_download(site, ctx, size)),
         ]
         plan += self.ours_plan(site, ctx, srv, name, size, uploads=(False, True))
+        plan += self.udp_plan(site, sc, ctx, srv)
         self.play(sc, plan, srv)
+        if sc.published_mbps and self.opts.wants(sc.published_peer):
+            self.results.append(PeerResult(
+                sc.name, sc.published_peer, "down", status="published", link_mbit=sc.rate_mbit,
+                published_mbps=sc.published_mbps, note=sc.published_note))
+
+    def udp_plan(self, site: Site, sc: Scenario, ctx: Ctx, srv: Servers) -> list[
+            tuple[str, Callable[[], PeerResult]]]:
+        """``ours-udp`` download and ``ours-udp-up`` upload of a >= 400 MB file (issue 12)."""
+        if not (self.opts.wants("ours-udp") or self.opts.wants("ours-udp-up")):
+            return []
+        name, size = self.data_file(self.udp_size_for(sc.rate_mbit))
+        cap = self.udp_cap_s(size, sc.rate_mbit)
+
+        def run(upload: bool) -> PeerResult:
+            assert srv.ours is not None
+            return ours_mod.ours_transfer(
+                site, ctx, srv.ours, upload=upload, https=True,
+                src=self.docroot / name if upload else name, expected=size, udp=True,
+                cap_s=cap)
+
+        return [("ours-udp", lambda: run(False)), ("ours-udp-up", lambda: run(True))]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 class Scenario:
     """A named link plus what to run over it.
 
-    kind: ``loopback`` (no emulator), ``wan`` (every peer in turn), ``fairness`` (two of ours at
+    kind: ``loopback`` (no emulator), ``udp-loopback`` (the UDP path against aioquic and
+    qh3 on loopback, ``bench.udp_loopback.compare``), ``wan`` (every peer in turn), ``fairness`` (two of ours at
     once), ``tcp-friendly`` (ours beside iperf3 cubic), ``small-files``, ``pending`` (listed
     but not runnable yet; ``needs`` says why).
     """
@@ -23,11 +24,14 @@ class Scenario:
     loss_pct: float = 0.0
     needs: str = ""
     about: str = ""
+    published_mbps: float = 0.0  # a vendor's published figure shown beside the rows
+    published_peer: str = ""
+    published_note: str = ""
 
     @property
     def emulated(self) -> bool:
         """True when the scenario runs across the link emulator."""
-        return self.kind not in ("loopback", "pending")
+        return self.kind not in ("loopback", "udp-loopback", "pending")
 
 
 def _fmt(x: float) -> str:
@@ -36,11 +40,19 @@ def _fmt(x: float) -> str:
 
 def all_scenarios() -> list[Scenario]:
     """Every scenario, in report order."""
-    out = [Scenario("loopback", "loopback", about="no emulator; 2 GiB file; CPU-bound ceiling")]
+    out = [Scenario("loopback", "loopback", about="no emulator; 2 GiB file; CPU-bound ceiling"),
+           Scenario("udp-loopback", "udp-loopback",
+                    about="UDP path vs aioquic and qh3, 500 MB each, encrypted, no emulator")]
     for rtt in (10, 100, 300):
         for loss in (0, 0.1, 1, 2):
             out.append(Scenario(f"wan-100M-{rtt}ms-{_fmt(loss)}pct", "wan", 100, rtt, loss))
+    out.insert(len(out) - 4, Scenario("wan-100M-200ms-2pct", "wan", 100, 200, 2,
+                                      about="issue 12's 200 ms / 2 % goal"))
     out += [
+        Scenario("wan-1G-200ms-2pct", "wan", 1000, 200, 2,
+                 about="FASP's published case (ANCHORS.md): 505 Mbit/s",
+                 published_mbps=505.0, published_peer="fasp-published",
+                 published_note="published by IBM Aspera (ANCHORS.md), not measured here"),
         Scenario("sat-20M-600ms-0.5pct", "wan", 20, 600, 0.5, about="geostationary satellite"),
         Scenario("lossy-100M-300ms-5pct", "wan", 100, 300, 5, about="very lossy long path"),
         Scenario("fairness", "fairness", 100, 50, 0,
@@ -48,9 +60,11 @@ def all_scenarios() -> list[Scenario]:
         Scenario("tcp-friendly", "tcp-friendly", 100, 50, 0,
                  about="our transfer beside one iperf3 cubic flow; share of each"),
         Scenario("small-files", "small-files", 100, 10, 0,
-                 about="10,000 x 8 KiB upload; files/s vs tar|curl -T and per-file curl -T"),
-        Scenario("failover", "pending", 100, 100, 1, needs="needs UDP path (#5)",
-                 about="UDP blocked mid-transfer, HTTPS takes over"),
+                 about="10,000 x 8 KiB up and down; files/s vs rsync -a (rsync daemon), "
+                       "tar|curl -T and per-file curl -T"),
+        Scenario("failover", "pending", 100, 100, 0,
+                 needs="runs on its own: python -m bench.failover --out DIR",
+                 about="UDP blocked at 30 % of a download, unblocked at 60 %"),
     ]
     return out
 

@@ -2,7 +2,7 @@
 
 Exit codes (a public contract, only ever added to): 0 success, 1 the transfer (or
 daemon) failed, 2 bad usage or bad config, 3 the daemon refused the credentials
-(HTTP 401), 130 interrupted by Ctrl-C. With ``--json`` the last line of standard
+(HTTP 401) or the proxy its credentials (407), 130 interrupted by Ctrl-C. With ``--json`` the last line of standard
 output is one JSON object whose keys are only ever added to, never renamed; a
 usage error too prints one, ``{"ok": false, "error": ...}``.
 """
@@ -29,22 +29,22 @@ from fallback.cliargs import (
     Parser,
     parse,
 )
+from fallback.clisources import STDIO, Job
 from fallback.errors import FallbackError, TransferError, UsageError
+from fallback.remote import is_url
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
-from transport.errors import TransportError
+from transport.errors import BadPassphrase, TransportError
 
 if TYPE_CHECKING:
+    from fallback.client.options import Options
     from fallback.config import Config
+    from fallback.result import TransferResult
 
 
 def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise UsageError(f"bad size {text!r} (examples: 4096, 64K, 4M, 2G)") from None
+    from fallback.client.sizes import parse_size as parse
+
+    return parse(text, "size")
 
 
 def _passphrase(confirm: bool) -> str:
@@ -87,27 +87,29 @@ def _setup_logging(verbosity: int, quiet: bool) -> None:
             except Exception:  # noqa: BLE001 - logging must never break a transfer
                 self.handleError(record)
 
-    logger = logging.getLogger("fallback.client")
-    logger.handlers[:] = [Stderr()]
-    logger.propagate = False
     level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(
         verbosity, logging.DEBUG)
-    logger.setLevel(level)
+    for name in ("fallback.client", "fallback.udp"):  # the UDP path's pump logs as the latter
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [Stderr()]
+        logger.propagate = False
+        logger.setLevel(level)
 
 
-def _credentials(a: argparse.Namespace) -> tuple[str | None, str | None]:
+def _credentials(a: argparse.Namespace, ends: list[str]) -> tuple[str | None, str | None]:
     """User and password for the transfer's URL, in the documented order (see
-    ``fallback.credentials``), ending with a prompt on a terminal (as scp does)."""
+    ``fallback.credentials``), ending with a prompt on a terminal (as scp does). Several
+    URLs (several remote sources) share the first one's host and credentials."""
     from fallback.credentials import resolve
     from fallback.remote import is_url, parse_url
 
-    ends = [x for x in (a.src, a.dst) if is_url(x)]
-    if len(ends) != 1:
+    urls = [x for x in ends if is_url(x)]
+    if not urls:
         return a.user, None  # the engine says what is wrong with the ends
-    url = parse_url(ends[0])
+    url = parse_url(urls[0])
     creds = resolve(url.host, a.user or url.user, url.password, password_file=a.password_file)
     pw, source = creds.password, creds.source
-    if pw is None and creds.user and sys.stdin.isatty():
+    if pw is None and creds.user and sys.stdin.isatty() and STDIO not in ends[:-1]:
         pw, source = getpass.getpass(f"{creds.user}@{url.host}'s password: "), "prompt"
     if pw is not None:
         logging.getLogger("fallback.client").debug("password from %s", source)
@@ -145,17 +147,21 @@ def _offer_trust(exc: BaseException | None, a: argparse.Namespace) -> bool:
     return True
 
 
-def _fail_json(exc: TransferError) -> dict[str, object]:
-    res = exc.result
-    return res.to_json() if res is not None else {  # type: ignore[attr-defined]
-        "ok": False, "error": exc.message}
-
-
 def cmd_transfer(a: argparse.Namespace) -> int:
-    from fallback.engine import transfer
-    from fallback.known_hosts import CertificateChanged, CertificateNotTrusted
-    from fallback.progress import ProgressPrinter
+    from fallback.clisources import plan_jobs, read_file_list, with_port
 
+    positional = list(a.paths)
+    listed = read_file_list(a.file_list) if a.file_list else []
+    if not listed and len(positional) < 2:
+        raise UsageError("give SRC... DST (or --file-list FILE DST)")
+    dst = with_port(positional[-1], a.port)
+    sources = [with_port(x, a.port) for x in positional[:-1] + listed]
+    jobs = plan_jobs(sources, dst, a.src_base)
+    if dst == STDIO and a.json:
+        raise UsageError("--json cannot share standard output with the file (- as DST)")
+    if a.remove_after_transfer and jobs[0].src != STDIO and is_url(jobs[0].src):
+        raise UsageError("--remove-after-transfer applies to uploads (the daemon does not "
+                         "remove its files)")
     _setup_logging(a.verbose, a.quiet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if a.quiet else "default")
@@ -164,21 +170,96 @@ def cmd_transfer(a: argparse.Namespace) -> int:
         # as one plain line, not a second time with a source location.
         warnings.filterwarnings("ignore", category=ResourceWarning)
         warnings.filterwarnings("ignore", message="--insecure", category=UserWarning)
-        user, password = _credentials(a)
+        user, password = _credentials(a, [*sources, dst])
         opts_kw = dict(transport=a.transport, streams=a.streams, resume=a.resume,
                        overwrite=a.overwrite, cacert=a.cacert, fingerprint=a.fingerprint,
                        insecure=a.insecure, user=user, password=password, encrypt=a.encrypt,
                        decrypt=a.decrypt, fsync=not a.no_fsync, target_rate=a.target_rate,
-                       min_rate=a.min_rate, policy=a.policy,
+                       min_rate=a.min_rate, policy=a.policy, udp_port=a.udp_port,
+                       symbolic_links=a.symbolic_links, filters=tuple(a.filters or ()),
+                       dry_run=a.dry_run, proxy=a.proxy,
+                       fallback=not a.no_fallback, fallback_port=a.fallback_port,
+                       connect_timeout=a.connect_timeout, retries=a.retries,
+                       retry_timeout=a.retry_timeout, udp_probe_timeout=a.udp_probe_timeout,
+                       udp_lost_after=a.udp_lost_after,
                        block_size=_block_size(a.block_size) if a.block_size else DEFAULT_BLOCK_SIZE)
+        if a.datagram_size is not None:
+            opts_kw["datagram_size"] = a.datagram_size
         if a.insecure and not a.quiet:
             print("warning: --insecure: the server certificate is not verified", file=sys.stderr)
         if a.encrypt or a.decrypt:
             opts_kw["passphrase"] = _passphrase(confirm=a.encrypt)
+        from fallback.engine import Options
+
+        opts = Options.from_keywords(None, opts_kw)  # a UsageError here: nothing attempted
+        from transport.udp.sockopt import BULK_MMAP_THRESHOLD, tune_malloc
+
+        tune_malloc(BULK_MMAP_THRESHOLD)  # block reads and stream chunks reuse the heap
+        return _run_jobs(a, jobs, opts)
+
+
+def _run_jobs(a: argparse.Namespace, jobs: list[Job], opts: Options) -> int:
+    """Run each job in turn (a failed one does not stop the others, as scp goes on; a
+    refused login or certificate does), then print one merged result."""
+    import time
+
+    from fallback.clisources import merge
+
+    t0 = time.monotonic()
+    done: list[tuple[Job, TransferResult]] = []
+    code = EXIT_OK
+    for k, job in enumerate(jobs):
+        if len(jobs) > 1:
+            logging.getLogger("fallback.client").info("source %d of %d: %s", k + 1, len(jobs),
+                                                      job.src)
+        res, rc = _run_one(a, job, opts)
+        done.append((job, res))
+        if rc != EXIT_OK:
+            code = rc
+            if rc == EXIT_AUTH or (res.error or "").startswith("TLS"):
+                break
+    result = merge(done, time.monotonic() - t0)
+    if a.json:
+        print(json.dumps(result.to_json()))
+    if code != EXIT_OK:
+        if len(jobs) > 1:
+            failed = [j.src for j, r in done if not r.ok]
+            print(f"error: {len(failed)} of {len(jobs)} sources failed: {', '.join(failed)}",
+                  file=sys.stderr)
+        return code
+    if not a.quiet and not a.json:
+        out = sys.stderr if jobs[0].dst == STDIO else sys.stdout
+        for line in summary(result):
+            print(line, file=out)
+    return EXIT_OK
+
+
+def _run_one(a: argparse.Namespace, job: Job, opts: Options) -> tuple[TransferResult, int]:
+    """One transfer (``-`` as either end handled here), with the trust-on-first-use retry;
+    failures are printed and returned as an exit code with the result so far."""
+    from contextlib import ExitStack
+
+    from fallback.clisources import copy_to_stdout, spool_stdin, stdout_target
+    from fallback.engine import transfer
+    from fallback.known_hosts import CertificateChanged, CertificateNotTrusted
+    from fallback.progress import ProgressPrinter
+    from fallback.result import TransferResult
+
+    with ExitStack() as stack:
+        src, dst, stdio = job.src, job.dst, None
+        if src == STDIO:
+            src, dst = stack.enter_context(spool_stdin(dst, sys.stdin.buffer))
+            stdio = "stdin"
+        elif dst == STDIO:
+            dst, stdio = stack.enter_context(stdout_target()), "stdout"
+        elif job.prefix and not is_url(dst) and not opts.dry_run:
+            # --src-base: the source's folders below DST (DST itself: its last level only)
+            if Path(dst).parents[len(job.prefix.split("/"))].is_dir():
+                Path(dst).mkdir(parents=True, exist_ok=True)
         for attempt in (1, 2):
             printer = None if a.quiet else ProgressPrinter(sys.stderr)
             try:
-                result = transfer(a.src, a.dst, progress=printer, **opts_kw)
+                result = transfer(src, dst, opts, printer)
                 break
             except TransferError as exc:
                 if printer:
@@ -189,26 +270,78 @@ def cmd_transfer(a: argparse.Namespace) -> int:
                 if isinstance(cause, CertificateNotTrusted | CertificateChanged):
                     if not a.quiet and _offer_trust(cause, a) and attempt == 1:
                         continue  # remembered: once more, pinned by it
-                if a.json:
-                    print(json.dumps(_fail_json(exc)))
                 print(f"error: {exc.message}", file=sys.stderr)
-                return EXIT_AUTH if exc.status == 401 else EXIT_FAILED
+                res = exc.result if isinstance(exc.result, TransferResult) else \
+                    TransferResult(error=exc.message)
+                return res, EXIT_AUTH if exc.status in (401, 407) else EXIT_FAILED
             finally:
                 if printer:
                     printer.close()
-    if a.json:
-        print(json.dumps(result.to_json()))
-    elif not a.quiet:
-        print(f"{result.direction} ok: {result.files} files, {result.bytes} bytes "
-              f"({result.sent_bytes} sent, {result.skipped_bytes} skipped) in "
-              f"{result.seconds:.2f} s, {result.rate_mbps:.1f} Mbit/s over "
-              f"{','.join(result.transports)}")
-        if result.verified != "full":
-            n = len(result.verified_files)
-            print(f"verification sampled for {n} file{'s' if n != 1 else ''}: the resume trusted "
-                  "blocks kept from an earlier run without comparing them with the source "
-                  "(--resume full compares every one)")
-    return EXIT_OK
+        result.stdio = stdio
+        if stdio == "stdout" and not opts.dry_run:
+            try:
+                copy_to_stdout(dst, sys.stdout.buffer)  # only after the copy was verified
+            except BrokenPipeError:  # `| head`: the reader left; say so once, exit 1
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                print("error: standard output closed before the end of the file",
+                      file=sys.stderr)
+                return result, EXIT_FAILED
+        if a.remove_after_transfer and not opts.dry_run and stdio is None:
+            _remove_sources(job, result)
+        return result, EXIT_OK
+
+
+def _remove_sources(job: Job, result: TransferResult) -> None:
+    """``--remove-after-transfer``: delete each local source file whose copy the daemon
+    verified (it is in ``checksums``); skipped and failed files stay, and so do folders."""
+    base = os.path.dirname(os.path.abspath(job.src))
+    for name in result.checksums:
+        path = os.path.join(base, *name.split("/"))
+        try:
+            os.unlink(path)
+            result.removed.append(name)
+        except OSError as exc:
+            print(f"warning: cannot remove {path}: {exc.strerror or exc}", file=sys.stderr)
+
+
+def summary(result: TransferResult) -> list[str]:
+    """The lines a finished transfer prints: counts with plurals, sizes and rate in MB and
+    MB/s (decimal, as the progress bar); no rate when nothing moved."""
+    from fallback.progress import plural, size
+
+    if result.dry_run:
+        lines = [f"dry run: {plural(len(result.would_transfer), 'file')} would be sent"
+                 if result.direction == "upload" else
+                 f"dry run: {plural(len(result.would_transfer), 'file')} would be fetched"]
+        lines += [f"  {name}" for name in result.would_transfer]
+        lines += [f"  not moved: {name} ({why})" for name, why in result.skipped_files.items()]
+        return lines
+    head = (f"{result.direction} ok: {plural(result.files, 'file')}, {size(result.bytes)}")
+    if result.sent_bytes:
+        rate = result.sent_bytes / result.seconds / 1e6 if result.seconds > 0 else 0.0
+        moved = (f" ({size(result.sent_bytes)} sent, {size(result.skipped_bytes)} already "
+                 f"there) in {result.seconds:.2f} s, {rate:.1f} MB/s over "
+                 f"{','.join(result.transports)}")
+    else:
+        moved = f" already there, nothing sent ({result.seconds:.2f} s)"
+    lines = [head + moved]
+    for name, why in result.skipped_files.items():
+        lines.append(f"skipped {name}: {why}")
+    for name, stored in result.stored_as.items():
+        lines.append(f"stored {name} encrypted as {stored}")
+    if result.stdio == "stdin":
+        lines.append("standard input was spooled to a temporary file, sent and verified "
+                     "against it")
+    elif result.stdio == "stdout":
+        lines.append("the file was verified in full before it was written to standard output")
+    for name in result.removed:
+        lines.append(f"removed source {name}")
+    if result.verified != "full":
+        n = len(result.verified_files)
+        lines.append(f"verification sampled for {plural(n, 'file')}: the resume trusted blocks "
+                     "kept from an earlier run without comparing them with the source "
+                     "(--resume full compares every one)")
+    return lines
 
 
 DEFAULT_CONFIGS = (Path("/etc/fallback/aspera.conf"),)
@@ -252,6 +385,8 @@ def _overrides(config: Config, a: argparse.Namespace) -> Config:
             if enable:
                 changes[enable] = True
                 sources[f"http_server.{enable}"] = "command line"
+    if getattr(a, "no_udp", False):
+        changes["enable_udp"] = False
     if not changes:
         return config
     return dataclasses.replace(config, sources=MappingProxyType(sources), **changes)
@@ -327,7 +462,7 @@ def cmd_crypt(a: argparse.Namespace) -> int:
         try:
             env.decrypt_file(src, dst, _passphrase(confirm=False))
         except TransportError as exc:
-            if exc.status == 403:
+            if isinstance(exc, BadPassphrase):
                 raise TransferError(f"File decryption error, bad passphrase: {src}") from None
             raise TransferError(f"{src}: {exc.message}") from None
     print(dst)
@@ -420,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     except TransportError as exc:
         return fail(exc.message, EXIT_FAILED)
     except OSError as exc:
-        return fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), EXIT_FAILED)
+        from fallback.client.session import os_message
+
+        return fail(os_message(exc, "the destination"), EXIT_FAILED)
     except KeyboardInterrupt:
         # cmd_transfer closed the live progress bar already, which ends its line.
         if wants_json:

@@ -149,11 +149,13 @@ class Config:
     allowed_cipher: str
     block_size: int
     partial_file_suffix: str
+    partial_file_retention: int  # seconds; 0 = keep abandoned partials forever
     overwrite: str
     fsync: bool
     default_docroot: Path | None
     users: tuple[UserConfig, ...]
     sources: Mapping[str, str] = field(compare=False)
+    enable_udp: bool = True  # ``serve --no-udp``: HTTP(S) only
 
     @property
     def shared_port(self) -> bool:
@@ -241,6 +243,7 @@ _SCHEMA: _Schema = {
     "file_system": {
         "block_size": _Leaf(_block_size, 4 * 1024 * 1024),
         "partial_file_suffix": _Leaf(_partial_suffix, ".fallback-partial"),
+        "partial_file_retention": _Leaf(_int_range(0, None), 7 * 24 * 3600),
         "overwrite": _Leaf(_choice("allow", "deny"), "allow"),
         "fsync": _Leaf(_bool, True),
         "docroot": _Leaf(_existing_dir, None, True),
@@ -449,6 +452,7 @@ def _config(path: Path | None, base: Path, vals: Mapping[str, Any], sources: dic
         allowed_cipher=get("transfer.encryption.allowed_cipher"),
         block_size=get("file_system.block_size"),
         partial_file_suffix=get("file_system.partial_file_suffix"),
+        partial_file_retention=get("file_system.partial_file_retention"),
         overwrite=get("file_system.overwrite"),
         fsync=get("file_system.fsync"),
         default_docroot=get("file_system.docroot"),

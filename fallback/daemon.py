@@ -20,9 +20,12 @@ from aiohttp import web
 
 from fallback.accesslog import PlainAccessLogger, access_logger
 from fallback.config import Config, ConfigError, load_config
+from fallback.daemonctx import DaemonState
 from fallback.listener import ConnectionLimits, SniffingSite
-from fallback.server import DaemonState, make_app
+from fallback.server import make_app
+from fallback.sweeper import PartialSweeper
 from fallback.tls import ensure_self_signed, server_ssl_context
+from transport.udp.sockopt import BULK_MMAP_THRESHOLD, tune_malloc
 
 log = logging.getLogger("fallback.daemon")
 REAP_INTERVAL = 5.0
@@ -134,6 +137,9 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
         print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         await runner.cleanup()
         return 1
+    from fallback.udpserver import UdpService
+
+    state.udp = await UdpService.start(config)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     if config.enable_http:
         print(f"serving http://{shown}:{config.http_port}/", file=out)
@@ -156,13 +162,17 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
              config.header_timeout, config.keepalive_timeout)
     print("ready", file=out, flush=True)
     reaper = loop.create_task(_reap(state))
+    sweeper = loop.create_task(PartialSweeper(state).run())  # abandoned partials (sweeper.py)
     await stop.wait()
     log.info("stopping: checkpointing %d sessions", len(state.table.sessions))
     state.stopping.set()
     state.checker.shutdown()  # queued password checks answer 503 now, not after the backlog
     reaper.cancel()
+    sweeper.cancel()
     await runner.cleanup()
     await state.table.close_all("daemon stopped")
+    if state.udp is not None:
+        await state.udp.close()
     state.executor.shutdown(wait=True)
     log.info("stopped")
     return 0
@@ -212,6 +222,7 @@ async def _reap(state: DaemonState) -> None:
 
 def serve(config: Config, verbose: bool = False) -> int:
     setup_logging(verbose)
+    tune_malloc(BULK_MMAP_THRESHOLD)  # block reads and stream chunks reuse the heap
     try:
         import uvloop
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fallback.tls import format_fingerprint, parse_fingerprint
-from transport.errors import ConnectionLost
+from transport.errors import ConnectionLost, ErrorKind
 
 __all__ = [
     "CONFIG_DIR_ENV",
@@ -47,9 +47,6 @@ __all__ = [
 log = logging.getLogger("fallback.client")
 
 CONFIG_DIR_ENV = "FALLBACK_CONFIG_DIR"
-TLS_UNTRUSTED = 495
-"""Status hint of a certificate that is not trusted (nginx's 495 "SSL Certificate Error");
-the CLI maps it, like any transfer failure, to exit code 1."""
 
 
 def config_dir() -> Path:
@@ -158,7 +155,7 @@ class CertificateNotTrusted(ConnectionLost):
     """The daemon's certificate is signed by no trusted CA (typically: self-signed) and
     nothing pins it. ``presented`` is its fingerprint when it could be read."""
 
-    status = TLS_UNTRUSTED
+    kind = ErrorKind.UNTRUSTED  # the CLI maps it, like any transfer failure, to exit code 1
 
     def __init__(self, reason: str, *, host: str, port: int, presented: str | None) -> None:
         seen = f"; it presented SHA256 {presented}" if presented else ""
@@ -187,7 +184,7 @@ class CertificateNotTrusted(ConnectionLost):
 class CertificateChanged(ConnectionLost):
     """The daemon presented another certificate than the one remembered for it."""
 
-    status = TLS_UNTRUSTED
+    kind = ErrorKind.UNTRUSTED  # the CLI maps it, like any transfer failure, to exit code 1
 
     def __init__(self, known: KnownHost, presented: str | None) -> None:
         super().__init__(f"TLS certificate of {known.key} does not match the one remembered in "

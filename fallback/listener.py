@@ -34,6 +34,7 @@ from aiohttp import web
 from yarl import URL
 
 from fallback.ratelog import RateLimitedLog
+from fallback.tlspump import TransportView, start_pump
 
 __all__ = ["ConnectionLimits", "SniffingSite", "TLS_HANDSHAKE_BYTE"]
 
@@ -118,8 +119,10 @@ class _HeaderGuard(asyncio.Protocol):
     (``keepalive_timeout``). The connection's ticket is released when it is lost.
     """
 
-    def __init__(self, inner: asyncio.Protocol, deadline: float, ticket: _Ticket) -> None:
+    def __init__(self, inner: asyncio.Protocol, deadline: float, ticket: _Ticket,
+                 extra: dict[str, Any] | None = None) -> None:
         self._inner = inner
+        self._extra = extra  # a TLS connection terminated by a pump thread (fallback.tlspump)
         self._deadline = deadline
         self._ticket = ticket
         self._transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
@@ -130,6 +133,8 @@ class _HeaderGuard(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.made = True
+        if self._extra is not None:
+            transport = TransportView(transport, self._extra)  # type: ignore[assignment]
         self._transport = transport
         self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expired)
         self._inner.connection_made(transport)
@@ -262,7 +267,7 @@ class SniffingSite(web.BaseSite):
 
     *plain* says whether plain HTTP is served: a site with an SSL context and
     ``plain=False`` is a TLS-only port (a connection whose first byte is not a
-    TLS handshake is closed); a site without an SSL context serves plain HTTP
+    TLS handshake gets ``HTTPS_ONLY_REPLY``, a 400 with a text body, and is closed); a site without an SSL context serves plain HTTP
     only. *limits*, shared by the sites of one daemon, bounds open connections
     per peer address and in total (None: unbounded). *header_timeout* bounds the
     time from accept to the end of the first request's headers.
@@ -449,7 +454,28 @@ class SniffingSite(web.BaseSite):
                 return
             use_tls = first == TLS_HANDSHAKE_BYTE and self._ssl_context is not None
             if not use_tls and not self._plain:
-                return  # a TLS-only port: as a failed handshake would, close it
+                # A TLS-only port met plain text (an http:// URL): a short 400 that says so.
+                await _refuse_plain(sock, min(HTTPS_ONLY_DRAIN, deadline - loop.time()))
+                return
+            pumped = None
+            if use_tls and self._ssl_context is not None:
+                # TLS runs in a thread of its own; the loop serves the plaintext as it serves
+                # plain HTTP (why: fallback.tlspump). The thread owns ``sock`` from here.
+                # Out of descriptors for the socketpair (it takes two): TLS on the loop.
+                with contextlib.suppress(OSError):
+                    pumped = start_pump(sock, self._ssl_context,
+                                        min(deadline, loop.time() + self._handshake_timeout),
+                                        loop)
+            if pumped is not None:
+                plain, extra = pumped
+                handed_off = True
+                guard = made = _HeaderGuard(server(), deadline, ticket, extra)
+                try:
+                    await loop.connect_accepted_socket(lambda: made, plain)
+                except BaseException:
+                    plain.close()  # the pump thread sees the end and closes the TCP socket
+                    raise
+                return
             guard = made = _HeaderGuard(server(), deadline, ticket)
 
             def factory() -> asyncio.Protocol:
@@ -477,6 +503,34 @@ class SniffingSite(web.BaseSite):
                 sock.close()
             if guard is None or not guard.made:  # else released when the connection is lost
                 ticket.release()
+
+
+HTTPS_ONLY_BODY = (b"This port speaks HTTPS only: use an https:// URL (same host and "
+                   b"port).\n")
+HTTPS_ONLY_REPLY = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                    b"Connection: close\r\nContent-Length: " + str(len(HTTPS_ONLY_BODY)).encode()
+                    + b"\r\n\r\n" + HTTPS_ONLY_BODY)
+"""What a TLS-only port answers to plain HTTP, rather than an empty reply."""
+HTTPS_ONLY_DRAIN = 1.0
+"""Seconds (and at most 64 KiB) a refused plain-text request is read after the answer, so
+closing with unread bytes does not reset the connection before the client reads it."""
+
+
+async def _refuse_plain(sock: socket.socket, budget: float) -> None:
+    """Answer ``HTTPS_ONLY_REPLY`` on a TLS-only port and close; bounded in time and bytes."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(max(0.001, budget)):
+            await loop.sock_sendall(sock, HTTPS_ONLY_REPLY)
+            sock.shutdown(socket.SHUT_WR)
+            left = 65536
+            while left > 0:
+                data = await loop.sock_recv(sock, min(left, 16384))
+                if not data:
+                    break
+                left -= len(data)
+    except (TimeoutError, OSError):
+        pass
 
 
 def _set_ready(fut: asyncio.Future[None]) -> None:

@@ -13,13 +13,13 @@ import os
 from pathlib import Path
 from urllib.parse import unquote
 
-from transport.errors import PathError
+from transport.errors import ErrorKind, PathError
 
 
 def split_urlpath(urlpath: str) -> list[str]:
     """Components of a (percent-decoded) URL path; refuses ``..`` and NUL."""
     if "\x00" in urlpath:
-        raise PathError("path contains a NUL byte", status=400)
+        raise PathError("path contains a NUL byte", kind=ErrorKind.BAD_REQUEST)
     parts = [p for p in urlpath.split("/") if p not in ("", ".")]
     for p in parts:
         if p == "..":
@@ -60,6 +60,18 @@ def resolve(docroot: Path, urlpath: str) -> Path:
     """The absolute path for ``urlpath`` inside ``docroot``, confined."""
     parts = split_urlpath(urlpath)
     return confine(docroot, docroot.joinpath(*parts))
+
+
+def file_in_the_way(docroot: Path, target: Path) -> str:
+    """The message for ``target`` below a file that stands where a folder is meant:
+    ``/afile.txt: a file, not a folder (cannot write /afile.txt/x.bin)``."""
+    above = target.parent
+    while above != docroot and above.parent != above and not above.is_file():
+        above = above.parent
+    if not above.is_file():
+        return f"{relpath_in(docroot, target)}: a file is in the way of its folder"
+    return (f"{relpath_in(docroot, above)}: a file, not a folder "
+            f"(cannot write {relpath_in(docroot, target)})")
 
 
 def relpath_in(docroot: Path, path: Path) -> str:

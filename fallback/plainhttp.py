@@ -63,7 +63,8 @@ from typing import Literal
 from aiohttp import web
 from multidict import MultiMapping
 
-from transport.errors import ConflictError, PathError, ProtocolError
+from fallback.errors import PreconditionFailed
+from transport.errors import ErrorKind, PathError, ProtocolError
 
 log = logging.getLogger("fallback.daemon")
 
@@ -430,14 +431,14 @@ async def check_put(request: web.Request, path: str, *, label: str,
                     executor: Executor | None = None) -> None:
     """Preconditions of a PUT to ``path`` (RFC 9110 §13.1.1 If-Match, §13.1.4
     If-Unmodified-Since, §13.1.2 If-None-Match; ``If-None-Match: *`` makes it
-    create-only). Raises ``ConflictError`` (412) if one fails. A file in the way
+    create-only). Raises ``PreconditionFailed`` (412) if one fails. A file in the way
     of the target's folder is left to the 409 the caller answers next (§13.2.1).
     A ``Content-Range`` (a partial PUT) is a ``ProtocolError`` (400): RFC 9110 §14.5
     says a server that does not support partial PUT MUST reject it, since taking the
     fragment for the whole file would replace the file with it."""
     if "Content-Range" in request.headers:
         raise ProtocolError(f"{label}: partial PUT (Content-Range) is not supported; send the "
-                            "whole file", status=400)
+                            "whole file", kind=ErrorKind.BAD_REQUEST)
     cond = Conditions.from_headers(request.headers)
     if cond.if_match is None and cond.if_none_match is None and cond.if_unmodified_since is None:
         return
@@ -451,7 +452,7 @@ async def check_put(request: web.Request, path: str, *, label: str,
     v = None if st is None else Validators.of(st, time.time())
     failed = check_preconditions(request.method, cond, v)
     if failed is not None:
-        raise ConflictError(f"{label}: precondition failed ({failed[1]})", status=412)
+        raise PreconditionFailed(f"{label}: precondition failed ({failed[1]})")
 
 
 def _open(path: str) -> tuple[int, os.stat_result]:
@@ -471,18 +472,18 @@ async def serve_file(request: web.Request, path: str, *, label: str,
     Opens the file once: validators and bytes come from the same open file, so
     a file replaced meanwhile is served whole in one version. Raises
     ``PathError`` (403: not a regular file or no permission, 404: gone) and
-    ``ConflictError`` (412) for the error middleware; answers 304 and 416 itself.
+    ``PreconditionFailed`` (412) for the error middleware; answers 304 and 416 itself.
     """
     loop = asyncio.get_running_loop()
     try:
         fd, st = await loop.run_in_executor(executor, _open, path)
     except (FileNotFoundError, NotADirectoryError):
-        raise PathError(f"{label}: no such file", status=404) from None
+        raise PathError(f"{label}: no such file", kind=ErrorKind.NOT_FOUND) from None
     except PermissionError:
-        raise PathError(f"{label}: permission denied", status=403) from None
+        raise PathError(f"{label}: permission denied", kind=ErrorKind.FORBIDDEN) from None
     try:
         if not stat.S_ISREG(st.st_mode):
-            raise PathError(f"{label}: not a regular file", status=403)
+            raise PathError(f"{label}: not a regular file", kind=ErrorKind.FORBIDDEN)
         return await _respond(request, fd, st, label, executor)
     finally:
         os.close(fd)
@@ -494,7 +495,7 @@ async def _respond(request: web.Request, fd: int, st: os.stat_result, label: str
     cond = Conditions.from_headers(request.headers)
     failed = check_preconditions(request.method, cond, v)
     if failed is not None and failed[0] == 412:
-        raise ConflictError(f"{label}: precondition failed ({failed[1]})", status=412)
+        raise PreconditionFailed(f"{label}: precondition failed ({failed[1]})")
     if failed is not None:
         # 304 (§15.4.5): ETag, and Last-Modified for caches that refresh their stored
         # headers from it (metadata that guides cache updates); no body, no Content-Length

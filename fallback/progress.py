@@ -1,4 +1,10 @@
-"""The live progress bar on terminals (rich), silent elsewhere."""
+"""The live progress bar on terminals (rich), silent elsewhere; sizes and plurals for the
+summary.
+
+One unit family throughout: sizes in decimal kB/MB/GB and rates in MB/s, in the bar and
+in the summary (``--json`` keeps ``rate_mbps`` in Mbit/s). On a narrow terminal the bar
+keeps its numbers and shortens the file name (the middle becomes ``…``).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,47 @@ from typing import Any, TextIO
 
 from fallback.result import ProgressEvent
 
+NAME_MIN = 12
+"""The shortest a file name is cut to before it is dropped from the bar."""
+NUMBERS = 48
+"""Columns the line's fields other than the bar, the file count, the kept bytes and the
+name take at most: transport (5), sizes (``123.4/999.9 MB``, 14), rate (``123.4 MB/s``,
+10), ``ETA`` and its time (3 + 7) and the 8 spaces between (47, rounded up)."""
+
+
+def plural(n: int, word: str) -> str:
+    """``1 file``, ``2 files``, ``0 files``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def size(n: float) -> str:
+    """Bytes in decimal units, as the bar shows them: ``999 B``, ``1.5 kB``, ``4.2 MB``."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover - unreachable
+
+
+def shorten(name: str, width: int) -> str:
+    """``name`` in at most ``width`` columns, its middle replaced by ``…``."""
+    if len(name) <= width:
+        return name
+    if width < 2:
+        return name[-width:] if width > 0 else ""
+    head = (width - 1) // 3
+    return name[:head] + "…" + name[len(name) - (width - 1 - head):]
+
 
 class ProgressPrinter:
-    """A progress callback drawing bytes, rate, ETA and transport with rich."""
+    """A progress callback drawing transport, bar, bytes (those already there, resumed or
+    unchanged, marked ``kept``), rate in MB/s,
+    a labelled ETA, ``k/n files`` and the current file with rich."""
 
     def __init__(self, stream: TextIO) -> None:
         self._bar: Any = None
         self._task: Any = None
+        self._width, self._bar_width = 80, 10
         if not stream.isatty():
             return
         from rich.console import Console
@@ -25,20 +65,38 @@ class ProgressPrinter:
             TransferSpeedColumn,
         )
 
-        self._bar = Progress(TextColumn("[bold]{task.fields[transport]}"), BarColumn(),
-                             DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console = Console(file=stream)
+        self._width = console.width
+        self._bar_width = 40 if self._width >= 120 else 10
+        self._bar = Progress(TextColumn("[bold]{task.fields[transport]}"),
+                             BarColumn(bar_width=self._bar_width),
+                             DownloadColumn(), TextColumn("{task.fields[resumed]}", markup=False),
+                             TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                             TextColumn("{task.fields[files]}", markup=False),
                              TextColumn("{task.fields[file]}", markup=False),  # a name is text
-                             console=Console(file=stream), transient=False)
+                             console=console, transient=False)
         self._bar.start()
 
     def __call__(self, ev: ProgressEvent) -> None:
         if self._bar is None:
             return
+        fields = self.fields(ev)
+        if ev.switch:  # one line above the bar at each change of transport
+            self._bar.console.print(f"switched {_printable(ev.switch)}", markup=False,
+                                    highlight=False)
         if self._task is None:
             self._task = self._bar.add_task("transfer", total=ev.bytes_total,
-                                            transport=ev.transport, file="")
-        self._bar.update(self._task, completed=ev.bytes_done, transport=ev.transport,
-                         file=_printable(ev.file)[-40:])
+                                            completed=ev.bytes_done, **fields)
+        self._bar.update(self._task, completed=ev.bytes_done, **fields)
+
+    def fields(self, ev: ProgressEvent) -> dict[str, str]:
+        """The text fields of one line for ``ev`` (what the bar shows beside its numbers)."""
+        files = f"{ev.files_done}/{plural(ev.files_total, 'file')}" if ev.files_total > 1 else ""
+        resumed = f"({size(ev.bytes_resumed)} kept)" if ev.bytes_resumed else ""
+        room = self._width - NUMBERS - self._bar_width - len(files) - len(resumed)
+        name = _printable(ev.file)
+        return {"transport": ev.transport, "files": files, "resumed": resumed,
+                "file": shorten(name, room) if room >= NAME_MIN else ""}
 
     def close(self) -> None:
         if self._bar is not None:

@@ -22,6 +22,12 @@ class ProgressEvent:
     file: str  # current file (display path)
     transport: str
     done: bool = False
+    files_done: int = 0  # files whose every byte is there (carried or kept)
+    files_total: int = 0
+    bytes_resumed: int = 0  # of bytes_done, those already there (resumed or unchanged)
+    switch: str = ""
+    """Set on the event sent when the transfer moved to another transport:
+    ``"https -> http: <reason>"`` (``TransferResult.use``); empty otherwise."""
 
     @property
     def fraction(self) -> float:
@@ -45,6 +51,9 @@ class TransferResult:
     ``"full"`` with its level (``{}`` when ``verified`` is ``"full"``). Files
     skipped because they exist (``never``, ``older``) are not in ``checksums``
     and not counted. A failed run (``ok`` false) reports ``verified`` as ``null``.
+    ``hole_bytes``: bytes of blocks lying wholly in holes of a sparse source, moved as
+    hole frames (no payload) and kept as holes at the destination; they are in neither
+    ``sent_bytes`` nor ``skipped_bytes``.
     """
 
     ok: bool = False
@@ -54,6 +63,7 @@ class TransferResult:
     bytes: int = 0
     sent_bytes: int = 0
     skipped_bytes: int = 0
+    hole_bytes: int = 0
     seconds: float = 0.0
     checksums: dict[str, str] = field(default_factory=dict)
     skipped_files: dict[str, str] = field(default_factory=dict)  # path -> reason
@@ -61,6 +71,36 @@ class TransferResult:
     error: str | None = None
     verified: str = "full"  # "full" | "sampled": the weakest over the files in checksums
     verified_files: dict[str, str] = field(default_factory=dict)  # path -> level, below "full" only
+    retransmitted_bytes: int = 0  # UDP: piece bytes this client sent again (0 on HTTP)
+    loss_pct: float = 0.0  # UDP: datagrams this client declared lost, % of those resolved
+    rtt_ms: float = 0.0  # UDP: smoothed round-trip time of the path (0: not measured)
+    would_transfer: list[str] = field(default_factory=list)  # --dry-run: what would move
+    dry_run: bool = False
+    stdio: str | None = None  # "stdin" | "stdout": what - stood for (see the README)
+    stored_as: dict[str, str] = field(default_factory=dict)  # --encrypt: path -> envelope name
+    removed: list[str] = field(default_factory=list)  # --remove-after-transfer: sources deleted
+    transport_reason: str = ""  # why the first transport was chosen (a URL, a fallback, a proxy)
+    switches: list[Switch] = field(default_factory=list)  # each move to another transport
+    proxy: str | None = None  # the proxy's http://host:port when one was used, no credentials
+    retries: int = 0  # re-connections after every path was down
+    udp_reason: str = ""  # why UDP is not carrying the blocks at the end ("" when it is or not tried)
+
+    def use(self, kind: str, reason: str, at: float) -> Switch | None:
+        """The transfer carries its blocks over ``kind`` (``"https"``, ``"http"``,
+        ``"udp"``) from ``at`` seconds on, because of ``reason``. The first call sets
+        ``transport_reason``; a later one with another kind than the last appends to
+        ``transports`` and returns the ``Switch`` it recorded in ``switches``; the same
+        kind again returns None. Path-kind-agnostic: every switch goes through here."""
+        if not self.transports:
+            self.transports.append(kind)
+            self.transport_reason = reason
+            return None
+        if self.transports[-1] == kind:
+            return None
+        sw = Switch(round(at, 3), self.transports[-1], kind, reason)
+        self.transports.append(kind)
+        self.switches.append(sw)
+        return sw
 
     def mark_verified(self, path: str, level: str) -> None:
         """Record how far ``path``'s check went (``"full"`` or ``"sampled"``)."""
@@ -84,6 +124,7 @@ class TransferResult:
             "bytes": self.bytes,
             "sent_bytes": self.sent_bytes,
             "skipped_bytes": self.skipped_bytes,
+            "hole_bytes": self.hole_bytes,
             "seconds": round(self.seconds, 6),
             "rate_mbps": round(self.rate_mbps, 3),
             "checksums": dict(self.checksums),
@@ -93,7 +134,36 @@ class TransferResult:
             "content": dict(self.content),
             "verified": self.verified if self.ok else None,  # a failed run verified nothing as a whole
             "verified_files": dict(self.verified_files),
+            "retransmitted_bytes": self.retransmitted_bytes,
+            "loss_pct": round(self.loss_pct, 3),
+            "rtt_ms": round(self.rtt_ms, 3),
+            "dry_run": self.dry_run,
+            "would_transfer": list(self.would_transfer),
+            "stdio": self.stdio,
+            "stored_as": dict(self.stored_as),
+            "removed": list(self.removed),
+            "transport_reason": self.transport_reason,
+            "switches": [sw.to_json() for sw in self.switches],
+            "udp_reason": self.udp_reason,
+            "proxy": self.proxy,
+            "retries": self.retries,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """One move to another transport, ``at`` seconds after the transfer started."""
+
+    at: float
+    from_: str
+    to: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.from_, "to": self.to, "reason": self.reason}
+
+    def __str__(self) -> str:
+        return f"{self.from_} -> {self.to}: {self.reason}"
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -105,28 +175,49 @@ class Progress:
     INTERVAL = 0.2
     WINDOW = 2.0
 
-    def __init__(self, total: int, transport: str, callback: ProgressCallback | None) -> None:
+    def __init__(self, total: int, transport: str, callback: ProgressCallback | None,
+                 sizes: dict[str, int] | None = None) -> None:
         self.total = total
         self.transport = transport
         self.callback = callback
         self.carried = 0
         self.skipped = 0
+        self.holes = 0
         self.file = ""
+        self.sizes = dict(sizes or {})  # display name -> file bytes, for "k/n files"
+        self._there: dict[str, int] = {}  # display name -> bytes carried or kept
+        self._done = 0
         self._last_emit = 0.0
         self._samples: list[tuple[float, int]] = [(time.monotonic(), 0)]
 
-    def skip(self, n: int) -> None:
-        self.skipped += n
+    def _count(self, file: str, n: int) -> None:
+        if file not in self.sizes:
+            return
+        before = self._there.get(file, 0)
+        after = self._there[file] = before + n
+        size = self.sizes[file]
+        self._done += (after >= size) - (before >= size)
 
-    def unskip(self, n: int) -> None:
+    def skip(self, n: int, file: str = "") -> None:
+        self.skipped += n
+        self._count(file, n)
+
+    def hole(self, n: int, file: str = "") -> None:
+        """``n`` bytes moved as a hole of a sparse file: done, but not carried as data."""
+        self.holes += n
+        self._count(file, n)
+
+    def unskip(self, n: int, file: str = "") -> None:
         """Take back bytes counted as already there that must be carried after all
         (a kept block failed re-verification at the receiver)."""
         self.skipped -= n
+        self._count(file, -n)
 
     def carry(self, n: int, file: str = "") -> None:
         self.carried += n
         if file:
             self.file = file
+            self._count(file, n)
         now = time.monotonic()
         if now - self._last_emit >= self.INTERVAL:
             self._last_emit = now
@@ -144,5 +235,6 @@ class Progress:
 
     def _emit(self, done: bool) -> None:
         if self.callback is not None:
-            self.callback(ProgressEvent(min(self.carried + self.skipped, self.total), self.total,
-                                        self.rate(), self.file, self.transport, done))
+            self.callback(ProgressEvent(min(self.carried + self.skipped + self.holes, self.total),
+                                        self.total, self.rate(), self.file, self.transport, done,
+                                        self._done, len(self.sizes), max(0, self.skipped)))

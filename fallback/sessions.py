@@ -5,6 +5,10 @@ A ``Session`` owns the data-plane objects of ``transport.blocks`` (a
 log line reports. It is deliberately not tied to HTTP: the UDP path (#4) will
 attach to the same session id and feed the same sink, and a failover (#5)
 only changes which path pulls from the feed.
+
+This module holds the sessions, their paths and liveness, and the upload side
+(receivers, verification, commit); the download side (the sources a session reads,
+``/digests``) is ``fallback.sources``.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import secrets
 import time
-from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,20 +27,22 @@ from typing import Any
 
 from fallback import answers as A
 from fallback.config import FlowConfig, UserConfig
-from fallback.control import MAX_DIGEST_READ, Flow
+from fallback.control import Flow
+from fallback.errors import Busy
 from fallback.paths import confine, relpath_in
-from transport.blocks.digest import digest_path, file_digest
+from fallback.targets import prepare_targets
+from transport.blocks.inline import InlineTarget, is_inline
 from transport.blocks.manifest import FileEntry
 from transport.blocks.modes import dir_mode
 from transport.blocks.pacing import Pacer
-from transport.blocks.plan import TargetState
 from transport.blocks.ranges import RangeSet
-from transport.blocks.receiver import FileReceiver, inspect_partial
+from transport.blocks.receiver import FileReceiver
 from transport.blocks.session import BlockSender, BlockSink
-from transport.blocks.source import FileSource, SourceWindow
-from transport.blocks.statedir import StateDir, crosses_state_dir
+from transport.blocks.share import share_controller
+from transport.blocks.statedir import StateDir
 from transport.blocks.tree import target_for
-from transport.errors import ConflictError, PathError, ProtocolError, SourceChanged
+from transport.errors import ConflictError, ErrorKind, IntegrityError, PathError, ProtocolError
+from transport.http.governor import StreamGovernor
 from transport.http.pace import BURST
 
 log = logging.getLogger("fallback.daemon")
@@ -50,13 +56,6 @@ COMMIT_WAIT = 20.0
 """Seconds a commit call waits for re-verification before answering
 ``{"verifying": n}`` (the client calls again): well under the client's
 120-second read timeout whatever the size of the partial."""
-
-MAX_DIGEST_BLOCKS = 4096
-"""Most block digests (or file roots) one ``/digests`` call may ask for; the
-client batches far below this."""
-
-MAX_DIGEST_BYTES = MAX_DIGEST_READ  # see fallback.control
-
 
 MAX_OPENING = 2
 """Session opens one user may have under way at a time (``SessionTable.admit``): an
@@ -78,6 +77,8 @@ KEEPALIVE_INTERVAL = 0.5
 
 MAX_PATHS = 16
 """Paths a session remembers (the least recently heard is forgotten beyond)."""
+MAX_TRANSPORTS = 64
+"""Entries kept in a session's ``transports`` (each switch of path kind appends one)."""
 
 
 @dataclass(slots=True)
@@ -118,19 +119,29 @@ class Session:
     sink: BlockSink | None = None
     feed: BlockSender | None = None
     pacer: Pacer | None = None  # the session's rate cap (every stream of it waits for it)
+    governor: StreamGovernor | None = None  # fair/low: which download streams send, how fast
+    udp: Any = None  # its UDP path (fallback.udpserver.SessionUdp), when it asked for one
+    # What its UDP paths sent, summed over the paths it had (``SessionUdp.retire``):
+    # the sender's figures the close answer gives a downloading client.
+    udp_figures: dict[str, float] = field(default_factory=dict)
     stream_ids: int = 0  # download streams started: each leases under its own path id
     verifier: asyncio.Task[None] | None = None
     planning: bool = False  # a plan call is running or succeeded: there is one plan per session
     digesting: bool = False  # a /digests call is running: one at a time per session
     used: bool = False  # a call was made after the open (the reaper's shorter bound otherwise)
     committed: int = 0
+    counted: set[int] = field(default_factory=set)  # one-block files counted in ``committed``
     skipped: int = 0
     error: str | None = None
     closed: bool = False
 
     def touch(self, transport: str | None = None) -> None:
         self.last_activity = time.monotonic()
-        if transport and (not self.transports or self.transports[-1] != transport):
+        if transport and (not self.transports or self.transports[-1] != transport) \
+                and len(self.transports) < MAX_TRANSPORTS:  # bounded: a flapping client
+            if self.transports:  # the client moved to another path kind (issue 13)
+                log.info("session %s: the client switched %s -> %s", self.id,
+                         self.transports[-1], transport)
             self.transports.append(transport)
 
     def heard(self, kind: str, address: str, nbytes: int = 0) -> None:
@@ -149,7 +160,11 @@ class Session:
             path = self.paths[kind, address] = SessionPath(kind, address, now)
         path.last_heard = now
         path.bytes += nbytes
-        self.touch(kind)
+        # transports: the first kind heard (the control channel), then each change of the
+        # kind carrying blocks, or of the control channel's scheme (a re-routed client);
+        # a control call over HTTPS while UDP carries the blocks is no switch
+        record = nbytes or not self.transports or "udp" not in (kind, self.transports[-1])
+        self.touch(kind if record else None)
 
     @property
     def last_heard(self) -> float:
@@ -215,9 +230,9 @@ class SessionTable:
     def get(self, sid: str, token: str | None) -> Session:
         s = self.sessions.get(sid)
         if s is None or s.closed:
-            raise ProtocolError("unknown or expired session", status=404)
+            raise ProtocolError("unknown or expired session", kind=ErrorKind.NOT_FOUND)
         if token is None or not secrets.compare_digest(s.token, token):
-            raise PathError("session token refused", status=401)
+            raise PathError("session token refused", kind=ErrorKind.UNAUTHORIZED)
         return s
 
     def admit(self, user: str, limit: int) -> None:
@@ -229,12 +244,12 @@ class SessionTable:
         reservation when its open ends, however it ends."""
         opening = self.opening.get(user, 0)
         if opening >= MAX_OPENING:
-            raise ProtocolError(f"user {user} is already opening {opening} sessions: try again "
-                                "when they are open", status=429)
+            raise Busy(f"user {user} is already opening {opening} sessions: try again "
+                       "when they are open")
         n = opening + sum(1 for s in self.sessions.values() if s.user == user and not s.closed)
         if n >= limit:
-            raise ProtocolError(f"user {user} has {n} open sessions (sessions_per_user_max is "
-                                f"{limit}): let some finish, or try again later", status=429)
+            raise Busy(f"user {user} has {n} open sessions (sessions_per_user_max is "
+                       f"{limit}): let some finish, or try again later")
         self.opening[user] = opening + 1
 
     def release(self, user: str) -> None:
@@ -253,6 +268,8 @@ class SessionTable:
             s.error = error
         if s.verifier is not None:
             s.verifier.cancel()
+        if s.udp is not None:
+            s.udp.close()
         if s.sink is not None:
             await s.sink.close()
         if s.feed is not None:
@@ -295,12 +312,22 @@ def effective_flow(server: FlowConfig, asked: Flow | None) -> Flow:
 
 
 def pacer_for(flow: Flow) -> Pacer | None:
-    """The token bucket of a session's HTTP streams, None when nothing caps it. HTTP paces
-    at the target whatever the policy: TCP finds the fair share beneath it, and the
-    delay-based ``low`` needs the RTT samples only the UDP path takes (docs/blocks.md)."""
+    """The token bucket of a session's HTTP streams, None when nothing caps it: the
+    target rate whatever the policy; ``fair`` and ``low`` also adapt beneath it
+    (``governor_for``, docs/blocks.md "Pacing")."""
     if not flow.target_rate:
         return None
     return Pacer(float(flow.target_rate), BURST)
+
+
+def governor_for(flow: Flow, streams_max: int) -> StreamGovernor | None:
+    """The share controller of a session's download streams (``transport.blocks.share``):
+    ``fair`` adapts the number of streams sending, ``low`` also their pacing; ``fixed``
+    and ``high`` have none. Its sampler task starts with the first stream that joins."""
+    ctl = share_controller(flow.policy, max(1, streams_max),
+                           target_rate_bps=float(flow.target_rate) or math.inf,
+                           min_rate_bps=float(flow.min_rate))
+    return None if ctl is None else StreamGovernor(ctl)
 
 
 # -- session-level checks -----------------------------------------------------------------------
@@ -361,62 +388,20 @@ def refuse_existing(session: Session, actions: dict[int, str]) -> dict[int, str]
 
 
 # -- upload (the daemon receives) ---------------------------------------------------------------
-def target_state(session: Session, index: int, *, want_root: bool) -> TargetState:
-    """What the daemon holds for entry ``index``: runs in a worker thread (may read the target)."""
-    entry = session.entries[index]
-    target = session.target(index)
-    confine(session.docroot, target)
-    state = session.state
-    if state.holds(target) or crosses_state_dir(session.docroot, target):
-        raise PathError(f"{relpath_in(session.docroot, target)}: that name is reserved")
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
-        st = None
-    except NotADirectoryError:  # /file/x: a file where one of its folders would be
-        raise ConflictError(f"{relpath_in(session.docroot, target)}: a file is in the way of "
-                            "its folder") from None
-    partial = inspect_partial(target, state=state) if not entry.is_dir else None
-    exists = st is not None
-    is_dir = bool(st) and os.path.isdir(target) and not os.path.islink(target)
-    size = st.st_size if st else 0
-    root = None
-    if want_root and exists and not is_dir and not entry.is_dir and size == entry.stored_size():
-        root = digest_path(target, entry.block_size) if entry.transform == "identity" else None
-    return TargetState(
-        exists=exists,
-        is_dir=is_dir,
-        size=size,
-        mtime_ns=st.st_mtime_ns if st else 0,
-        journal=partial.identity if partial else None,
-        have=partial.have if partial else {},
-        root=root,
-    )
-
-
 async def open_receivers(
     table: SessionTable, session: Session, actions: dict[int, str]
 ) -> dict[int, RangeSet]:
     """Create folders and open a receiver per file to transfer; returns missing blocks."""
     loop = asyncio.get_running_loop()
     receivers: dict[int, FileReceiver] = {}
-    for i, entry in enumerate(session.entries):
-        if entry.is_dir:
-            path = session.target(i)
-            confine(session.docroot, path)
-            if path.exists() and not path.is_dir():
-                raise ConflictError(f"{relpath_in(session.docroot, path)}: a file of that name exists")
-            path.mkdir(parents=True, exist_ok=True)
+    inline: dict[int, InlineTarget] = {}
+    targets = await loop.run_in_executor(session.executor, prepare_targets, session, actions)
     try:
         for i, action in actions.items():
             if action == "skip":
                 session.skipped += 1
                 continue
-            target = session.target(i)
-            confine(session.docroot, target)
-            if os.path.islink(target):
-                raise PathError(f"{relpath_in(session.docroot, target)}: refused, target is a symlink")
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target = targets[i]
             while (holder := table.writers.get(target)) is not None and holder is not session \
                     and not holder.closed:
                 if not await _wait_idle(holder):
@@ -425,6 +410,12 @@ async def open_receivers(
                     )
                 if not holder.closed:
                     await table.close(holder, "taken over by a newer session for the same target")
+            if is_inline(session.entries[i]):
+                # One block: it arrives whole in a bundle and is published with its group
+                # (transport.blocks.inline): no receiver, journal or executor job per file.
+                inline[i] = InlineTarget(target, session.entries[i])
+                table.writers[target] = session
+                continue
             receivers[i] = await loop.run_in_executor(
                 session.executor,
                 functools.partial(FileReceiver, target, session.entries[i],
@@ -436,11 +427,15 @@ async def open_receivers(
         for rec in receivers.values():
             rec.close()
         raise
-    session.sink = BlockSink(receivers, session.executor)
+    session.sink = BlockSink(receivers, session.executor, inline=inline, state=session.state,
+                             fsync=session.fsync, replace=session.overwrite != "never",
+                             serial_groups=True)
     session.sink.track_acks()  # the client polls them (POST .../acks)
     if any(r.unverified for r in receivers.values()):
         session.verifier = asyncio.ensure_future(_verify_in_background(session))
-    return {i: r.missing() for i, r in receivers.items()}
+    missing = {i: r.missing() for i, r in receivers.items()}
+    missing.update((i, RangeSet([(0, 1)])) for i in inline)
+    return missing
 
 
 async def _verify_in_background(session: Session) -> None:
@@ -523,6 +518,31 @@ def commit_file(session: Session, index: int, root: str | None) -> A.CommitMissi
     return A.Committed(digest)
 
 
+def inline_result(session: Session, index: int,
+                  root: str | None) -> A.Committed | A.CommitMissing | None:
+    """The commit answer for a one-block file (published with its bundle's group, or not
+    received yet); None for a file with a receiver. Raises the ``TransportError`` of a file
+    that could not be published, and ``IntegrityError`` for a ``root`` other than the one
+    published. O(1), no I/O."""
+    sink = session.sink
+    assert sink is not None
+    done = sink.inline_done.get(index)
+    if done is not None:
+        if root is not None and root != done.root:
+            raise IntegrityError(f"{_name(session, index)}: whole-file digest mismatch (got "
+                                 f"{done.root}, sender has {root})")
+        if index not in session.counted:
+            session.counted.add(index)
+            session.committed += 1
+        return A.Committed(done.root)
+    err = sink.inline_errors.get(index)
+    if err is not None:
+        raise err
+    if index in sink.inline:
+        return A.CommitMissing(RangeSet([(0, 1)]))
+    return None
+
+
 def finish_dirs(session: Session) -> None:
     """Set folder modes and mtimes last, deepest first (writing files changes them)."""
     for i in reversed(range(len(session.entries))):
@@ -534,150 +554,3 @@ def finish_dirs(session: Session) -> None:
                 os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
             except OSError:
                 pass
-
-
-# -- download (the daemon sends) -----------------------------------------------------------------
-SOURCE_WINDOW = 8
-"""Files a download session keeps open at once (least recently read closed first): a
-session holds at most this many descriptors for its files, plus one per read in flight
-(the daemon's I/O pool has 4 threads), whatever the number of files. Eight covers the
-files that a session's streams read in parallel (they take blocks in manifest order);
-more would only hold descriptors that an abandoned session keeps until its timeout."""
-
-
-class SentSource(FileSource):
-    """A daemon-side source that remembers the digest of every block it read this session.
-
-    The client asks for the whole-file digest over the source's current bytes
-    before it publishes a download (``source_roots``); with these digests the
-    daemon reads only blocks it has not read this session (none, when the
-    client fetched or compared every block). They stay valid while the file is
-    unchanged, which ``FileSource`` checks after every read (size, mtime, and
-    the inode's ctime: an edit whose mtime was set back still moves the ctime).
-    Memory: one 32-byte digest per block *read* (a dict filled as blocks go out),
-    so a session costs nothing for blocks it never sends.
-    """
-
-    def __init__(self, path: Path, entry: FileEntry, **kw: Any) -> None:
-        super().__init__(path, entry, **kw)
-        self._digests: dict[int, bytes] = {}
-
-    def read_block(self, index: int) -> tuple[bytes | bytearray, bytes]:
-        data, digest = super().read_block(index)
-        self._digests[index] = digest
-        return data, digest
-
-    def digest_of(self, index: int) -> bytes:
-        """The digest recorded when block ``index`` was last read (KeyError if never)."""
-        return self._digests[index]
-
-    def unread(self) -> list[int]:
-        """Blocks whose digest this session has not recorded yet (``root`` reads them)."""
-        return [b for b in range(self.layout.count) if b not in self._digests]
-
-    def root(self) -> str:
-        """Whole-file digest of the current bytes: recorded digests, reading only the rest.
-        Raises ``SourceChanged`` when the file changed since the session opened."""
-        self.check_unchanged()
-        count = self.layout.count
-        for b in range(count):
-            if b not in self._digests:
-                self.read_block(b)
-        self.check_unchanged()
-        return file_digest(self.entry.block_size, self.entry.size,
-                           (self._digests[b] for b in range(count)))
-
-
-def open_sources(session: Session) -> BlockSender:
-    """The feed of a download session (worker thread): one lazily opened source per file.
-
-    Each file's size and mtime are checked against the manifest here (``SourceChanged``,
-    409, if it changed since the walk); no descriptor is opened until a block is read.
-    """
-    window = SourceWindow(SOURCE_WINDOW)
-    sources: dict[int, FileSource] = {}
-    for i in session.file_indices():
-        sources[i] = SentSource(session.target(i), session.entries[i], window=window,
-                                where="on the server")
-    feed = BlockSender(sources, session.executor)
-    session.feed = feed
-    return feed
-
-
-def _source(session: Session, index: int) -> SentSource:
-    assert session.feed is not None
-    src = session.feed.sources.get(index)
-    if not isinstance(src, SentSource):
-        raise ProtocolError(f"unknown file index {index}")
-    return src
-
-
-async def _read_digests(session: Session, src: SentSource, blocks: Iterable[int],
-                        budget: list[int]) -> bool:
-    """Read ``blocks`` (one executor job each, so other requests interleave FIFO on the
-    I/O pool) while ``budget[0]`` (bytes, ``MAX_DIGEST_BYTES`` per call) lasts; every
-    read is recorded. Returns False when the budget ran out first."""
-    loop = asyncio.get_running_loop()
-    for b in blocks:
-        if budget[0] <= 0:
-            return False
-        await loop.run_in_executor(session.executor, src.read_block, b)
-        budget[0] -= src.entry.block_size
-    return True
-
-
-async def source_digests(session: Session, index: int, blocks: list[int],
-                         root: bool) -> A.DigestsAnswer:
-    """``{digests: {block: hex}, root?: hex, pending?: true}``: digests of some source
-    blocks and optionally the whole-file digest, reading at most ``MAX_DIGEST_BYTES``.
-
-    Blocks beyond the budget are left out (the client asks for them again); a root not
-    reached within it is answered ``pending: true`` (the blocks read stay recorded, so
-    the next call goes on from there). At most ``MAX_DIGEST_BLOCKS`` blocks per call.
-    """
-    src = _source(session, index)
-    if len(blocks) > MAX_DIGEST_BLOCKS:
-        raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} blocks per digests call")
-    count = src.layout.count
-    for b in blocks:
-        if not 0 <= b < count:
-            raise ProtocolError(f"block {b} out of range")
-    budget = [MAX_DIGEST_BYTES]
-    done: list[int] = []
-    for b in blocks:
-        if not await _read_digests(session, src, [b], budget):
-            break
-        done.append(b)
-    whole: str | None = None
-    pending = False
-    if root:
-        if len(done) == len(blocks) and await _read_digests(session, src, src.unread(), budget):
-            whole = await asyncio.get_running_loop().run_in_executor(session.executor, src.root)
-        else:
-            pending = True
-    return A.DigestsAnswer({b: src.digest_of(b) for b in done}, whole, pending)
-
-
-async def source_roots(session: Session, files: list[int]) -> A.RootsAnswer:
-    """Whole-file digests over the current bytes of some files, for the client's check
-    before it publishes them: ``{roots: {file: root}, errors: {file: message},
-    pending: [file, ...]}``. At most ``MAX_DIGEST_BYTES`` are read per call; files not
-    finished within it are ``pending`` (ask again: blocks read stay recorded). A file
-    changed since the session opened is an error for that file only."""
-    if len(files) > MAX_DIGEST_BLOCKS:
-        raise ProtocolError(f"at most {MAX_DIGEST_BLOCKS} files per digests call")
-    roots: dict[int, str] = {}
-    errors: dict[int, str] = {}
-    pending: list[int] = []
-    budget = [MAX_DIGEST_BYTES]
-    loop = asyncio.get_running_loop()
-    for i in files:
-        src = _source(session, i)
-        try:
-            if pending or not await _read_digests(session, src, src.unread(), budget):
-                pending.append(i)
-                continue
-            roots[i] = await loop.run_in_executor(session.executor, src.root)
-        except SourceChanged as exc:
-            errors[i] = exc.message
-    return A.RootsAnswer(roots, errors, pending)

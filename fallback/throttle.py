@@ -3,7 +3,7 @@
 Every wrong password costs the daemon one full password hash (~110 ms of CPU and
 64 MiB), and every one is a guess.  This module decides, before any hash is
 computed, whether a login attempt is admitted at all, and :func:`check_login`
-ties it to :class:`fallback.auth.PasswordChecker`.  Two backoff rules:
+ties it to :class:`fallback.logincheck.PasswordChecker`.  Two backoff rules:
 
 * **per address** (``address_free`` = 10 failures): a client address that keeps
   failing, whatever user names it tries (password spraying), is refused for all
@@ -61,7 +61,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fallback.auth import ChecksBusy, PasswordChecker, SourceBusy
+from fallback.logincheck import ChecksBusy, PasswordChecker, SourceBusy
 
 __all__ = ["LoginRefused", "LoginThrottle", "check_login"]
 

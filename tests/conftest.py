@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,12 @@ _HASHES: dict[str, str] = {}
 
 def free_port() -> int:
     with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -72,6 +79,7 @@ class Daemon:
     https_port: int
     docroots: dict[str, Path]
     extra_xml: str = ""
+    udp_port: int | None = None  # None: the daemon runs with --no-udp
     proc: subprocess.Popen[str] | None = None
     fingerprint: str = ""
     log_lines: list[str] = field(default_factory=list)
@@ -105,16 +113,24 @@ class Daemon:
 """
         )
 
+    def command(self) -> list[str]:
+        """The daemon's command line (a subclass may run it elsewhere, in a namespace)."""
+        return [sys.executable, "-m", "fallback", "serve", "--config", str(self.config_path),
+                *(["--no-udp"] if self.udp_port is None else ["--udp-port", str(self.udp_port)])]
+
+    def environment(self) -> dict[str, str] | None:
+        """The daemon's environment (None: this process's)."""
+        return None
+
     def start(self) -> Daemon:
         for root in self.docroots.values():
             root.mkdir(parents=True, exist_ok=True)
         if not self.config_path.exists():
             self.write_config()
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fallback", "serve", "--config", str(self.config_path)],
-            stdout=subprocess.PIPE, stderr=log, text=True, cwd=self.base,
-        )
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=log,
+                                     text=True, cwd=self.base, env=self.environment())
+        _STARTED.append(self.proc)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -164,15 +180,46 @@ class Daemon:
         return p.returncode, result, p.stderr
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+"""Every daemon a test started: the session's end stops those still running."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_outlives_the_suite() -> Iterator[None]:
+    """Daemons a test started and did not stop (one that failed before its own cleanup,
+    or one that never had any) are stopped when the suite ends: a CI run once left six
+    behind, holding ports and memory."""
+    yield
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def net() -> Iterator[Any]:
+    """Two network namespaces on a veth (``tests.netns.Net``), removed at the end; the
+    test is skipped where they cannot be made (not root, no ``ip netns``)."""
+    from tests import netns  # only the tests that cut the network need it
+
+    why = netns.skip_reason()
+    if why:
+        pytest.skip(why)
+    with netns.Net() as n:
+        password_hash("alice")  # before the first daemon: hashing is slow
+        yield n
+
+
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator:
     started: list[Daemon] = []
 
     def make(extra_xml: str = "", users: tuple[str, ...] = ("alice", "bob"), start: bool = True,
-             base: Path | None = None) -> Daemon:
+             base: Path | None = None, udp: bool = False) -> Daemon:
         b = base or tmp_path / f"daemon{len(started)}"
         b.mkdir(parents=True, exist_ok=True)
-        d = Daemon(b, free_port(), free_port(), {u: b / "docroot" / u for u in users}, extra_xml)
+        d = Daemon(b, free_port(), free_port(), {u: b / "docroot" / u for u in users}, extra_xml,
+                   udp_port=free_udp_port() if udp else None)
         started.append(d)
         return d.start() if start else d
 
@@ -185,3 +232,24 @@ def daemon_factory(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def daemon(daemon_factory) -> Daemon:  # type: ignore[no-untyped-def]
     return daemon_factory()
+
+
+@pytest.fixture
+async def api_for() -> AsyncIterator[Callable[..., Any]]:
+    """Control-API clients (``tests.control_client.Api``) for daemons: ``api_for(d)``, or
+    ``api_for(d, timeout=60)`` (seconds per request, 20 by default) where a call may read
+    a lot; every client is closed at the end of the test."""
+    import aiohttp
+
+    from tests.control_client import Api  # it imports this module: not at the top
+
+    clients: list[aiohttp.ClientSession] = []
+
+    def make(d: Daemon, timeout: float = 20.0) -> Api:
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        clients.append(http)
+        return Api(d, http)
+
+    yield make
+    for c in clients:
+        await c.close()

@@ -1,4 +1,4 @@
-"""Tests for fallback.auth: Argon2id/scrypt hashes, credential cache, password checker, Basic
+"""Tests for fallback.auth and fallback.logincheck: Argon2id/scrypt hashes, credential cache, password checker, Basic
 parsing, and the whole-hash check of `config validate`."""
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ from fallback.auth import (
     ARGON2_ITERATIONS,
     ARGON2_LANES,
     ARGON2_MEMORY_KIB,
-    ChecksBusy,
-    CredentialCache,
-    PasswordChecker,
     hash_password,
     hash_password_main,
     parse_basic,
     validate_hash,
     verify_password,
 )
+from fallback.logincheck import ChecksBusy, CredentialCache, PasswordChecker
 
 PHC_RE = re.compile(
     r"\$argon2id\$v=19\$m=(\d+),t=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)"

@@ -30,20 +30,22 @@ def _fake_tool(folder: Path, name: str) -> None:
 def test_missing_tools_follow_the_path(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert prereqs.missing_tools(str(empty)) == ["nginx", "curl", "aria2c", "iperf3", "openssl"]
+    assert prereqs.missing_tools(str(empty)) == ["nginx", "curl", "aria2c", "iperf3", "openssl",
+                                                 "rsync"]
     some = tmp_path / "some"
     for tool in ("curl", "openssl"):
         _fake_tool(some, tool)
     missing = prereqs.missing_tools(str(some))
-    assert missing == ["nginx", "aria2c", "iperf3"]
+    assert missing == ["nginx", "aria2c", "iperf3", "rsync"]
     line = prereqs.install_line(missing)
     assert "\n" not in line
-    assert "apt-get install nginx-light aria2 iperf3" in line and "--install-peers" in line
+    assert "apt-get install nginx-light aria2 iperf3 rsync" in line and "--install-peers" in line
     # which peers that hides, and which it does not
     assert prereqs.missing_for("curl-https", missing) == ["nginx"]
     assert prereqs.missing_for("aria2c-x8", missing) == ["aria2c", "nginx"]
     assert prereqs.missing_for("iperf3-bbr", missing) == ["iperf3"]
     assert prereqs.missing_for("ours-https-up", missing) == []
+    assert prereqs.missing_for("rsync-a-down", missing) == ["rsync"]
     assert prereqs.missing_for("curl-http", []) == []
 
 

@@ -7,6 +7,7 @@ the link emulator needs network namespaces and TUN devices.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -122,6 +123,92 @@ def test_scenario_globs() -> None:
         select(["no-such-*"])
 
 
+def test_issue12_scenarios_and_udp_sizes(tmp_path: Path) -> None:
+    from bench.runner import Runner, RunOptions
+
+    by = {s.name: s for s in select(["wan-100M-200ms-2pct", "wan-1G-200ms-2pct"])}
+    assert (by["wan-100M-200ms-2pct"].rtt_ms, by["wan-100M-200ms-2pct"].loss_pct) == (200, 2)
+    one_g = by["wan-1G-200ms-2pct"]
+    assert (one_g.rate_mbit, one_g.rtt_ms, one_g.loss_pct, one_g.published_mbps) == (
+        1000, 200, 2, 505.0)
+    full = Runner(RunOptions.make(tmp_path / "full", work_base=tmp_path, missing=()))
+    tiny = Runner(RunOptions.make(tmp_path / "tiny", tiny=True, work_base=tmp_path, missing=()))
+    try:
+        # issue 12: the UDP rows move >= 400 MB (ramp-up amortised), the others keep their size
+        assert full.udp_size_for(100) >= 400_000_000 > full.size_for(100)
+        assert full.udp_size_for(1000) == full.size_for(1000) == 1024 << 20
+        assert 60 <= full.udp_cap_s(full.udp_size_for(100), 100) <= 120
+        assert tiny.udp_size_for(100) == tiny.size_for(100) < 50 << 20
+    finally:
+        full.close()
+        tiny.close()
+
+
+def test_udp_row_columns_and_published_row() -> None:
+    from bench.report import row_cells
+    from bench.results import PeerResult
+
+    r = PeerResult("s", "ours-udp", bytes=400_000_000, seconds=40.0, udp_resent_bytes=8_000_000,
+                   udp_loss_pct=2.01, udp_rtt_ms=201.5, load_avg=6.5)
+    c = row_cells(r)
+    assert (c["goodput"], c["uretx"], c["redund"], c["uloss"], c["urtt"], c["load"]) == (
+        "80.0", "8.00", "2.00", "2.01", "201.5", "6.5")
+    pub = PeerResult("s", "fasp-published", status="published", published_mbps=505.0)
+    assert pub.goodput_mbps == 505.0 and row_cells(pub)["goodput"] == "505.0"
+
+
+def test_daemon_udp_close_line_is_parsed(tmp_path: Path) -> None:
+    """The download rows read the sender's figures from the daemon's close line: render
+    it with the daemon's own logging call so a changed format fails here."""
+    import logging
+
+    from bench.peers.ours import OursServer
+    from bench.site import Site
+    from fallback import udpserver
+
+    srv = OursServer(Site("x", "127.0.0.1", tmp_path), tmp_path, tmp_path / "root")
+    srv.log_path.write_text("ready\n")
+    mark = srv.log_size()
+    handler = logging.FileHandler(srv.log_path)
+    udpserver.log.addHandler(handler)
+    old = udpserver.log.level
+    udpserver.log.setLevel(logging.INFO)
+
+    class _Stats:
+        sent_packets, received_packets, loss_pct = 1000, 10, 2.5
+        retransmitted_bytes, rtt_ms, rate, controller, controller_state = (
+            36300, 201.25, 95.5e6, "DelayRate", "steady")
+
+    class _Conn:
+        connection_id, last_heard = 7, 0.0
+
+        def stats(self) -> _Stats:
+            return _Stats()
+
+    class _Pump:
+        conn, moved = _Conn(), 0
+
+        def close(self, *a: object) -> None:
+            pass
+
+    class _Session:
+        id = "abcdef0123"
+        udp_figures: dict[str, float] = {}
+
+        def heard(self, *a: object) -> None:
+            pass
+
+    try:
+        udpserver.SessionUdp(_Session(), _Pump()).close()  # type: ignore[arg-type]
+    finally:
+        udpserver.log.removeHandler(handler)
+        udpserver.log.setLevel(old)
+        handler.close()
+    got = srv.udp_paths_since(mark, wait_s=0)
+    assert got == [{"sent": 1000.0, "lost_pct": 2.5, "resent": 36300.0, "rtt_ms": 201.25,
+                    "rate_mbit": 95.5}]
+
+
 # -- the runner end to end (root + namespaces) -------------------------------------------------
 
 
@@ -132,7 +219,7 @@ def test_quick_bench_writes_sane_report(tmp_path: Path) -> None:
     env = dict(os.environ, FB_BENCH_TINY="1", PYTHONPATH=str(REPO))
     p = subprocess.run(
         [sys.executable, "-m", "bench", "--tiny", "--out", str(out),
-         "--peers", "iperf3-bbr,curl-http*,ours-https*"],
+         "--peers", "iperf3-bbr,curl-http*,ours-https*,ours-udp*"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=220,
     )
     report = out / "report.md"
@@ -160,6 +247,15 @@ def test_quick_bench_writes_sane_report(tmp_path: Path) -> None:
         assert math.isfinite(g) and g > 0, row
         goodputs.append(g)
     assert goodputs
+    # ours over UDP (issue 12): a download and an upload, each with the path's figures
+    udp = {(_cells(r)[cols.index("peer")], _cells(r)[cols.index("dir")]): _cells(r)
+           for r in rows if _cells(r)[cols.index("peer")] == "ours-udp"}
+    assert set(udp) == {("ours-udp", "down"), ("ours-udp", "up")}, text
+    for cells in udp.values():
+        assert cells[si] == "ok", cells
+        assert 90 < float(cells[cols.index("UDP rtt ms")]) < 400, cells  # 100 ms link
+        assert float(cells[cols.index("redundancy %")]) >= 0, cells
+        assert float(cells[cols.index("load 1m")]) >= 0, cells
     assert (out / "results.json").exists()
     if importlib.util.find_spec("matplotlib") is not None:  # plots: the optional [bench] extra
         assert list(out.glob("*.png"))
@@ -169,6 +265,36 @@ def test_quick_bench_writes_sane_report(tmp_path: Path) -> None:
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not [n for n in left.split() if n.startswith(("fbA-", "fbB-"))
                 and _owner_dead(n)], left
+
+
+@_apply(needs_netns)
+@pytest.mark.timeout(300)
+def test_udp_concurrent_rows_and_published_figure(tmp_path: Path) -> None:
+    """fairness (two UDP transfers), tcp-friendly (ours-udp low/fair beside cubic, cubic's
+    solo rate) and the 1 Gbit/s row beside FASP's published figure, at smoke-test sizes."""
+    out = tmp_path / "out"
+    env = dict(os.environ, FB_BENCH_TINY="1", PYTHONPATH=str(REPO))
+    p = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--out", str(out), "--peers",
+         "ours-udp,ours-udp-low,ours-udp-fair,iperf3-cubic,fasp*", "fairness", "tcp-friendly",
+         "wan-1G-200ms-2pct"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert (out / "results.json").exists(), p.stderr[-2000:]
+    rows = json.loads((out / "results.json").read_text())["results"]
+    got = {(r["scenario"], r["peer"]): r for r in rows}
+    for key in (("fairness", "ours-udp#1"), ("fairness", "ours-udp#2"),
+                ("tcp-friendly", "iperf3-cubic#1"), ("tcp-friendly", "ours-udp-low#1"),
+                ("tcp-friendly", "ours-udp-fair#1"), ("wan-1G-200ms-2pct", "ours-udp")):
+        assert key in got and got[key]["status"] == "ok", (key, p.stderr[-2000:])
+        assert got[key]["goodput_mbps"] > 0, got[key]
+    pair = [got[("fairness", f"ours-udp#{i}")]["share_pct"] for i in (1, 2)]
+    assert sum(pair) == pytest.approx(100.0)
+    cubic_rows = [r for r in rows if r["scenario"] == "tcp-friendly"
+                  and r["peer"] == "iperf3-cubic#2"]
+    assert len(cubic_rows) == 2 and all("of its solo rate" in r["note"] for r in cubic_rows)
+    fasp = got[("wan-1G-200ms-2pct", "fasp-published")]
+    assert (fasp["status"], fasp["goodput_mbps"]) == ("published", 505.0)
 
 
 def _cells(row: str) -> list[str]:

@@ -69,14 +69,14 @@ def last_json(out: str) -> dict:
 class Terminal:
     """A process on a real pseudo-terminal (stdin, stdout and stderr are its slave side)."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(self, argv: Sequence[str], env: dict[str, str], columns: int = 120) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # pragma: no cover - the child
             try:
                 os.execve(argv[0], list(argv), env)
             finally:
                 os._exit(127)
-        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
         self.out = ""
         self.code: int | None = None
 
@@ -396,7 +396,7 @@ def test_help_of_every_subcommand(tmp_path: Path) -> None:
     t = " ".join(pages["transfer"].split())
     for needle in ("URL form:", "default port 8080", "default port 8443", "environment:",
                    "FALLBACK_PASSWORD", "FALLBACK_FILEPASS", "HTTPS_PROXY", "NO_PROXY",
-                   "from issue 13 on", "exit status:", "3 the daemon refused",
+                   "--proxy overrides", "exit status:", "3 the daemon refused",
                    "130 interrupted", "--password-file", "(default: 4)", "(default: auto)",
                    "(default: full)", "(default: diff)", "--json:", "~/.netrc"):
         assert needle in t, needle

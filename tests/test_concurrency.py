@@ -87,7 +87,7 @@ def test_second_upload_to_a_busy_target_fails_clearly(d: Daemon, sources: tuple[
         t0 = time.monotonic()
         rc, res, err = d.transfer(str(b_src), d.url(f"/{name}"), *UP, check=False)
         assert_busy(rc, res, err)
-        assert res["error"] == f"/{name}: {BUSY}"
+        assert res["error"] == f"remote /{name}: {BUSY}"
         assert time.monotonic() - t0 < IDLE_TAKEOVER + 10  # it waited a little, then gave up
     finally:
         a.send_signal(signal.SIGCONT)

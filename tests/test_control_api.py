@@ -18,11 +18,10 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.conftest import Daemon, make_file, sha256
@@ -44,20 +43,6 @@ from tests.control_client import (
 from tests.statefiles import ours
 from transport.blocks.manifest import MAX_ENTRIES, entries_from_json
 from transport.errors import ProtocolError
-
-
-@pytest.fixture
-async def api_for() -> AsyncIterator[Any]:
-    clients: list[aiohttp.ClientSession] = []
-
-    def make(d: Daemon) -> Api:
-        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20))
-        clients.append(http)
-        return Api(d, http)
-
-    yield make
-    for c in clients:
-        await c.close()
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,12 @@ from aiohttp import web
 
 from fallback import listener
 from fallback.listener import SniffingSite
-from fallback.sessions import SOURCE_WINDOW
+from fallback.sources import SOURCE_WINDOW
 from tests.conftest import PASSWORDS, Daemon, make_file, sha256
 from tests.interrupt import wait_until
 from tests.test_resume import rewrite_keeping_size, start_transfer, wait_progress
 from transport.blocks.source import FileSource, SourceWindow, entry_for
-from transport.errors import ResourceExhausted, SourceChanged
+from transport.errors import ErrorKind, ResourceExhausted, SourceChanged
 from transport.http.framing import HEADER_SIZE
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -336,7 +336,8 @@ def test_accept_out_of_descriptors_is_logged_once(monkeypatch: pytest.MonkeyPatc
 
 
 # -- 4. streams_max ------------------------------------------------------------------------------
-async def test_streams_max_is_enforced(daemon_factory: Callable[..., Daemon]) -> None:
+@pytest.mark.parametrize("query", ["", "?acks=1"])  # acks=1: a client that never acknowledges
+async def test_streams_max_is_enforced(daemon_factory: Callable[..., Daemon], query: str) -> None:
     d = start(daemon_factory, "<streams_max>2</streams_max>",
               "<file_system><block_size>1M</block_size></file_system>")
     make_file(d.docroots["alice"] / "big.bin", 48 << 20, seed=3)
@@ -351,15 +352,21 @@ async def test_streams_max_is_enforced(daemon_factory: Callable[..., Daemon]) ->
         async with http.post(f"{base}/session/{sid}/want", json={"blocks": [[0, 0, 48]]},
                              headers=bearer) as r:
             assert r.status == 200
-        streams = [await http.get(f"{base}/session/{sid}/blocks", headers=bearer)
+        # one after the other: under ``fair`` the second waits its turn, yet answers its
+        # head at once (else this await held the first's reader and both stood still)
+        streams = [await asyncio.wait_for(http.get(f"{base}/session/{sid}/blocks{query}",
+                                                   headers=bearer), 10)
                    for _ in range(2)]
         assert [s.status for s in streams] == [200, 200]
         async with http.get(f"{base}/session/{sid}/blocks", headers=bearer) as third:
             assert third.status == 429
             assert "streams_max is 2" in (await third.json())["error"]
         got: list[int] = []
-        for s in streams:  # the two admitted streams were not disturbed
-            body = await s.read()
+        # the two admitted streams were not disturbed; read together, as a client does (a
+        # stream ends only once no other stream of the session holds unsent leases: one
+        # read after the other would wait on the second's full socket)
+        bodies = await asyncio.wait_for(asyncio.gather(*(s.read() for s in streams)), 30)
+        for s, body in zip(streams, bodies, strict=True):
             while body:
                 _, f, b, n = struct.unpack_from("!4sIQI", body)
                 got.append(b)
@@ -450,6 +457,6 @@ def test_file_source_out_of_descriptors_is_a_resource_error(tmp_path: Path) -> N
             src.read_block(0)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert (caught.value.status, caught.value.kind) == (503, "EMFILE")
+    assert (caught.value.kind, caught.value.resource) == (ErrorKind.EXHAUSTED, "EMFILE")
     assert src.read_block(0)[0] == a.read_bytes()
     src.close()

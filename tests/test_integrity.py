@@ -274,7 +274,7 @@ def test_stale_upload_summary_says_sampled_in_words(up: Interrupted, tmp_path: P
                        capture_output=True, text=True, timeout=300, env=e)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
-    assert lines[0].startswith("upload ok: 1 files")
+    assert lines[0].startswith("upload ok: 1 file,")
     assert lines[1].startswith("verification sampled for 1 file:"), p.stdout
     assert "--resume full" in lines[1]
 

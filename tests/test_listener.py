@@ -197,7 +197,10 @@ async def test_quiet_on_early_close_and_garbage(tls: Tls, caplog: pytest.LogCapt
         reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
         writer.write(b"\x16\x03\x01\x00\x05hello-not-tls" * 4)
         await writer.drain()
-        assert await asyncio.wait_for(reader.read(), 5) == b""
+        # Closed: at most a TLS alert record first (the handshake runs on a blocking
+        # SSLSocket in a thread, fallback.tlspump, whose OpenSSL sends the alert).
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer == b"" or (answer[:1] == b"\x15" and len(answer) == 7), answer
         writer.close()
         await asyncio.sleep(0.1)
         assert not site._conn_tasks

@@ -10,7 +10,7 @@ checks, and the per-user rule spares the user's known addresses. Client sockets 
 loopback addresses (127.0.0.0/8) to stand for distinct clients.
 
 Plus unit tests of :class:`fallback.throttle.LoginThrottle` with a fake clock and of
-:class:`fallback.auth.PasswordChecker`'s lanes.
+:class:`fallback.logincheck.PasswordChecker`'s lanes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from fallback.auth import ChecksBusy, PasswordChecker, hash_password
+from fallback.auth import hash_password
+from fallback.logincheck import ChecksBusy, PasswordChecker
 from fallback.throttle import LoginThrottle
 from tests.conftest import PASSWORDS, Daemon, make_file, sha256
 

@@ -98,7 +98,7 @@ class FakePath:
         if outcome == "refused":
             return ConnectFailed(self._id, ConnectError("refused"))
         if outcome == "throttled":
-            return Throttled(self._id, RemoteError("busy", status=503), retry_after=3.0)
+            return Throttled(self._id, RemoteError("busy", peer_status=503), retry_after=3.0)
         if outcome == "lose":
             if self.work.items:
                 self.work.items -= 1
@@ -252,16 +252,16 @@ async def test_a_path_throttled_again_and_again_rests_while_others_work() -> Non
 def test_errors_are_classified_into_signals() -> None:
     assert isinstance(classify("p", ConnectError("refused")), ConnectFailed)
     assert isinstance(classify("p", ConnectionLost("reset")), PathLost)
-    t = classify("p", RemoteError("too many", status=429, retry_after=2.0))
+    t = classify("p", RemoteError("too many", peer_status=429, retry_after=2.0))
     assert isinstance(t, Throttled) and t.retry_after == 2.0
-    assert isinstance(classify("p", RemoteError("down", status=503)), Throttled)
-    assert classify("p", RemoteError("refused", status=403)) is None  # ends the transfer
+    assert isinstance(classify("p", RemoteError("down", peer_status=503)), Throttled)
+    assert classify("p", RemoteError("refused", peer_status=403)) is None  # ends the transfer
     assert classify("p", PathError("nope")) is None
 
 
 async def test_http_path_turns_stream_errors_into_signals() -> None:
     outcomes: list[Exception | None] = [ConnectError("refused"), ConnectionLost("reset"),
-                                        RemoteError("busy", status=503), None]
+                                        RemoteError("busy", peer_status=503), None]
 
     async def stream(path, moved):  # type: ignore[no-untyped-def]
         assert path == "https-0"
@@ -279,7 +279,7 @@ async def test_http_path_turns_stream_errors_into_signals() -> None:
         ("https-0", "https", 4096, 1, 4, False)
 
     async def refused(path, moved):  # type: ignore[no-untyped-def]
-        raise RemoteError("forbidden", status=403)
+        raise RemoteError("forbidden", peer_status=403)
 
     with pytest.raises(RemoteError):
         await HttpPath("https-1", "https", refused).run()

@@ -132,7 +132,7 @@ def test_put_refusals(srv: Daemon, tmp_path: Path) -> None:
     f = make_file(tmp_path / "x.bin", 10)
     (srv.docroots["alice"] / "afolder").mkdir(exist_ok=True)
     cases = [("/afolder", 409, '{"error": "/afolder: is a folder"}'),
-             ("/f.bin/x", 409, '{"error": "/f.bin/x: a file is in the way of its folder"}'),
+             ("/f.bin/x", 409, '{"error": "/f.bin: a file, not a folder (cannot write /f.bin/x)"}'),
              ("/.fallback/x", 403, '{"error": "that name is reserved"}'),
              ("/", 400, '{"error": "PUT needs a file name"}')]
     for path, status, body in cases:

@@ -264,9 +264,9 @@ def test_absolute_looking_paths_stay_in_own_docroot(srv: Daemon, work: Path) -> 
         transfer_cmd(http_url(srv, "//etc/passwd", user="bob"), str(work / "c.bin"),
                      "--transport", "http"),
     ], password=bob)
-    assert_refused(runs[0], "f.bin: no such file or folder")
-    assert_refused(runs[1], "f.bin: no such file or folder")
-    assert_refused(runs[2], "passwd: no such file or folder")
+    assert_refused(runs[0], "f.bin: not found")
+    assert_refused(runs[1], "remote /f.bin: not found")
+    assert_refused(runs[2], "passwd: not found")
     assert not any((work / n).exists() for n in ("a.bin", "b.bin", "c.bin"))
     # an upload to alice's absolute docroot path lands under bob's own docroot
     rc, _, err = cli(transfer_cmd(str(src), http_url(srv, f"{alice_root}/", user="bob"),
@@ -303,7 +303,7 @@ def test_symlinks_out_of_docroot_refused_for_transfers(srv: Daemon, work: Path) 
         + [transfer_cmd(str(src), http_url(srv, p), *t) for p, _ in uploads],
         password=PASSWORDS["alice"])
     for r, (_, shown) in zip(runs, downloads + uploads, strict=True):
-        assert_refused(r, f"error: {shown}: {OUTSIDE}")
+        assert_refused(r, f"error: remote {shown}: {OUTSIDE}")
     try:
         assert not Path(f"/etc/{src.name}").exists()
         assert not (srv.docroots["bob"] / src.name).exists()
@@ -472,7 +472,7 @@ def test_usage_errors_exit_2(srv: Daemon, work: Path) -> None:
     assert count(log_since(srv, mark), "session") == 0
     # argparse's own usage errors are exit 2 too
     rc, _, err = cli(fallback_cmd("transfer", str(f)))
-    assert rc == 2 and "the following arguments are required: dst" in err
+    assert rc == 2 and "error: give SRC... DST (or --file-list FILE DST)" in err
 
 
 # -- TLS ------------------------------------------------------------------------------------------
@@ -505,5 +505,5 @@ def test_tls_verification(srv: Daemon, work: Path) -> None:
     assert sha256(tls_dir / "i" / "tls.bin") == sha256(f)
     assert "Traceback" not in err and "Warning:" not in err
     assert err.count("warning: --insecure: the server certificate is not verified") == 1
-    assert re.search(r"upload ok: 1 files, 200000 bytes .* over https", out)
+    assert re.search(r"upload ok: 1 file, 200.0 kB .* MB/s over https", out)
     assert leftovers(tls_dir, srv.docroots["alice"]) == []

@@ -661,7 +661,7 @@ def test_13_2_1_put_errors_come_before_preconditions(srv: Daemon) -> None:
     r = put(srv, "/afolder", b"x", ("If-None-Match", "*"))
     assert (r.status, r.body) == (409, b'{"error": "/afolder: is a folder"}')
     r = put(srv, "/f.bin/x", b"x", ("If-Match", "*"))
-    assert (r.status, r.body) == (409, b'{"error": "/f.bin/x: a file is in the way of its folder"}')
+    assert (r.status, r.body) == (409, b'{"error": "/f.bin: a file, not a folder (cannot write /f.bin/x)"}')
 
 
 # -- real clients --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ def test_file_sizes_round_trip(daemon, tmp_path: Path, scheme: str) -> None:
         assert stored.stat().st_mtime_ns == f.stat().st_mtime_ns
         assert res["checksums"][f.name] == digest_path(f, B)
         back = tmp_path / "back" / scheme
+        back.parent.mkdir(exist_ok=True)  # a download creates only the last level (issue 14)
         rc, res, _ = daemon.transfer(daemon.url(f"/up/{f.name}", scheme=scheme), str(back) + "/",
                                      "--transport", scheme)
         assert res["ok"] and res["transports"] == [scheme]

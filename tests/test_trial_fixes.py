@@ -12,20 +12,19 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from tests.conftest import PASSWORDS, Daemon, free_port, make_file
-from tests.control_client import BS, PERMS, T0, Api, Sess, conf_xml, entry, start_daemon
+from tests.control_client import BS, PERMS, T0, Sess, conf_xml, entry, start_daemon
 from transport.blocks.digest import digest_path
 from transport.blocks.ranges import RangeSet
 
-MAX_DIGEST_BYTES = 64 << 20  # fallback.sessions.MAX_DIGEST_BYTES, as docs/protocol.md states it
+MAX_DIGEST_BYTES = 64 << 20  # fallback.sources.MAX_DIGEST_BYTES, as docs/protocol.md states it
 
 
 @pytest.fixture
@@ -71,20 +70,6 @@ def test_plain_put_applies_the_daemon_umask(daemon_factory, tmp_path: Path, umas
 
 
 # -- 2. /digests: a byte budget per call, one call at a time per session ---------------------------
-@pytest.fixture
-async def api_for() -> AsyncIterator[Any]:
-    clients: list[aiohttp.ClientSession] = []
-
-    def make(d: Daemon) -> Api:
-        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
-        clients.append(http)
-        return Api(d, http)
-
-    yield make
-    for c in clients:
-        await c.close()
-
-
 def _sparse(path: Path, size: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
@@ -96,7 +81,7 @@ async def test_digests_read_at_most_64_mib_per_call(tmp_path: Path, api_for: Any
     d = start_daemon(tmp_path / "d", {"alice": PERMS["rw"]})
     size = 256 << 20  # 4096 blocks of 64 KiB
     _sparse(d.docroots["alice"] / "big", size)
-    api = api_for(d)
+    api = api_for(d, timeout=60)
     s = await api.open("alice", {"direction": "download", "path": "/big"})
     r = await api.call(s, "POST", "/digests", {"file": 0, "blocks": list(range(4096)), "root": True})
     assert r.status == 200, r.error
@@ -120,7 +105,7 @@ async def test_digests_read_at_most_64_mib_per_call(tmp_path: Path, api_for: Any
 async def test_one_digests_call_at_a_time_per_session(tmp_path: Path, api_for: Any) -> None:
     d = start_daemon(tmp_path / "d", {"alice": PERMS["rw"]})
     _sparse(d.docroots["alice"] / "big", 1 << 30)
-    api = api_for(d)
+    api = api_for(d, timeout=60)
     s = await api.open("alice", {"direction": "download", "path": "/big"})
     replies = await asyncio.gather(*(api.call(s, "POST", "/digests", {"roots": [0]})
                                      for _ in range(4)))
@@ -278,7 +263,7 @@ async def test_concurrent_opens_cannot_pass_sessions_per_user_max(tmp_path: Path
     tree.mkdir()
     for k in range(4000):  # an open walks them: long enough for opens to overlap
         (tree / f"f{k}").write_bytes(b"x")
-    api = api_for(d)
+    api = api_for(d, timeout=60)
     body = json.dumps({"direction": "download", "path": "/tree"}).encode()
     replies = await asyncio.gather(*(api.open_raw("alice", body) for _ in range(24)))
     ok = [r for r in replies if r.status == 200]
@@ -323,7 +308,7 @@ async def test_sessions_unused_after_open_are_reaped_without_a_timeout(tmp_path:
 async def test_want_takes_at_most_65536_ranges_quickly(tmp_path: Path, api_for: Any) -> None:
     d = start_daemon(tmp_path / "d", {"alice": PERMS["rw"]})
     _sparse(d.docroots["alice"] / "big", 1 << 40)  # 2^24 blocks of 64 KiB
-    api = api_for(d)
+    api = api_for(d, timeout=60)
     s = await api.open("alice", {"direction": "download", "path": "/big"})
     over = [[0, 2 * k, 2 * k + 1] for k in range(65537)]
     r = await api.call(s, "POST", "/want", {"blocks": over})
@@ -350,7 +335,7 @@ def test_rangeset_merge_equals_adding_one_by_one() -> None:
 # -- 7. upload opens: batched inspection, at most 2 under way per user -----------------------------
 async def test_at_most_two_opens_per_user_under_way(tmp_path: Path, api_for: Any) -> None:
     d = start_daemon(tmp_path / "d", {"alice": PERMS["rw"]})
-    api = api_for(d)
+    api = api_for(d, timeout=60)
     entries = [{"path": "", "kind": "dir", "mtime_ns": T0, "mode": 0o755}]
     entries += [entry(f"f{k}", size=1) for k in range(20000)]  # seconds to inspect
     bodies = [json.dumps({"direction": "upload", "path": f"/up{n}", "into_dir": False,
@@ -390,7 +375,7 @@ async def test_outer_user_cannot_reach_a_nested_users_state_folder(tmp_path: Pat
     d = Daemon(base, free_port(), free_port(), {"alice": outer, "bob": outer / "nest"})
     d.config_path.write_text(conf_xml(d, {"alice": PERMS["rw"], "bob": PERMS["rw"]}))
     d.start()
-    api = api_for(d)
+    api = api_for(d, timeout=60)
     # bob leaves a partial upload: his state folder (marked) holds a partial and a journal
     s = await api.open("bob", {"direction": "upload", "path": "/x.bin", "into_dir": False,
                                "entries": [entry()]})
@@ -435,7 +420,7 @@ def test_upload_under_a_file_is_a_409_with_a_clear_message(daemon_factory, tmp_p
     src = make_file(tmp_path / "x", 1000)
     rc, res, err = d.transfer(str(src), d.url("/file/x"), check=False)
     assert rc == 1 and res["ok"] is False
-    assert res["error"] == "/file/x: a file is in the way of its folder", res
+    assert res["error"] == "remote /file: a file, not a folder (cannot write /file/x)", res
     assert "500" not in d.log() and "Not a directory" not in d.log()
 
 

@@ -300,3 +300,66 @@ async def test_full_send_buffer_keeps_sealed_datagrams(gso: bool) -> None:
     finally:
         server.close()
         client_ep.close()
+
+
+class _Recording(UdpConnection):
+    """A real connection that notes how long each datagram waited for the event loop
+    (``now - rx_time``, None when the adapter gave no kernel receive time)."""
+
+    waits: list[float | None]
+
+    def receive_datagram(self, data: bytes | bytearray | memoryview, addr: object,
+                         now: float, rx_time: float | None = None) -> None:
+        self.waits.append(None if rx_time is None else now - rx_time)
+        super().receive_datagram(data, addr, now, rx_time)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="SO_TIMESTAMPNS is Linux's")
+@pytest.mark.parametrize("gro", [True, False], ids=["gro", "plain"])
+async def test_kernel_receive_time_excludes_event_loop_lag(gro: bool) -> None:
+    """A datagram that arrives while the receiving loop is blocked is handed over with
+    the kernel's receive time: the wait is measured (about the 20 ms blocked) and is not
+    part of its one-way delay (within ``host_lag_allowance``, 25 ms), so a busy host's
+    lag does not read as a network queue."""
+    server = await UdpEndpoint.bind("127.0.0.1", 0, gso=gro, gro=gro)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert server.features.rx_timestamps
+        secret = new_path_secret()
+        now = time.perf_counter()
+        client = UdpConnection(UdpConfig(), 9, derive_path_keys(secret, initiator=True), now,
+                               peer=server.address)
+        quiet = UdpConfig(ack_every=1000, max_ack_delay=5.0)  # feedback read here instead
+        daemon = _Recording(quiet, 9, derive_path_keys(secret, initiator=False), now)
+        daemon.waits = []
+        server.add(daemon, lambda c, ev: None)
+        await asyncio.sleep(0.01)
+        def send(n: int) -> None:   # seal and send at once (KEEPALIVE left out: it
+            client.queue_piece(0, 0, 0, bytes(n))  # would ask for feedback at once)
+            data = [d for d in client.datagrams_to_send(time.perf_counter())
+                    if d[0][2] == codec.DATA]
+            for d in data:
+                raw.sendto(*d)
+
+        send(1000)
+        for _ in range(50):                    # the first is read at once: the reference
+            await asyncio.sleep(0.005)
+            if daemon.waits:
+                break
+        assert daemon.waits and daemon.waits[0] is not None and daemon.waits[0] < 0.05
+        send(2000)
+        time.sleep(0.02)                      # the loop is blocked: a descheduled process
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if len(daemon.waits) >= 3:
+                break
+        waits = daemon.waits[1:]
+        assert len(waits) == 2 and all(w is not None and 0.015 <= w <= 1.0 for w in waits), waits
+        fb = daemon._feedback_body(time.perf_counter())
+        assert fb is not None
+        parsed = codec.parse_feedback(fb)
+        assert parsed.owd_count == 3
+        assert parsed.owd_max_us - parsed.owd_min_us < 8_000   # the 20 ms wait left out
+    finally:
+        raw.close()
+        server.close()

@@ -7,6 +7,12 @@ when larger than the packet spacing), explicit reordering (``reorder`` probabili
 ``reorder_extra`` more delay), duplication, corruption (one byte flipped), and windows
 of silence. ``Sim`` steps time to the next arrival or connection timer, like an event
 loop would, and calls the owners after each step.
+
+Host jitter (``Peer.stall``): a peer on a busy host does not run the moment a datagram
+arrives or its timer falls due; it runs up to ``stall`` seconds later (uniform), and
+then takes everything that arrived meanwhile at once, as an event loop whose process
+was descheduled does. That delay is not queueing on the path: with ``kernel_ts`` the
+peer is told each datagram's arrival time (the kernel's receive timestamp) as well.
 """
 
 from __future__ import annotations
@@ -94,12 +100,16 @@ class Link:
 
 
 class Source:
-    """Sending owner: pieces ``(file, block, 0, data)``; re-queues what is reported lost."""
+    """Sending owner: pieces ``(file, block, 0, data)``; re-queues what is reported lost
+    at once, as ``fallback.udpblocks.UdpPump`` does (retransmissions are not held to the
+    send budget; the core sends them ahead of new data)."""
 
     def __init__(self, blocks: dict[tuple[int, int], bytes]) -> None:
         self.blocks = blocks
         self.pending: deque[tuple[int, int, int, int, bool]] = deque(
             (f, b, 0, len(d), False) for (f, b), d in blocks.items())
+        self.retx: deque[tuple[int, int, int, int]] = deque()
+        self.lost_at: list[tuple[float, tuple[int, int, int]]] = []  # (time, piece start)
         self.acked: dict[tuple[int, int], RangeSet] = {k: RangeSet() for k in blocks}
         self.acked_twice = 0
         self.lost_bytes = 0
@@ -108,6 +118,10 @@ class Source:
         self.piece_size = 256 * 1024
 
     def feed(self, conn: UdpConnection) -> None:
+        while self.retx and not conn.closed:
+            f, b, off, n = self.retx.popleft()
+            conn.queue_piece(f, b, off, memoryview(self.blocks[(f, b)])[off:off + n],
+                             retransmission=True)
         while self.pending and not conn.closed:
             f, b, off, n, retx = self.pending[0]
             take = min(n, self.piece_size, conn.send_budget())
@@ -120,7 +134,7 @@ class Source:
             else:
                 self.pending[0] = (f, b, off + take, n - take, retx)
 
-    def on_event(self, ev: object) -> None:
+    def on_event(self, ev: object, now: float = 0.0) -> None:
         if isinstance(ev, PiecesAcked):
             for f, b, off, n in ev.pieces:
                 rs = self.acked[(f, b)]
@@ -131,11 +145,12 @@ class Source:
         elif isinstance(ev, PiecesLost):
             for f, b, off, n in ev.pieces:
                 self.lost_bytes += n
-                self.pending.append((f, b, off, n, True))
+                self.retx.append((f, b, off, n))
+                self.lost_at.append((now, (f, b, off)))
 
     @property
     def done(self) -> bool:
-        return self.acked_bytes >= self.total and not self.pending
+        return self.acked_bytes >= self.total and not self.pending and not self.retx
 
 
 class Sink:
@@ -148,6 +163,7 @@ class Sink:
         self.unknown = 0
         self.received_bytes = 0
         self.times: list[tuple[float, int]] = []
+        self.arrived: dict[tuple[int, int, int], float] = {}  # piece start -> last arrival
 
     def on_event(self, ev: object, now: float = 0.0) -> None:
         if isinstance(ev, PiecesReceived):
@@ -163,6 +179,7 @@ class Sink:
                 self.data[key][off:off + n] = data
                 self.received_bytes += n
                 self.times.append((now, n))
+                self.arrived[(f, b, off)] = now
 
     def complete(self) -> bool:
         return all(rs.covers(0, len(self.data[k])) for k, rs in self.have.items())
@@ -175,20 +192,32 @@ class Peer:
     other: str                  # the other end's name (its address)
     on_event: Callable[[object], None] = lambda ev: None
     feed: Callable[[UdpConnection], None] = lambda conn: None
+    stall: float = 0.0          # host jitter: runs up to this many seconds late (uniform)
+    kernel_ts: bool = True      # pass each datagram's arrival time as ``rx_time``
 
 
 class Sim:
     """Hand-stepped clock: arrivals and connection timers in time order."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 7) -> None:
         self.now = 0.0
         self.peers: dict[str, Peer] = {}
         self._heap: list[tuple[float, int, str, str, bytes]] = []
         self._seq = 0
         self.steps = 0
+        self._rng = random.Random(seed)
+        self._inbox: dict[str, list[tuple[float, str, bytes]]] = {}
+        self._wake: dict[str, float] = {}   # stalled peer -> when it runs next
 
     def add(self, name: str, peer: Peer) -> None:
         self.peers[name] = peer
+        self._inbox[name] = []
+
+    def _due(self, name: str) -> None:
+        """``name`` has work now: it runs now, or after a host stall if it has one."""
+        if name not in self._wake:
+            stall = self.peers[name].stall
+            self._wake[name] = self.now + (self._rng.random() * stall if stall else 0.0)
 
     def _flush(self, name: str) -> None:
         p = self.peers[name]
@@ -213,10 +242,13 @@ class Sim:
             self._drain(name)
             self._flush(name)
         same = 0
+        wake = self._wake
         while self.now < until and not stop():
             times = [self._heap[0][0]] if self._heap else []
-            for p in self.peers.values():
-                t = p.conn.get_timer()
+            for name, p in self.peers.items():
+                t = wake.get(name)
+                if t is None:
+                    t = p.conn.get_timer()
                 if t is not None:
                     times.append(t)
             if not times:
@@ -234,13 +266,29 @@ class Sim:
             self.now = min(t, until)
             self.steps += 1
             while self._heap and self._heap[0][0] <= self.now:
-                _, _, dest, src, data = heapq.heappop(self._heap)
-                self.peers[dest].conn.receive_datagram(data, (src, 1), self.now)
-            for p in self.peers.values():
+                when, _, dest, src, data = heapq.heappop(self._heap)
+                self._inbox[dest].append((when, src, data))
+                self._due(dest)
+            for name, p in self.peers.items():
+                t2 = p.conn.get_timer()
+                if t2 is not None and t2 <= self.now:
+                    self._due(name)
+            # Peers without a stall run every step (as before host jitter existed).
+            ready = [n for n, p in self.peers.items()
+                     if not p.stall or wake.get(n, math.inf) <= self.now]
+            for name in ready:
+                wake.pop(name, None)
+                p = self.peers[name]
+                for when, src, data in self._inbox[name]:
+                    p.conn.receive_datagram(data, (src, 1), self.now,
+                                            when if p.kernel_ts else None)
+                self._inbox[name].clear()
+            for name in ready:
+                p = self.peers[name]
                 t2 = p.conn.get_timer()
                 if t2 is not None and t2 <= self.now:
                     p.conn.handle_timer(self.now)
-            for name in self.peers:
+            for name in ready:
                 self._drain(name)
                 self._flush(name)
         if every is not None and next_tick <= until + 1e-9 and not stop():

@@ -1,24 +1,66 @@
 """One error hierarchy for the data plane.
 
-Every error carries a ``status`` hint (the HTTP status a server should answer
-with, in the manner of h11's ``error_status_hint``) so the boundary that
-translates it into a response or an exit code does not need a lookup table.
+Every error carries a ``kind`` (``ErrorKind``: what went wrong, such as "not found" or
+"conflict"), never a protocol status: the data plane does not know which protocol
+carries its answers. The daemon maps a kind to an HTTP status once, at its boundary
+(``fallback.daemonctx.HTTP_STATUS``); the CLI maps it to an exit code. Foreign
+exceptions (aiohttp's, the OS's) become these classes once, where they enter, through
+``map_exceptions`` (httpcore's ``_exceptions.map_exceptions`` shape) rather than
+through hand-written ``except`` translators.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import errno
+from collections.abc import Callable, Iterator, Mapping
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong, independent of the protocol that reports it."""
+
+    BAD_REQUEST = "bad request"
+    """The request or data is malformed or names something that cannot be (a bad frame,
+    a bad manifest, a path that is not a regular file)."""
+    UNAUTHORIZED = "unauthorized"
+    """No credentials, or wrong ones (a password, a session token)."""
+    FORBIDDEN = "forbidden"
+    """Understood and authenticated, but not allowed (a reserved name, a path outside the
+    root, a wrong passphrase)."""
+    NOT_FOUND = "not found"
+    """The thing named does not exist (a file, a session)."""
+    CONFLICT = "conflict"
+    """The state does not allow it now (a lock held, a source changed, calls out of order)."""
+    TOO_LARGE = "too large"
+    """The request is larger than the bound the receiver keeps."""
+    INTEGRITY = "integrity"
+    """Data failed verification (a block or file digest, an AEAD tag)."""
+    EXHAUSTED = "exhausted"
+    """The local system ran out of a resource (descriptors, memory); retry later."""
+    UNAVAILABLE = "unavailable"
+    """The peer or this end cannot serve now (shutting down, unreachable, connection lost)."""
+    UNTRUSTED = "untrusted"
+    """The peer's TLS certificate is not trusted (no CA vouches for it, it changed)."""
+    REMOTE = "remote"
+    """The peer answered with an error (``RemoteError``, which keeps what it received)."""
+    INTERNAL = "internal"
+    """Anything else: an I/O error, a bug; not the request's fault."""
 
 
 class TransportError(Exception):
-    """Base of every error raised by ``transport``."""
+    """Base of every error raised by ``transport``: a message and a ``kind``.
 
-    status: int = 500
+    Each class has a default kind; a raise site may name another (``kind=``) when the
+    class fits but the kind differs (a ``ProtocolError`` for an unknown session is
+    ``NOT_FOUND``)."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    kind: ErrorKind = ErrorKind.INTERNAL
+
+    def __init__(self, message: str, *, kind: ErrorKind | None = None) -> None:
         super().__init__(message)
-        if status is not None:
-            self.status = status
+        if kind is not None:
+            self.kind = kind
 
     @property
     def message(self) -> str:
@@ -28,48 +70,48 @@ class TransportError(Exception):
 class ProtocolError(TransportError):
     """The peer sent something malformed (bad frame, bad manifest)."""
 
-    status = 400
+    kind = ErrorKind.BAD_REQUEST
 
 
 class IntegrityError(TransportError):
     """Data failed verification: a block digest, a whole-file digest or an AEAD tag."""
 
-    status = 422
+    kind = ErrorKind.INTEGRITY
 
 
 class BadPassphrase(IntegrityError):
     """The envelope header's key check failed: wrong passphrase, detected before any block."""
 
-    status = 403
+    kind = ErrorKind.FORBIDDEN
 
 
 class ConflictError(TransportError):
     """Another transfer holds the target (its journal lock), or the target changed."""
 
-    status = 409
+    kind = ErrorKind.CONFLICT
 
 
 class PathError(TransportError):
     """A path escapes its root, or names something that cannot be written."""
 
-    status = 403
+    kind = ErrorKind.FORBIDDEN
 
 
 class SourceChanged(TransportError):
     """The source file changed while or between runs; resuming would mix contents."""
 
-    status = 409
+    kind = ErrorKind.CONFLICT
 
 
 class ResourceExhausted(TransportError):
     """The local system ran out of a resource (descriptors, memory): nothing is wrong with
-    the request, it may succeed later. ``kind`` is the errno name (``EMFILE``, ...)."""
+    the request, it may succeed later. ``resource`` is the errno name (``EMFILE``, ...)."""
 
-    status = 503
+    kind = ErrorKind.EXHAUSTED
 
-    def __init__(self, message: str, *, kind: str, status: int | None = None) -> None:
-        super().__init__(message, status=status)
-        self.kind = kind
+    def __init__(self, message: str, *, resource: str) -> None:
+        super().__init__(message)
+        self.resource = resource
 
 
 RESOURCE_ERRNOS: dict[int, str] = {
@@ -82,23 +124,24 @@ RESOURCE_ERRNOS: dict[int, str] = {
 
 
 def from_os_error(exc: OSError, what: str) -> TransportError:
-    """The kind for an ``OSError`` met while reading ``what`` (a path as shown to users).
+    """The error for an ``OSError`` met while reading ``what`` (a path as shown to users).
 
-    Resource errors (``RESOURCE_ERRNOS``) become ``ResourceExhausted`` (503, "try again"),
-    permission errors ``PathError`` (403), anything else (EIO, ESTALE, ...) a 500.
+    Resource errors (``RESOURCE_ERRNOS``) become ``ResourceExhausted`` ("try again"),
+    permission errors ``PathError`` (``FORBIDDEN``), anything else (EIO, ESTALE, ...) a
+    ``TransportError`` of kind ``INTERNAL``.
     """
     if exc.errno in RESOURCE_ERRNOS:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
-        return ResourceExhausted(f"{RESOURCE_ERRNOS[exc.errno]}, try again", kind=name)
+        return ResourceExhausted(f"{RESOURCE_ERRNOS[exc.errno]}, try again", resource=name)
     if exc.errno in (errno.EACCES, errno.EPERM):
         return PathError(f"{what}: permission denied")
-    return TransportError(f"{what}: {exc.strerror or exc}", status=500)
+    return TransportError(f"{what}: {exc.strerror or exc}")
 
 
 class ConnectionLost(TransportError):
-    """The peer or the network went away mid-stream (translated from aiohttp/OSError)."""
+    """The peer or the network went away mid-stream (mapped from aiohttp/OSError)."""
 
-    status = 503
+    kind = ErrorKind.UNAVAILABLE
 
 
 class ConnectError(ConnectionLost):
@@ -107,12 +150,43 @@ class ConnectError(ConnectionLost):
 
 
 class RemoteError(TransportError):
-    """The peer answered with an error; ``status`` is its HTTP status. ``retry_after``
-    (seconds) is the peer's ``Retry-After`` when it gave one (RFC 9110 section 10.2.3)."""
+    """The peer answered with an error. ``peer_status`` is the status it answered with
+    (an HTTP status over HTTP; None where the path has none): data received, not a hint
+    for this end's own answers. ``retry_after`` (seconds) is the peer's ``Retry-After``
+    when it gave one (RFC 9110 section 10.2.3)."""
 
-    retry_after: float | None = None
+    kind = ErrorKind.REMOTE
 
-    def __init__(self, message: str, *, status: int | None = None,
+    def __init__(self, message: str, *, peer_status: int | None = None,
                  retry_after: float | None = None) -> None:
-        super().__init__(message, status=status)
+        super().__init__(message)
+        self.peer_status = peer_status
         self.retry_after = retry_after
+
+
+ExceptionMapping = Mapping[type[BaseException] | tuple[type[BaseException], ...],
+                           type[TransportError] | None]
+"""Foreign exception types to the ``TransportError`` class each becomes, first match
+wins (so a subclass is listed before its base); ``None`` lets a type through unmapped
+for an enclosing handler (a certificate error that needs an async look-up)."""
+
+
+@contextlib.contextmanager
+def map_exceptions(mapping: ExceptionMapping, what: str,
+                   describe: Callable[[BaseException], str] = str) -> Iterator[None]:
+    """Map foreign exceptions raised in the block into this hierarchy, once, at the
+    boundary (httpcore's ``_exceptions.map_exceptions``): the first entry of
+    ``mapping`` that the exception is an instance of gives the class, raised with the
+    message ``"{what}: {describe(exc)}"`` and the original as its cause. A
+    ``TransportError`` passes unchanged, and so does an exception no entry matches."""
+    try:
+        yield
+    except TransportError:
+        raise
+    except Exception as exc:
+        for foreign, ours in mapping.items():
+            if isinstance(exc, foreign):
+                if ours is None:
+                    raise
+                raise ours(f"{what}: {describe(exc)}") from exc
+        raise

@@ -28,6 +28,7 @@ from bench.site import Site
 
 HTTP_PORT = 18080
 HTTPS_PORT = 18443
+UDP_PORT = 33001  # aspera.conf's bind_udp_port default; the daemon names it to the client
 USER = "bench"
 READY_TIMEOUT_S = 60.0
 REQUIRED_FLAGS = ("--json", "--streams", "--transport", "--overwrite", "--resume", "--fingerprint")
@@ -85,6 +86,7 @@ class OursServer:
         self.fingerprint = ""
         self.proc: subprocess.Popen[Any] | None = None
         self.probe = ServerProbe(None)
+        self.log_path = run_dir / "daemon.out"
 
     def config_xml(self, pw_hash: str) -> str:
         """The daemon config (XML contract shared with the daemon's authors)."""
@@ -111,7 +113,8 @@ class OursServer:
         out_path = self.run_dir / "daemon.out"
         out = open(out_path, "wb")  # noqa: SIM115 - handed to the child
         self.proc = self.site.launch_server(
-            [*fallback_argv(), "serve", "--config", str(conf)], stdout=out,
+            [*fallback_argv(), "serve", "--config", str(conf),
+             *(["-v"] if os.environ.get("FB_BENCH_VERBOSE") else [])], stdout=out,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=ours_env(),
             cwd=str(self.run_dir),
         )
@@ -132,6 +135,32 @@ class OursServer:
         self.stop()
         raise RuntimeError(f"fallback daemon not ready: {text.strip()[-300:]}")
 
+    def log_size(self) -> int:
+        """Bytes in the daemon's log so far (mark before a run, read the new lines after)."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def udp_paths_since(self, mark: int, wait_s: float = 3.0) -> list[dict[str, float]]:
+        """The daemon's per-UDP-path close lines (``fallback/udpserver.py``) logged after
+        *mark*: ``{"sent": datagrams, "lost_pct", "resent": bytes, "rtt_ms", "rate_mbit"}``.
+        Waits up to *wait_s* for the line (it is written when the session closes)."""
+        end = time.monotonic() + wait_s
+        while True:
+            try:
+                with open(self.log_path, "rb") as f:
+                    f.seek(mark)
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                text = ""
+            found = [{"sent": float(m[0]), "lost_pct": float(m[1]), "resent": float(m[2]),
+                      "rtt_ms": float(m[3]), "rate_mbit": float(m[4])}
+                     for m in _UDP_CLOSE.findall(text)]
+            if found or time.monotonic() >= end:
+                return found
+            time.sleep(0.2)
+
     def url(self, path: str, https: bool) -> str:
         """Daemon URL with the user in it (the password comes from FALLBACK_PASSWORD)."""
         scheme, port = ("https", self.https_port) if https else ("http", self.http_port)
@@ -146,6 +175,11 @@ class OursServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+
+
+_UDP_CLOSE = re.compile(
+    r"UDP path \S+: (\d+) datagrams sent, \d+ received, ([\d.]+) % lost, (\d+) bytes sent "
+    r"again, rtt ([\d.]+) ms, rate ([\d.]+) Mbit/s")
 
 
 def _last_json(stdout: str) -> dict[str, Any] | None:
@@ -163,10 +197,18 @@ def _last_json(stdout: str) -> dict[str, Any] | None:
 def ours_transfer(
     site: Site, ctx: Ctx, srv: OursServer, *, upload: bool, https: bool, src: Path | str,
     expected: int | None, streams: int = 4, peer: str | None = None, files: int | None = None,
+    udp: bool = False, policy: str | None = None, cap_s: float | None = None,
 ) -> PeerResult:
-    """One ``fallback transfer`` (download of docroot path *src*, or upload of local *src*)."""
+    """One ``fallback transfer`` (download of docroot path *src*, or upload of local *src*).
+
+    *udp*: ``--transport udp`` (the session opens over the *https* scheme's port, the data
+    moves over the daemon's UDP port); the row gets the path's figures: bytes sent again,
+    loss % and RTT, from the sender's end (the client's ``--json`` for an upload, the
+    daemon's log line for a download). *policy*: ``--policy``. *cap_s*: wall-clock cap
+    instead of the scenario's.
+    """
     scheme = "https" if https else "http"
-    peer = peer or f"ours-{scheme}"
+    peer = peer or ("ours-udp" if udp else f"ours-{scheme}")
     r = PeerResult(ctx.scenario, peer, "up" if upload else "down", ctx.cc,
                    link_mbit=site.rate_mbit)
     if upload:
@@ -181,12 +223,19 @@ def ours_transfer(
         target.mkdir(parents=True)
         args = [srv.url(str(src), https), f"{target}/"]
         landed = target
-    argv = [*fallback_argv(), "transfer", *args, "--transport", scheme, "--json", "-q",
-            "--streams", str(streams), "--overwrite", "always", "--resume", "none", "--no-fsync"]
+    argv = [*fallback_argv(), "transfer", *args, "--transport", "udp" if udp else scheme,
+            "--json", "-vv" if os.environ.get("FB_BENCH_VERBOSE") else "-q", "--streams", str(streams), "--overwrite", "always", "--resume",
+            "none", "--no-fsync"]
     if https:
         argv += ["--fingerprint", srv.fingerprint]
+    if policy:
+        argv += ["--policy", policy]
+    if udp:  # the sender's rate controller, not the namespace's TCP congestion control
+        r.cc = f"udp/{policy or 'fair'}"
     env = ours_env({"FALLBACK_PASSWORD": srv.password})
-    m = measured(site, srv.probe, argv, ctx.cap_s, ctx.logs, f"{peer}-{r.direction}", env=env)
+    mark = srv.log_size()
+    m = measured(site, srv.probe, argv, cap_s or ctx.cap_s, ctx.logs, f"{peer}-{r.direction}",
+                 env=env)
     m.fill(r)
     r.seconds = m.run.wall_s
     res = _last_json(m.run.stdout)
@@ -201,6 +250,25 @@ def ours_transfer(
         if res.get("ok"):
             r.app_resent_bytes = max(0, sent - (total - skipped))
             r.note = (r.note + f" own rate {res.get('rate_mbps', 0):.1f} Mbit/s").strip()
+        secs = float(res.get("seconds") or 0.0)
+        if udp and res.get("ok") and 0 < secs <= r.seconds:
+            # Issue 12's measure: session start (connect, login) to verified file, without
+            # the interpreter's start-up; the process wall time stays in the note.
+            r.note = (r.note + f"; process wall {r.seconds:.1f} s "
+                      f"({got * 8 / r.seconds / 1e6:.1f} Mbit/s)").strip("; ")
+            r.seconds = secs
+        if udp and upload:  # the client sent the data: its figures are the sender's
+            r.udp_resent_bytes = int(res.get("retransmitted_bytes") or 0)
+            r.udp_loss_pct = float(res.get("loss_pct") or 0.0)
+            r.udp_rtt_ms = float(res.get("rtt_ms") or 0.0)
+    if udp and not upload:  # the daemon sent the data: its close line has the figures
+        paths = srv.udp_paths_since(mark)
+        if paths:
+            r.udp_resent_bytes = int(sum(p["resent"] for p in paths))
+            r.udp_loss_pct = paths[-1]["lost_pct"]
+            r.udp_rtt_ms = paths[-1]["rtt_ms"]
+        elif res is not None:
+            r.udp_rtt_ms = float(res.get("rtt_ms") or 0.0) or None
     if files is not None:
         r.files = count_files(landed)
     shutil.rmtree(target, ignore_errors=True)

@@ -11,10 +11,15 @@ daemon's error answer), ``ProtocolError`` (an answer that is not what it must be
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from fallback import answers as A
 from fallback import control as C
 from fallback.remote import Remote
-from transport.errors import ProtocolError
+from transport.errors import ProtocolError, TransportError
+
+log = logging.getLogger("fallback.client")
 
 
 class ControlClient:
@@ -75,6 +80,17 @@ class ControlClient:
         """The client is alive (``fallback.sessions.IDLE_TAKEOVER``)."""
         got = await self._post("/keepalive", C.KeepaliveRequest().to_json())
         return A.KeepaliveAnswer.from_json(got)
+
+    async def close_udp(self) -> None:
+        """The client left the session's UDP path (failover): the daemon closes its end and
+        gives back the pieces it held (``DELETE .../udp``). Best effort: a daemon that does
+        not know the call, or cannot be reached, loses nothing but time (its UDP path goes
+        silent and its leases expire)."""
+        self.calls += 1
+        try:
+            await asyncio.wait_for(self.remote.call("DELETE", self._url("/udp")), 5.0)
+        except (TransportError, TimeoutError) as exc:
+            log.debug("closing the daemon's UDP path: %s", getattr(exc, "message", exc))
 
     async def close(self, error: str | None = None) -> None:
         await self.remote.close(error)

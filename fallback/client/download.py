@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
 from fallback import control as C
 from fallback.answers import confine_download, plain_name
+from fallback.client.filters import compile_rules, excluded, hidden
 from fallback.client.session import (
     GIVE_UP_AFTER,
     TransferSession,
@@ -29,6 +31,7 @@ from fallback.remote import Url
 from fallback.result import Progress
 from transport.blocks import envelope as env
 from transport.blocks.digest import digest_path
+from transport.blocks.inline import InlineTarget, is_inline
 from transport.blocks.keyring import EnvelopeKeyring
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.blocks.manifest import FileEntry
@@ -49,6 +52,7 @@ from transport.blocks.tree import target_for
 from transport.errors import (
     BadPassphrase,
     ConnectionLost,
+    ErrorKind,
     IntegrityError,
     PathError,
     ProtocolError,
@@ -58,6 +62,9 @@ from transport.errors import (
 from transport.http.client import download_stream
 
 log = logging.getLogger("fallback.client")
+
+PLAN_BATCH = 256
+"""One-block files whose targets one executor job looks at when a download is planned."""
 
 DIGEST_BATCH = 32
 """Blocks per ``/digests`` call: the daemon reads them within one request (32 x 4 MiB
@@ -74,13 +81,13 @@ class _SinkWork:
         return False  # only the daemon knows: a stream that ended found nothing to send
 
     def progress(self) -> int:
-        return self.sink.received_bytes
+        return self.sink.received_bytes + self.sink.hole_bytes
 
     def lost(self, path: str) -> None:
         pass  # the daemon gives a dead stream's leases to the others (drop_path)
 
     def complete(self) -> bool:
-        return all(not r.missing() for r in self.sink.receivers.values())
+        return self.sink.complete()
 
 
 class DownloadSession(TransferSession):
@@ -95,12 +102,18 @@ class DownloadSession(TransferSession):
         for why in answer.skipped:  # e.g. symlinks leading out of the docroot
             rel, _, reason = why.partition(": ")
             result.skipped_files[shown(name, rel)] = reason or "skipped by the daemon"
-        files = [i for i, e in enumerate(entries) if not e.is_dir]
+        gone = excluded(compile_rules(opts.filters), [(e.path, e.is_dir) for e in entries]) \
+            if opts.filters else {}
+        for rel, why in gone.items():  # -N/-E: excluded names reported, never fetched
+            result.skipped_files[shown(name, rel)] = why
+        files = [i for i, e in enumerate(entries) if not e.is_dir and not hidden(gone, e.path)]
         streams = self.streams_for(answer.streams_max)
         root = dst / name if (into or dst.is_dir()) else dst
         anchor = root.parent  # the folder the user named, or the one the named root goes in
         if entries[0].is_dir is False and root.is_dir():
             root = root / name
+        if not opts.dry_run:
+            make_last_level(root.parent, create=into and root.parent == dst)
         # Partials and journals go to the state folder at the top of the destination folder
         # (the one receiving the transfer root): same file system, never among the user's files.
         statedir = StateDir(root.parent)
@@ -109,7 +122,9 @@ class DownloadSession(TransferSession):
                             "of a destination is reserved); choose another destination or name")
         result.files = len(files)
         result.bytes = sum(entries[i].size for i in files)
-        progress = Progress(result.bytes, self.remote.scheme, self.progress_cb)
+        progress = Progress(result.bytes, self.remote.scheme, self.progress_cb,
+                            {shown(name, entries[i].path): entries[i].size for i in files})
+        self.progress = progress  # its transport follows each switch
         transforms: dict[int, BlockTransform] = {}
         targets: dict[int, Path] = {}
         ring: EnvelopeKeyring | None = None
@@ -137,21 +152,36 @@ class DownloadSession(TransferSession):
             targets[i] = target
         confine_download(anchor, [targets[i] if i in targets else target_for(root, e.path)
                                   for i, e in enumerate(entries)])
+        if opts.dry_run:
+            for i in files:
+                await self._dry_run(i, entries[i], targets[i], i in transforms)
+            return
         for e in entries:
-            if e.is_dir:
+            if e.is_dir and not hidden(gone, e.path):
                 path = target_for(root, e.path)
                 if path.exists() and not path.is_dir():
-                    raise TransportError(f"{path}: a file of that name exists", status=409)
+                    raise TransportError(f"{path}: a file of that name exists", kind=ErrorKind.CONFLICT)
                 path.mkdir(parents=True, exist_ok=True)
         receivers: dict[int, FileReceiver] = {}
-        sink = BlockSink(receivers, self.executor)
+        bundles = "bundles" in self.remote.features
+        small = [i for i in files if bundles and is_inline(entries[i])] if bundles else []
+        inline = await self._plan_inline(small, entries, targets, transforms, progress)
+        sink = BlockSink(receivers, self.executor, inline=inline, state=statedir,
+                         fsync=opts.fsync, name_of=lambda target, _rel: str(target))
         try:
+            smallset = set(small)
             for i in files:
-                await self._plan_file(i, entries[i], targets[i], transforms.get(i), receivers,
-                                      progress, statedir)
+                if i not in smallset:
+                    await self._plan_file(i, entries[i], targets[i], transforms.get(i),
+                                          receivers, progress, statedir)
             sink.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
                                                            shown(name, entries[f].path))
+            sink.on_hole = lambda f, n: progress.hole(n, shown(name, entries[f].path))
             query = "?frames=2" if "frames2" in self.remote.features else ""
+            if query and "holes" in self.remote.features:
+                query += "&holes=1"  # blocks in holes of their file come as hole frames
+            if bundles:
+                query += "&bundles=1" if query else "?bundles=1"
             if "acks" in self.remote.features:
                 query += "&acks=1" if query else "?acks=1"
                 sink.track_acks()
@@ -164,13 +194,16 @@ class DownloadSession(TransferSession):
                 headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block,
                 pacer=pacer))
             work = _SinkWork(sink)
+            paths = await self.choose_paths(paths, lambda: not work.complete(), sink=sink,
+                                            complete=work.complete, bundled=(
+                                                sum(entries[i].size for i in small), len(small)))
             last, since = -1, time.monotonic()
             while True:
-                want = [(i, a, b) for i, r in receivers.items() for a, b in r.missing()]
+                want = sink.missing()
                 if not want:
                     break
-                if sink.received_bytes != last:
-                    last, since = sink.received_bytes, time.monotonic()
+                if sink.received_bytes + sink.hole_bytes != last:
+                    last, since = sink.received_bytes + sink.hole_bytes, time.monotonic()
                 elif time.monotonic() - since > GIVE_UP_AFTER:
                     raise ConnectionLost(f"{sum(b - a for _, a, b in want)} blocks still missing, "
                                          f"no progress for {GIVE_UP_AFTER:.0f} s")
@@ -186,11 +219,12 @@ class DownloadSession(TransferSession):
                     await self._report(sink)  # the daemon learns of failed blocks at once
             await sink.flush()
             failed = await self._commit(sink, entries, targets, transforms)
+            failed += await self._inline_results(sink, entries, targets, transforms)
             if failed:
                 raise failed[0] if len(failed) == 1 else IntegrityError(
                     f"{len(failed)} files failed their final check, e.g. {failed[0].message}")
             for i in reversed(range(len(entries))):
-                if entries[i].is_dir:
+                if entries[i].is_dir and not hidden(gone, entries[i].path):
                     path = target_for(root, entries[i].path)
                     os.chmod(path, dir_mode(entries[i].mode))  # no set-id/sticky; umask applies
                     os.utime(path, ns=(entries[i].mtime_ns, entries[i].mtime_ns))
@@ -198,11 +232,88 @@ class DownloadSession(TransferSession):
         finally:
             result.sent_bytes = progress.carried  # also when failing: what this run did move
             result.skipped_bytes = progress.skipped
+            result.hole_bytes = progress.holes
             await sink.close()  # checkpoints what is left, keeping partials for a resume
             try:
                 await self.io(statedir.tidy)  # gone unless partials are left
             except OSError:
                 pass  # an empty state folder left behind is harmless
+
+    async def _plan_inline(self, small: list[int], entries: list[FileEntry],
+                           targets: dict[int, Path], transforms: dict[int, BlockTransform],
+                           progress: Progress) -> dict[int, InlineTarget]:
+        """Plan the one-block files (they come in bundles, ``transport.blocks.inline``):
+        one executor job per ``PLAN_BATCH`` files looks at their targets; those the
+        overwrite policy compares are compared with the daemon's whole-file digests,
+        asked for many files per call. Returns the files to receive."""
+        opts, result = self.opts, self.result
+        actions: dict[int, str] = {}
+        local: dict[int, str] = {}
+        for k in range(0, len(small), PLAN_BATCH):
+            part = small[k:k + PLAN_BATCH]
+            got = await self.io(_inline_actions, part, entries, targets, transforms, opts.overwrite)
+            for i, (action, digest) in got.items():
+                actions[i] = action
+                if digest is not None:
+                    local[i] = digest
+        compare = sorted(local)
+        for k in range(0, len(compare), DIGEST_BATCH * 32):
+            part = compare[k:k + DIGEST_BATCH * 32]
+            roots: dict[int, str] = {}
+            for _ in range(_pending_calls(sum(entries[i].size for i in part))):
+                got_roots = await self.control.roots(C.RootsRequest(tuple(part)))
+                roots.update(got_roots.roots)
+                part = [i for i in part if i in got_roots.pending]
+                if not part:
+                    break
+            for i in compare[k:k + DIGEST_BATCH * 32]:
+                actions[i] = "skip" if roots.get(i) == local[i] else "transfer"
+                if actions[i] == "skip":
+                    result.checksums[shown(self.name, entries[i].path)] = local[i]
+        out: dict[int, InlineTarget] = {}
+        for i in small:
+            if actions[i] == "skip":
+                file = shown(self.name, entries[i].path)
+                result.skipped_files[file] = "exists" if opts.overwrite != "diff" else "unchanged"
+                progress.skip(entries[i].size, file)
+            else:
+                out[i] = InlineTarget(targets[i], entries[i], transforms.get(i))
+        return out
+
+    async def _inline_results(self, sink: BlockSink, entries: list[FileEntry],
+                              targets: dict[int, Path], transforms: dict[int, BlockTransform]
+                              ) -> list[TransportError]:
+        """Checksums of the one-block files published with their groups; their failures."""
+        kept = [i for i in sink.inline_done if entries[i].header and i not in transforms]
+        written = await self.io(lambda: {i: digest_path(targets[i], DEFAULT_BLOCK_SIZE)
+                                         for i in kept})  # an envelope kept as it is
+        for i, done in sink.inline_done.items():
+            file = display(self.name, entries[i], i in transforms)
+            self.result.checksums[file] = done.plain_root or written.get(i) or done.root
+            self.result.mark_verified(file, "full")
+        return [IntegrityError(f"{err.message}; not published, run again")
+                for err in sink.inline_errors.values()]
+
+    async def _dry_run(self, i: int, entry: FileEntry, target: Path, decoded: bool) -> None:
+        """``--dry-run``: what the overwrite policy would do with one file; nothing written.
+        A file that ``diff`` compares is compared as the real run would (the local digest
+        against the daemon's): an unchanged one is listed as skipped, not moving."""
+        file = shown(self.name, entry.path)
+        try:
+            st = os.lstat(target)
+        except OSError:
+            st = None
+        state = TargetState(exists=st is not None, is_dir=target.is_dir(),
+                            size=st.st_size if st else 0, mtime_ns=st.st_mtime_ns if st else 0)
+        action = overwrite_action(entry, state, self.opts.overwrite)
+        if action == "compare" and not decoded and not entry.header:
+            local = await self.io(digest_path, target, entry.block_size)
+            action = "skip" if local == await self._source_root(i, entry) else "transfer"
+        if action == "skip":
+            self.result.skipped_files[file] = \
+                "exists" if self.opts.overwrite != "diff" else "unchanged"
+        else:
+            self.result.would_transfer.append(file)
 
     async def _plan_file(self, i: int, entry: FileEntry, target: Path,
                          transform: BlockTransform | None, receivers: dict[int, FileReceiver],
@@ -232,7 +343,7 @@ class DownloadSession(TransferSession):
                     result.checksums[file] = local
         if action == "skip":
             result.skipped_files[file] = "exists" if opts.overwrite != "diff" else "unchanged"
-            progress.skip(entry.size)
+            progress.skip(entry.size, file)
             return
         resume = False
         compared: set[int] = set()  # journaled blocks compared with the daemon's current bytes
@@ -256,7 +367,7 @@ class DownloadSession(TransferSession):
             stale = sorted(b for b, d in current.items() if kept.get(b) != d)
             await self.io(rec.drop_blocks, stale)
         have = set(rec.have())
-        progress.skip(sum(plain_len(entry, b) for b in have))
+        progress.skip(sum(plain_len(entry, b) for b in have), file)
 
     async def _report(self, sink: BlockSink) -> None:
         """Tell the daemon which blocks are journaled (it retires them) and which were
@@ -343,6 +454,52 @@ class DownloadSession(TransferSession):
             self.result.checksums[file] = digest
             self.result.mark_verified(file, "full")
         return failed
+
+
+def _inline_actions(files: list[int], entries: list[FileEntry], targets: dict[int, Path],
+                    transforms: dict[int, BlockTransform], overwrite: str
+                    ) -> dict[int, tuple[str, str | None]]:
+    """Worker thread: ``(transfer | skip | compare, local digest when compared)`` for
+    one-block files, from their targets' attributes (as ``_plan_file`` decides)."""
+    out: dict[int, tuple[str, str | None]] = {}
+    for i in files:
+        entry, target = entries[i], targets[i]
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            out[i] = ("transfer", None)
+            continue
+        state = TargetState(exists=True, is_dir=stat.S_ISDIR(st.st_mode), size=st.st_size,
+                            mtime_ns=st.st_mtime_ns)
+        decoded = i in transforms
+        compare_entry = entry if not decoded else FileEntry(
+            entry.path, "file", size=entry.size, mtime_ns=entry.mtime_ns,
+            block_size=entry.block_size)
+        action = overwrite_action(compare_entry, state, overwrite)
+        if action == "compare":
+            if decoded or entry.header or not stat.S_ISREG(st.st_mode):
+                action = "transfer"  # ciphertext and plaintext digests are not comparable
+            else:
+                out[i] = ("compare", digest_path(target, entry.block_size))
+                continue
+        out[i] = (action, None)
+    return out
+
+
+def make_last_level(folder: Path, *, create: bool) -> None:
+    """The folder a download's root goes into must exist. Only a destination named as a
+    folder (``newdir/``) in an existing one is created; a missing tree never is (cp and scp
+    refuse it too). Raises ``PathError`` naming the folder."""
+    if folder.is_dir():
+        return
+    if folder.exists() or folder.is_symlink():
+        raise PathError(f"{folder}: not a folder", kind=ErrorKind.CONFLICT)
+    if not create or not folder.parent.is_dir():
+        raise PathError(f"{folder}: no such folder (fallback creates only the last level of "
+                        "a destination named with a trailing /; create the others first)",
+                        kind=ErrorKind.NOT_FOUND)
+    folder.mkdir()
+    log.info("created the folder %s", folder)
 
 
 def _pending_calls(nbytes: int) -> int:

@@ -146,6 +146,9 @@ class PathManager:
         self._wake = asyncio.Event()
         self._finished = False
         self._last_failure: PathFailure | None = None
+        self.down_since: float | None = None
+        """``clock()`` when every lane was last seen down (None while any works): where a
+        transfer's retries (``fallback.client.retry``) count an outage from."""
 
     @property
     def paths(self) -> list[Path]:
@@ -281,7 +284,7 @@ class PathManager:
     async def _watch(self, work: Work) -> None:
         last = work.progress()
         since = self._clock()
-        down_since: float | None = None
+        self.down_since = None
         while not self._finished:
             await self._sleep(self.tick)
             now = self._clock()
@@ -296,10 +299,11 @@ class PathManager:
                     lane.run.cancel()
             if any(self._up(lane) for lane in self.lanes) \
                     or not any(lane.state in ("down", "running") for lane in self.lanes):
-                down_since = None
-            elif down_since is None:
-                down_since = now
-            if down_since is not None and now - max(since, down_since) > self.give_up_after:
+                self.down_since = None
+            elif self.down_since is None:
+                self.down_since = now
+            if self.down_since is not None \
+                    and now - max(since, self.down_since) > self.give_up_after:
                 failure = self._last_failure
                 err = failure.error if failure is not None else ConnectionLost("every path is down")
                 log.info("giving up: no progress for %.0f s, every path down", now - since)

@@ -1,8 +1,8 @@
 """Paths: the I/O shells that carry a session's blocks, behind one small interface.
 
 A **path** moves blocks of one session between the client and the daemon in
-one direction: an HTTP(S) stream now (``HttpPath``, one chunked request at a
-time), the UDP path next (``transport/udp``). The engine and the path manager
+one direction: an HTTP(S) stream (``HttpPath``, one chunked request at a
+time) or the UDP path (``fallback.client.udppath.UdpPath`` on ``transport/udp``). The engine and the path manager
 (``fallback.client.manager``) know only this interface (``docs/blocks.md``,
 "The path interface"):
 
@@ -91,7 +91,7 @@ def classify(path: str, exc: TransportError) -> PathFailure | None:
         return ConnectFailed(path, exc)
     if isinstance(exc, ConnectionLost):
         return PathLost(path, exc)
-    if isinstance(exc, RemoteError) and exc.status in THROTTLE_STATUSES:
+    if isinstance(exc, RemoteError) and exc.peer_status in THROTTLE_STATUSES:
         return Throttled(path, exc, exc.retry_after)
     return None
 

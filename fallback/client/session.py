@@ -13,28 +13,41 @@ the manager path objects (``fallback.client.paths``) and a ``Work`` to do.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path as LocalPath
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fallback.client.control import ControlClient
-from fallback.client.manager import PathManager, Work
+from fallback.client.manager import GIVE_UP_AFTER as MANAGER_GIVE_UP
+from fallback.client.manager import STALL_TIMEOUT, PathManager, Work
 from fallback.client.options import Options
 from fallback.client.paths import HttpPath, Path
+from fallback.client.retry import Retry, retryable
 from fallback.control import Flow
 from fallback.errors import TransferError, UsageError
-from fallback.remote import PREFIX, Remote, is_url, parse_url
-from fallback.result import ProgressCallback, TransferResult
+from fallback.remote import PREFIX, Remote, Url, is_url, parse_url
+from fallback.result import Progress, ProgressCallback, ProgressEvent, Switch, TransferResult
 from transport.blocks import envelope as env
 from transport.blocks.manifest import FileEntry
 from transport.blocks.pacing import Pacer
 from transport.blocks.ranges import RangeSet
-from transport.errors import ConnectionLost, RemoteError, TransportError
+from transport.blocks.sender import BlockSender
+from transport.blocks.share import share_controller
+from transport.blocks.sink import BlockSink
+from transport.blocks.statedir import STATE_DIR
+from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
+from transport.http.governor import StreamGovernor
 from transport.http.pace import BURST
+
+if TYPE_CHECKING:
+    from fallback.client.failover import Failover
+    from fallback.client.udppath import UdpPath
 
 log = logging.getLogger("fallback.client")  # -v: info, -vv: debug (fallback.cli)
 T = TypeVar("T")
@@ -61,6 +74,9 @@ class TransferSession:
         self.result = result
         self.progress_cb = progress_cb
         self.manager: PathManager | None = None
+        self.udp: UdpPath | None = None  # the UDP path of --transport udp
+        self.failover: Failover | None = None  # --transport auto: HTTP(S) and UDP
+        self.progress: Progress | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._acks: asyncio.Task[None] | None = None
 
@@ -104,6 +120,17 @@ class TransferSession:
         log.info("rate capped at %g Mbit/s%s", target / 1e6,
                  f" (policy {applies.policy})" if applies is not None else "")
         return Pacer(float(target), BURST)
+
+    def governor(self, applies: Flow | None, streams: int) -> StreamGovernor | None:
+        """Which of this transfer's upload streams send and how fast, by the policy that
+        applies (the daemon's answer, else ``--policy``): ``fair`` and ``low`` adapt from
+        the streams' ``TCP_INFO`` (``transport.blocks.share``); ``fixed``, ``high``: None."""
+        policy = applies.policy if applies is not None else self.opts.policy
+        target = applies.target_rate if applies is not None else self.opts.target_bps
+        floor = applies.min_rate if applies is not None else 0
+        ctl = share_controller(policy, streams, target_rate_bps=float(target) or math.inf,
+                               min_rate_bps=float(min(floor, target) if target else floor))
+        return None if ctl is None else StreamGovernor(ctl)
 
     def streams_for(self, cap: int | None) -> int:
         """Parallel streams: what was asked, within the daemon's ``streams_max``."""
@@ -151,27 +178,134 @@ class TransferSession:
             await asyncio.gather(self._acks, return_exceptions=True)
             self._acks = None
 
+    # -- the UDP path (fallback.client.udppath) and failover (fallback.client.failover) ----
+    async def choose_paths(self, http: list[Path], busy: Callable[[], bool], *,
+                           sender: BlockSender | None = None, sink: BlockSink | None = None,
+                           complete: Callable[[], bool] | None = None, block: int = 4 << 20,
+                           bundled: tuple[int, int] = (0, 0)) -> list[Path]:
+        """The phase's paths. ``--transport udp``: the session's UDP path alone, or
+        ``ConnectError``; ``http``/``https``: ``http``; ``auto``: ``http`` at once, with
+        a ``Failover`` (``move`` runs it) that probes UDP beside them and moves the blocks
+        to it, and back, as it answers or not. ``busy``: the path has work to do.
+
+        ``bundled``: (bytes, files) of the session that HTTP(S) carries in bundle frames
+        (one-block files, when the daemon offers ``bundles``). Under ``auto``, a session
+        whose bytes are mostly such files stays on HTTP(S): the UDP path moves them one
+        block (one receiver and journal) per file, at a fraction of the rate."""
+        from fallback.client.failover import Failover
+        from fallback.client.udppath import UdpPath, open_udp
+        from fallback.udpcontrol import FEATURE
+
+        o = self.opts
+        if o.transport == "udp":
+            self.udp = await open_udp(self.remote, o.transport, datagram_size=o.datagram_size,
+                                      flow=o.flow(), port=o.udp_port, sender=sender, sink=sink,
+                                      complete=complete, block=block)
+            assert self.udp is not None
+            self.use_transport("udp", "--transport udp")
+            return [self.udp]
+        if o.transport != "auto":
+            return http
+        remote = self.remote
+
+        def make_udp() -> UdpPath:
+            return UdpPath(remote, datagram_size=o.datagram_size, flow=o.flow(),
+                           port=o.udp_port, sender=sender, sink=sink, complete=complete,
+                           block=block, probe_timeout=o.udp_probe_timeout, probes=3)
+
+        why_not = ""
+        if remote.no_udp is not None:
+            why_not = remote.no_udp  # a proxy: no probe that cannot pass
+        elif FEATURE not in remote.features:
+            why_not = "refused by server config: the daemon offers no UDP path"
+        elif prefer_bundles(*bundled, self.result.bytes):
+            why_not = "mostly small files: HTTP(S) carries them many per bundle frame"
+        if why_not:
+            log.info("UDP not tried: %s", why_not)
+        self.failover = Failover(self, http, None if why_not else make_udp, busy,
+                                 o.failover_config(), why_not)
+        return http
+
+    def new_manager(self, paths: list[Path]) -> PathManager:
+        """A path manager for ``paths``, bounded by the retry budget (``--retry-timeout``):
+        a stream that holds work and moves nothing (a silently cut network) is a stall
+        within it, and the manager gives up on paths that are all down within half of it,
+        leaving the rest to the transfer's re-connections (fallback.client.retry), which
+        may re-route."""
+        budget = self.opts.retry_timeout
+        return PathManager(paths, give_up_after=min(MANAGER_GIVE_UP, budget / 2),
+                           stall_timeout=min(STALL_TIMEOUT, max(3.0, budget)))
+
+    async def close_udp(self) -> None:
+        """The UDP path's figures into the result, then close it."""
+        if self.failover is not None:
+            await self.failover.close()
+            self.failover = None
+        if self.udp is not None:
+            self.udp.report(self.result)
+            await self.udp.close()
+            self.udp = None
+
+    def use_transport(self, kind: str, reason: str) -> None:
+        """The blocks go over ``kind`` from now on, because of ``reason``: a change of kind
+        is a switch (``TransferResult.use``), logged and shown on the progress bar. Any
+        path kind (``https``, ``http``, ``udp``) goes through here."""
+        if self.progress is not None:
+            self.progress.transport = kind
+        if isinstance(self.progress_cb, _Reporter):
+            self.progress_cb.use(self.result, kind, reason)
+        else:
+            self.result.use(kind, reason, self.result.seconds)
+
     async def move(self, paths: list[Path], work: Work) -> None:
-        """Run ``paths`` over ``work`` until the phase is done (``PathManager.run``)."""
+        """Run ``paths`` over ``work`` until the phase is done (``PathManager.run``), or
+        the failover's paths (``choose_paths``)."""
+        if self.failover is not None:
+            await self.failover.run(work)
+            return
         if self.manager is None:
-            self.manager = PathManager(paths)
+            self.manager = self.new_manager(paths)
         await self.manager.run(work)
-        for kind in self.manager.kinds_used():
-            if kind not in self.result.transports:
-                self.result.transports.append(kind)
+        for kind in self.manager.kinds_used():  # the scheme is recorded at the start
+            self.use_transport(kind, f"--transport {self.opts.transport}")
+
+
+BUNDLED_FILES_MIN = 64
+"""One-block files in a session from which ``auto`` may keep it on HTTP(S) for bundles."""
+
+
+def prefer_bundles(nbytes: int, files: int, total: int) -> bool:
+    """Whether a session moving ``total`` bytes, ``nbytes`` of them in ``files`` one-block
+    files that would travel in bundles, is better off on HTTP(S) than on UDP: at least
+    ``BUNDLED_FILES_MIN`` such files holding at least half the bytes (a folder of small
+    files; one large file or a few small ones beside large ones go on UDP)."""
+    return files >= BUNDLED_FILES_MIN and 2 * nbytes >= total
 
 
 # -- entry points -------------------------------------------------------------------------------------
 async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str],
-                         options: Options | None = None,
-                         progress: ProgressCallback | None = None) -> TransferResult:
-    """Copy ``src`` to ``dst``; one of them is a daemon URL. Raises ``TransferError``."""
-    from fallback.client.download import DownloadSession
-    from fallback.client.upload import UploadSession
+                         options: Options | ProgressCallback | None = None,
+                         progress: ProgressCallback | None = None,
+                         **keywords: Any) -> TransferResult:
+    """Copy ``src`` to ``dst``; one of them is a daemon URL.
 
-    opts = options or Options()
-    opts.check()
-    s, d = os.fspath(src), os.fspath(dst)
+    Options come as an ``Options`` object or as keywords (its fields), not both; a
+    callable in ``options``' place is taken as ``progress`` (the older call form).
+    Raises ``UsageError`` before any connection for bad arguments (an unknown keyword,
+    ``block_size="4Q"``), ``TransferError`` when the transfer fails.
+
+    When every path is down the transfer re-connects and resumes, within
+    ``opts.retries`` and ``opts.retry_timeout`` (``fallback.client.retry``);
+    ``sent_bytes`` then counts what every attempt carried.
+    """
+    if callable(options) and not isinstance(options, Options):
+        options, progress = None, progress or options
+    opts = Options.from_keywords(options, keywords)
+    try:
+        s, d = os.fspath(src), os.fspath(dst)
+    except TypeError:
+        raise UsageError(f"src and dst must be paths or URL strings, not "
+                         f"{type(src).__name__} and {type(dst).__name__}") from None
     if is_url(s) and is_url(d):
         raise UsageError("both ends are URLs: one end must be a local path")
     if not is_url(s) and not is_url(d):
@@ -179,53 +313,216 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
     if opts.encrypt and is_url(s):
         raise UsageError("--encrypt applies to uploads; use --decrypt to download")
     url = parse_url(d if is_url(d) else s)
-    result = TransferResult(direction="upload" if is_url(d) else "download")
+    result = TransferResult(direction="upload" if is_url(d) else "download",
+                            dry_run=opts.dry_run)
     t0 = time.monotonic()
     executor = ThreadPoolExecutor(max(4, opts.streams + 2), "fb-client")
-    remote: Remote | None = None
-    session: TransferSession | None = None
+    retry = Retry(opts.retries, opts.retry_timeout)
+    report = _Reporter(progress, t0)
+    sent_before = 0  # bytes carried by earlier attempts of this run
+    earlier = _Earlier()
     try:
-        remote = await Remote.connect(
-            url, transport=opts.transport, user=opts.user, password=opts.password,
-            cacert=opts.cacert, fingerprint=opts.fingerprint, insecure=opts.insecure,
-            streams=opts.streams)
-        result.transports.append(remote.scheme)
-        if result.direction == "upload":
-            up = session = UploadSession(remote, opts, executor, result, progress)
-            await up.run(LocalPath(s), url)
-        else:
-            down = session = DownloadSession(remote, opts, executor, result, progress)
-            await down.run(url, LocalPath(d), d.endswith(("/", os.sep)))
-        result.ok = True
+        while True:
+            down_since = None
+            result.sent_bytes = 0
+            try:
+                await _attempt(s, d, url, opts, executor, result, report,
+                               min(opts.connect_timeout, max(0.5, retry.left())), earlier)
+                result.ok = True
+                break
+            except TransportError as exc:
+                moved = result.sent_bytes > 0
+                if isinstance(exc, _Failed):
+                    down_since, moved, exc = exc.down_since, exc.moved, exc.error
+                # Only a transfer that got under way retries: a daemon that cannot be reached
+                # at all at the start (a wrong host or port) fails at once, as before.
+                delay = retry.after(exc, down_since=down_since, moved=moved) \
+                    if earlier.opened else None
+                if delay is None:
+                    if result.retries and retryable(exc):
+                        exc = TransportError(f"{exc.message} (gave up after {result.retries} "
+                                             f"retr{'y' if result.retries == 1 else 'ies'})",
+                                             kind=exc.kind)
+                    raise exc from None
+                log.warning("%s; retrying in %.1f s (%d of at most %d, %.0f s left)",
+                            exc.message, delay, retry.attempts, retry.retries, retry.left())
+                sent_before += result.sent_bytes
+                await asyncio.sleep(delay)
+                result.retries += 1
+        result.sent_bytes += sent_before
+        result.skipped_bytes = max(0, result.skipped_bytes - sent_before)
+        if not result.sent_bytes and all(k in result.skipped_files for k in result.checksums):
+            result.transports.clear()  # nothing moved (an empty file that was written did)
     except TransportError as exc:
-        result.error = exc.message
-        raise TransferError(exc.message, status=exc.status, result=result) from None
+        result.sent_bytes += sent_before
+        if not result.sent_bytes and not result.switches:
+            result.transports.clear()  # nothing moved (README: transports)
+        result.error = _remote_message(exc, result, url.path)
+        status = exc.peer_status if isinstance(exc, RemoteError) else None
+        raise TransferError(result.error, kind=exc.kind, status=status, result=result) from None
     except (OSError, UsageError) as exc:
         if isinstance(exc, UsageError):
             raise
-        result.error = f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}".lstrip(": ")
+        result.error = os_message(exc, s if result.direction == "upload" else d)
         raise TransferError(result.error, result=result) from None
     finally:
         result.seconds = time.monotonic() - t0
-        if session is not None:
-            await session.stop_keepalive()
-            await session.stop_acks()
-        if remote is not None:
-            await remote.close(result.error)
         executor.shutdown(wait=False)
     return result
 
 
-def transfer(src: str | os.PathLike[str], dst: str | os.PathLike[str],
-             progress: ProgressCallback | None = None, **options: Any) -> TransferResult:
-    """Blocking twin of ``transfer_async``; ``options`` are ``Options`` fields."""
-    opts = Options(**options)
-    try:
-        import uvloop
+class _Earlier:
+    """What an attempt leaves the next: the daemon's ``/info`` and the session it may
+    have to end (``Remote.end_earlier``)."""
 
-        return uvloop.run(transfer_async(src, dst, opts, progress))
-    except ImportError:  # pragma: no cover
-        return asyncio.run(transfer_async(src, dst, opts, progress))
+    def __init__(self) -> None:
+        self.info: dict[str, Any] | None = None
+        self.session: tuple[str, str] | None = None  # (id, token)
+        self.error = ""
+        self.opened = False  # some attempt opened a session: the transfer got under way
+
+
+class _Failed(TransportError):
+    """An attempt's error, with when its paths were all first seen down and whether it
+    moved data (``Retry.after``)."""
+
+    def __init__(self, error: TransportError, down_since: float | None, moved: bool) -> None:
+        super().__init__(error.message, kind=error.kind)
+        self.error, self.down_since, self.moved = error, down_since, moved
+
+
+class _Reporter:
+    """The caller's progress callback, also told of each switch of transport
+    (``ProgressEvent.switch``: the progress bar prints a line)."""
+
+    def __init__(self, callback: ProgressCallback | None, t0: float) -> None:
+        self.callback = callback
+        self.t0 = t0  # time.monotonic() when the transfer started
+        self.last: ProgressEvent | None = None
+
+    def use(self, result: TransferResult, kind: str, reason: str) -> None:
+        sw = result.use(kind, reason, time.monotonic() - self.t0)
+        if sw is not None:
+            self.switched(sw)
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        self.last = ev
+        if self.callback is not None:
+            self.callback(ev)
+
+    def switched(self, sw: Switch) -> None:
+        log.info("switched %s", sw)
+        last = self.last
+        self(ProgressEvent(last.bytes_done if last else 0, last.bytes_total if last else 0,
+                           0.0, last.file if last else "", sw.to, switch=str(sw)))
+
+
+async def _attempt(s: str, d: str, url: Url, opts: Options, executor: ThreadPoolExecutor,
+                   result: TransferResult, report: _Reporter, connect_timeout: float,
+                   earlier: _Earlier) -> None:
+    """One connection and session of a transfer, from ``/info`` to the commit. A
+    retryable error (``fallback.client.retry``) comes out as ``_Failed``."""
+    from fallback.client.download import DownloadSession
+    from fallback.client.upload import UploadSession
+
+    remote: Remote | None = None
+    session: TransferSession | None = None
+    error: str | None = None
+    try:
+        remote = await Remote.connect(
+            url, transport=opts.transport, user=opts.user, password=opts.password,
+            cacert=opts.cacert, fingerprint=opts.fingerprint, insecure=opts.insecure,
+            streams=opts.streams, proxy=opts.proxy, fallback=opts.fallback,
+            fallback_port=opts.fallback_port, connect_timeout=connect_timeout,
+            known_info=earlier.info)
+        earlier.info = remote.info
+        if earlier.session is not None:
+            await remote.end_earlier(*earlier.session, f"cut off: {earlier.error}",
+                                     connect_timeout)
+            earlier.session = None
+        report.use(result, remote.scheme, remote.reason)
+        result.proxy = remote.proxy.address if remote.proxy is not None else None
+        if result.direction == "upload":
+            up = session = UploadSession(remote, opts, executor, result, report)
+            await up.run(LocalPath(s), url)
+        else:
+            down = session = DownloadSession(remote, opts, executor, result, report)
+            await down.run(url, LocalPath(d), d.endswith(("/", os.sep)))
+    except TransportError as exc:
+        error = exc.message
+        if not retryable(exc):
+            raise
+        if remote is not None and remote.sid and remote.token:
+            earlier.session, earlier.error = (remote.sid, remote.token), exc.message
+            earlier.opened = True
+        manager = session.manager if session is not None else None
+        raise _Failed(exc, manager.down_since if manager is not None else None,
+                      result.sent_bytes > 0) from None
+    finally:
+        if session is not None:
+            await session.close_udp()
+            await session.stop_keepalive()
+            await session.stop_acks()
+        if remote is not None:
+            answer = await remote.close(error, timeout=connect_timeout + 1)
+            if result.direction == "download" and answer and answer.get("udp") is not None:
+                _daemon_udp_figures(result, answer["udp"])
+
+
+def transfer(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+             options: Options | ProgressCallback | None = None,
+             progress: ProgressCallback | None = None, **keywords: Any) -> TransferResult:
+    """Blocking twin of ``transfer_async``, with the same arguments."""
+    if callable(options) and not isinstance(options, Options):
+        options, progress = None, progress or options
+    opts = Options.from_keywords(options, keywords)  # a UsageError here, before any loop
+    from fallback.client.interrupt import run_interruptible
+
+    # Ctrl-C (SIGINT) ends it with KeyboardInterrupt, even where one cancellation is lost
+    return run_interruptible(lambda: transfer_async(src, dst, opts, progress))
+
+
+def _daemon_udp_figures(result: TransferResult, raw: Any) -> None:
+    """A download's UDP figures are the sender's, the daemon's (``UdpFigures`` in its
+    close answer): bytes it sent again, loss and RTT replace the receiving end's."""
+    from fallback.udpcontrol import UdpFigures
+
+    try:
+        f = UdpFigures.from_json(raw)
+    except ProtocolError as exc:
+        log.debug("close answer: %s", exc.message)
+        return
+    result.retransmitted_bytes += f.retransmitted_bytes
+    result.loss_pct = f.loss_pct
+    if f.rtt_ms:
+        result.rtt_ms = f.rtt_ms
+
+
+def _remote_message(exc: TransportError, result: TransferResult, path: str) -> str:
+    """The daemon's refusal as the user should read it: a download whose source the daemon
+    does not have is ``remote PATH: not found``; a daemon path is marked ``remote``."""
+    if isinstance(exc, RemoteError) and exc.peer_status == 404 and result.direction == "download" \
+            and not result.files:
+        return f"remote {path}: not found"
+    if isinstance(exc, RemoteError) and exc.message.startswith("/"):
+        return f"remote {exc.message}"  # the daemon names its paths from the docroot's top
+    return exc.message
+
+
+INTERNAL_NAMES = (f"/{STATE_DIR}/", ".fallback-journal", ".fallback-partial")
+"""Path parts that are fallback's own files (the state folder, journals, partials)."""
+
+
+def os_message(exc: OSError, user_path: str) -> str:
+    """One line for an OS error, naming the user's path, never one of fallback's own files
+    (a journal or a partial in the state folder): those are named by ``user_path``, the
+    local end the user gave."""
+    name = os.fsdecode(exc.filename) if getattr(exc, "filename", None) else ""
+    if name and any(part in name for part in INTERNAL_NAMES):
+        name = user_path
+    why = {errno.ENOTDIR: "not a folder (a file is in the way)",
+           errno.EISDIR: "a folder, not a file"}.get(exc.errno or 0, exc.strerror or str(exc))
+    return f"{name}: {why}" if name else why
 
 
 # -- sizes and names ------------------------------------------------------------------------------------

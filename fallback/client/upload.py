@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from fallback import answers as A
 from fallback import control as C
+from fallback.client.filters import filter_tree
 from fallback.client.options import strong_passphrase
 from fallback.client.session import (
     TransferSession,
@@ -44,10 +46,13 @@ from transport.blocks.session import BlockSender
 from transport.blocks.source import FileSource
 from transport.blocks.transform import BlockTransform
 from transport.blocks.tree import walk_source
-from transport.errors import ConnectionLost, TransportError
+from transport.errors import ConnectionLost, RemoteError, TransportError
 from transport.http.client import upload_stream
 
 log = logging.getLogger("fallback.client")
+
+PLAN_BATCH = 256
+"""Files planned per executor job (reading their sources' state, encrypting headers)."""
 
 MAX_RESENDS = 5
 """Times the daemon may report one block missing at commit before the upload fails:
@@ -65,7 +70,7 @@ class _SendWork:
         return self.sender.pending
 
     def progress(self) -> int:
-        return self.sender.sent_bytes + self.sender.sched.stats.acked
+        return self.sender.sent_bytes + self.sender.hole_bytes + self.sender.sched.stats.acked
 
     def lost(self, path: str) -> None:
         self.sender.drop_path(path)  # its leases, delivered ones too, go to the others
@@ -97,12 +102,17 @@ class UploadSession(TransferSession):
 
     async def run(self, src: Path, url: Url) -> None:
         opts, result = self.opts, self.result
-        tree = await self.io(walk_source, src, opts.block_size)
-        name = src.resolve().name
+        tree = await self.io(functools.partial(
+            walk_source, src, opts.block_bytes, links=opts.symbolic_links,
+            links_within=src if opts.symbolic_links == "follow" else None))
+        name = local_name(src)  # dir/link lands as "link", not as its target's name
         self.name = name
         for why in tree.skipped:  # special files, unreadable folders: reported, the rest goes on
             rel, _, reason = why.partition(": ")
             result.skipped_files[shown(name, rel)] = reason
+        if opts.filters:  # -N/-E: excluded names reported, the rest goes on
+            for rel, why in filter_tree(tree, opts.filters).items():
+                result.skipped_files[shown(name, rel)] = why
         entries = list(tree.entries)
         if opts.encrypt:
             entries = [_encrypted_placeholder(e) for e in entries]
@@ -117,17 +127,25 @@ class UploadSession(TransferSession):
                              and strong_passphrase(opts.passphrase)), flow=opts.flow()))
         self.start_keepalive()
         states = opened.states
+        if opts.dry_run:
+            await self._dry_run(entries, states, files, tree.entries, tree.paths)
+            return
         streams = self.streams_for(opened.streams_max)
-        progress = Progress(result.bytes, self.remote.scheme, self.progress_cb)
+        progress = Progress(result.bytes, self.remote.scheme, self.progress_cb,
+                            {shown(name, entries[i].path): entries[i].size for i in files})
+        self.progress = progress  # its transport follows each switch
         sources: dict[int, FileSource] = {}
         plan: dict[int, C.PlanItem] = {}
         trusted: dict[int, set[int]] = {}  # journaled blocks kept without comparing them
         reads: set[asyncio.Task[Any]] = set()
         try:
-            for i in files:
-                item = await self._plan_file(i, entries, states[i], tree.paths[i],
-                                             tree.entries[i].path, sources, trusted, progress)
-                plan[i] = item
+            for k in range(0, len(files), PLAN_BATCH):  # one executor job per batch, not per file
+                planned_items = await self.io(self._plan_batch, files[k:k + PLAN_BATCH], entries,
+                                              states, tree, sources, trusted)
+                for item, skip in planned_items:
+                    plan[item.file] = item
+                    if skip:
+                        progress.skip(skip, shown(name, entries[item.file].path))
             counts = {i: s.layout.count for i, s in sources.items()}
             planned = await self.control.plan(C.PlanRequest(tuple(plan.values())), counts)
             missing = dict(planned.missing)
@@ -137,16 +155,18 @@ class UploadSession(TransferSession):
                 missing.pop(k, None)
                 result.skipped_files[shown(name, tree.entries[k].path)] = \
                     f"refused by the server: {why}"
-                progress.skip(entries[k].size)
+                progress.skip(entries[k].size, shown(name, entries[k].path))
             sender = BlockSender(sources, self.executor)
             kept: dict[int, set[int]] = {}  # blocks counted as skipped (held by the daemon)
             for i, blocks in missing.items():
                 have = blocks.complement(0, sources[i].layout.count)
-                kept[i] = set(have.members())
-                progress.skip(plain_bytes(entries[i], have))
+                if have:  # (an empty set per file is 216 bytes: 21 MB at 100,000 files)
+                    kept[i] = set(have.members())
+                    progress.skip(plain_bytes(entries[i], have), shown(name, entries[i].path))
                 for a, b in blocks:
                     sender.sched.want(i, [(a, b)])
             digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
+            # (a dict per file: the whole-file digest needs every block's, read or kept)
             for i, blocks in missing.items():
                 # The daemon may hold blocks it had not journaled yet when it reported its state
                 # (the last records of a session it took over): digest those from the source,
@@ -154,29 +174,42 @@ class UploadSession(TransferSession):
                 have = blocks.complement(0, sources[i].layout.count)
                 unseen = [b for b in have.members() if b not in digests[i]]
                 for b in unseen:
-                    digests[i][b] = (await self.io(sources[i].read_block, b))[1]
-                trusted[i] -= set(unseen)
+                    digests[i][b] = (await self.io(sources[i].read_wire, b))[1]
+                if unseen and i in trusted:
+                    trusted[i] -= set(unseen)
 
             def read(f: int, b: int, digest: bytes) -> None:
                 # A block read from the source is no longer one trusted from the journal.
                 digests[f][b] = digest
-                trusted.get(f, set()).discard(b)
+                held = trusted.get(f)
+                if held:
+                    held.discard(b)
 
             sender.on_read = read
             sender.on_progress = lambda f, n: progress.carry(plain_share(entries[f], n),
                                                              shown(name, entries[f].path))
+            sender.on_hole = lambda f, n: progress.hole(n, shown(name, entries[f].path))
             version = 2 if "frames2" in self.remote.features else 1
+            holes = version == 2 and "holes" in self.remote.features
             pacer = self.pacer(opened.flow)
+            governor = self.governor(opened.flow, streams)
             paths = self.http_paths(streams, lambda path, on_block: upload_stream(
                 self.remote.http, self.remote.session_url("/blocks"), sender, path,
                 headers=self.remote.stream_headers, ssl=self.remote.ssl, on_block=on_block,
-                version=version, pacer=pacer))
+                version=version, pacer=pacer, governor=governor, holes=holes,
+                bundles="bundles" in self.remote.features))
             if "acks" in self.remote.features:
                 async def exchange() -> None:
                     got = await self.control.acks(C.Acks())
                     sender.acks(got.journaled, got.failed)
                 self.start_acks(exchange)
+            small = [i for i in sources if sources[i].layout.count == 1] \
+                if "bundles" in self.remote.features else []
             work = _SendWork(sender)
+            paths = await self.choose_paths(
+                paths, lambda: not sender.done and not sender.closed, sender=sender,
+                block=max((s.layout.max_stored_block for s in sources.values()), default=1),
+                bundled=(sum(entries[i].size for i in small), len(small)))
             plain_roots: dict[int, str] = {}
             resent: dict[tuple[int, int], int] = {}  # commit said missing, how often
             while True:
@@ -196,12 +229,20 @@ class UploadSession(TransferSession):
                 verifying = False
                 for i, r in committed.results.items():
                     if isinstance(r, A.CommitFailed):
-                        raise TransportError(r.error, status=r.status)
+                        raise RemoteError(r.error, peer_status=r.status)
                     if isinstance(r, A.Committed):
                         plain_roots[i] = r.root
                         file = shown(name, tree.entries[i].path)
-                        result.checksums[file] = r.root if not opts.encrypt else \
-                            await self.io(sources[i].plain_root)
+                        fsrc = sources[i]
+                        if not opts.encrypt:
+                            result.checksums[file] = r.root
+                        elif len(fsrc.plain_digests) == fsrc.layout.count:  # all read: no I/O
+                            result.checksums[file] = fsrc.plain_root()
+                        else:
+                            result.checksums[file] = await self.io(fsrc.plain_root)
+                        if opts.encrypt:  # the name the daemon stored the envelope under
+                            result.stored_as[file] = shown(name + env.SUFFIX, "") \
+                                if not entries[i].path else shown(name, entries[i].path)
                         result.mark_verified(file, "sampled" if trusted.get(i) else "full")
                     elif isinstance(r, A.CommitVerifying):
                         verifying = True  # the daemon is still re-reading its partial: ask again
@@ -209,7 +250,7 @@ class UploadSession(TransferSession):
                         again.extend((i, a, b) for a, b in r.missing)
                         for b in [b for b in kept.get(i, set()) if b in r.missing]:
                             kept[i].discard(b)  # dropped at the daemon: carried after all
-                            progress.unskip(plain_len(entries[i], b))
+                            progress.unskip(plain_len(entries[i], b), shown(name, entries[i].path))
                 if not again:
                     if verifying:
                         continue
@@ -222,16 +263,42 @@ class UploadSession(TransferSession):
         finally:
             result.sent_bytes = progress.carried  # also when failing: what this run did move
             result.skipped_bytes = progress.skipped
+            result.hole_bytes = progress.holes
             running = reads - {asyncio.current_task()}
             if running:  # a dead stream may leave a read-ahead running: let it end first
                 await asyncio.wait(running)
             for s in sources.values():
                 s.close()
 
-    async def _plan_file(self, i: int, entries: list[FileEntry], state: TargetState, path: Path,
-                         rel: str, sources: dict[int, FileSource], trusted: dict[int, set[int]],
-                         progress: Progress) -> C.PlanItem:
-        """Decide file ``i``: skip, fresh or resume (reading the source where the check needs)."""
+    async def _dry_run(self, entries: list[FileEntry], states: list[TargetState],
+                       files: list[int], named: list[FileEntry], paths: list[Path]) -> None:
+        """``--dry-run``: what the overwrite policy would do with each file, nothing moved.
+        A file that ``diff`` compares is digested here as the real run would (the daemon's
+        digest came with the open): an unchanged one is listed as skipped, not moving."""
+        for i in files:
+            file = shown(self.name, named[i].path)
+            action = overwrite_action(entries[i], states[i], self.opts.overwrite)
+            if action == "compare" and not self.opts.encrypt:
+                local = await self.io(digest_path, paths[i], entries[i].block_size)
+                action = "skip" if local == states[i].root else "transfer"
+            if action == "skip":
+                self.result.skipped_files[file] = \
+                    "exists" if self.opts.overwrite != "diff" else "unchanged"
+            else:
+                self.result.would_transfer.append(file)
+
+    def _plan_batch(self, files: list[int], entries: list[FileEntry], states: list[TargetState],
+                    tree: Any, sources: dict[int, FileSource], trusted: dict[int, set[int]]
+                    ) -> list[tuple[C.PlanItem, int]]:
+        """Worker thread: ``_plan_file`` for each of ``files``; (plan item, bytes skipped)."""
+        return [self._plan_file(i, entries, states[i], tree.paths[i], tree.entries[i].path,
+                                sources, trusted) for i in files]
+
+    def _plan_file(self, i: int, entries: list[FileEntry], state: TargetState, path: Path,
+                   rel: str, sources: dict[int, FileSource], trusted: dict[int, set[int]]
+                   ) -> tuple[C.PlanItem, int]:
+        """Decide file ``i`` (worker thread): skip, fresh or resume (reading the source where
+        the check needs); returns the plan item and the bytes it skips."""
         opts, result = self.opts, self.result
         entry = entries[i]
         file = shown(self.name, rel)
@@ -241,27 +308,33 @@ class UploadSession(TransferSession):
             if self.ring is None:
                 assert opts.passphrase is not None
                 self.ring = EnvelopeKeyring(opts.passphrase)
-            entry, transform = await self.io(_encrypted_entry, entry, state, self.ring)
+            entry, transform = _encrypted_entry(entry, state, self.ring)
             entries[i] = entry
         action = overwrite_action(entry, state, opts.overwrite)
         if action == "compare":
-            local = await self.io(digest_path, path, entry.block_size)
+            local = digest_path(path, entry.block_size)
             action = "skip" if local == state.root else "transfer"
             if action == "skip":
                 result.checksums[file] = local
         if action == "skip":
             result.skipped_files[file] = "exists" if opts.overwrite != "diff" else "unchanged"
-            progress.skip(entry.size)
-            return C.PlanItem(i, "skip")
-        src_file = await self.io(functools.partial(FileSource, path, entry, encode=transform))
+            return C.PlanItem(i, "skip"), entry.size
+        src_file = FileSource(path, entry, encode=transform)
         sources[i] = src_file
         resume = False
         if resumable(entry, state) and opts.resume != "none":
             samples = resume_samples(state.have, opts.resume)
-            fresh = {b: (await self.io(src_file.read_block, b))[1] for b in samples}
+            fresh = {b: src_file.read_block(b)[1] for b in samples}
             resume = resume_ok(opts.resume, entry, state, fresh)
-        trusted[i] = trusted_blocks(state.have, opts.resume) if resume else set()
-        return C.PlanItem(i, "resume" if resume else "fresh", entry)
+        if resume:  # only files with trusted blocks get a set (none for fresh files)
+            trusted[i] = trusted_blocks(state.have, opts.resume)
+        return C.PlanItem(i, "resume" if resume else "fresh", entry), 0
+
+
+def local_name(src: Path) -> str:
+    """The name a local source gets at the destination: its own name as given (``dir/link``
+    is ``link``; ``.`` is the current folder's name), never its symlink target's."""
+    return os.path.basename(os.path.abspath(src)) or str(src)
 
 
 def _encrypted_placeholder(entry: FileEntry) -> FileEntry:

@@ -46,6 +46,7 @@ import blake3
 from transport.blocks.digest import DIGEST_SIZE
 from transport.blocks.layout import BlockLayout
 from transport.blocks.ranges import RangeSet
+from transport.blocks.sparse import zeros
 from transport.errors import ProtocolError
 
 __all__ = [
@@ -298,6 +299,7 @@ class BlockAssembler:
         self._pieces = self._new = self._dup = self._late = self._refused = 0
         self._n_verified = self._n_failed = self._n_evicted = 0
         self._hashed_inline = self._readback = 0
+        self._zero_digests: dict[int, bytes] = {}
 
     # -- input ------------------------------------------------------------------------
     def receive(self, file: int, block: int, offset: int, data: Buffer,
@@ -382,6 +384,38 @@ class BlockAssembler:
             if done is not None:
                 events.append(done)
         return tuple(events)
+
+    def receive_hole(self, file: int, block: int, offset: int, length: int,
+                     now: float) -> tuple[AssemblyEvent, ...]:
+        """Take a piece of ``length`` bytes that read as zeros and were not sent (a hole of
+        a sparse file, ``transport.blocks.sparse``). A whole block whose digest is known is
+        checked against the digest of zeros (cached per length) without hashing, and the
+        sink's ``zero`` (if it has one) leaves the range a hole; any other hole piece is
+        taken as the zero bytes it stands for (``receive``). Events as ``receive``."""
+        key = (file, block)
+        rec = self._expected.get(file, {}).get(block)
+        if (offset == 0 and rec is not None and key not in self._open
+                and file not in self._committed and block not in self._verified[file]
+                and length == self._stored_length(file, block)):
+            self._pieces += 1
+            zero = getattr(self._sink, "zero", None)
+            got = self._zero_digest(length)
+            if got == rec.digest:
+                if zero is not None:
+                    zero(file, block, 0, length)
+                else:
+                    self._sink.write(file, block, 0, zeros(length))
+                self._new += length
+            return (self._conclude(file, block, got, rec, length),)
+        return self.receive(file, block, offset, zeros(length), now)
+
+    def _zero_digest(self, length: int) -> bytes:
+        got = self._zero_digests.get(length)
+        if got is None:
+            h = self._new_hasher()
+            h.update(zeros(length))
+            got = self._zero_digests[length] = h.digest()
+        return got
 
     def expect(self, file: int, block: int, digest: bytes) -> tuple[AssemblyEvent, ...]:
         """Record the sender's digest of a block (idempotent); verifies it if complete."""

@@ -41,13 +41,14 @@ class Journal:
 
     @classmethod
     def open(cls, path: Path, meta: dict[str, Any], *, keep: bool,
-             label: str | None = None) -> Journal:
+             label: str | None = None, sync: bool = True) -> Journal:
         """Lock and open the journal at ``path``.
 
         With ``keep`` and a stored header equal to ``meta``, the recorded
         blocks are loaded; otherwise the journal restarts empty with ``meta``.
         Raises ``ConflictError`` (naming ``label``, the target, or else the
-        journal's file name) when another writer holds the lock.
+        journal's file name) when another writer holds the lock. ``sync``: a new
+        header is made durable (``fdatasync``); off with ``--no-fsync``.
         """
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -70,7 +71,7 @@ class Journal:
             old_meta, have = _load(fd) if keep else (None, {})
             if old_meta != meta:
                 have = {}
-                _rewrite(fd, meta)
+                _rewrite(fd, meta, sync)
             return cls(path, fd, meta, have)
         except BaseException:
             os.close(fd)
@@ -101,10 +102,10 @@ class Journal:
         for i, d in records:
             self.have[i] = d
 
-    def reset(self, meta: dict[str, Any]) -> None:
+    def reset(self, meta: dict[str, Any], *, sync: bool = True) -> None:
         self.meta = meta
         self.have = {}
-        _rewrite(self._fd, meta)
+        _rewrite(self._fd, meta, sync)
 
     def close(self, *, remove: bool = False) -> None:
         if self._fd < 0:
@@ -118,11 +119,12 @@ class Journal:
         self._fd = -1
 
 
-def _rewrite(fd: int, meta: dict[str, Any]) -> None:
+def _rewrite(fd: int, meta: dict[str, Any], sync: bool = True) -> None:
     blob = json.dumps(meta, sort_keys=True).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, MAGIC + _LEN.pack(len(blob)) + blob, 0)
-    os.fdatasync(fd)
+    if sync:
+        os.fdatasync(fd)
 
 
 def _load(fd: int) -> tuple[dict[str, Any] | None, dict[int, bytes]]:

@@ -98,7 +98,7 @@ def argon2id(secret: bytes, salt: bytes, params: KdfParams) -> bytes:
     except HashingError as exc:
         if "memory" in str(exc).lower():
             raise ResourceExhausted(
-                f"argon2id: cannot allocate {params.memory_kib} KiB", kind="ENOMEM"
+                f"argon2id: cannot allocate {params.memory_kib} KiB", resource="ENOMEM"
             ) from None
         raise TransportError(f"argon2id failed: {exc}") from None
 

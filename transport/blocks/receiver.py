@@ -42,6 +42,7 @@ from transport.blocks.layout import BlockLayout
 from transport.blocks.manifest import FileEntry
 from transport.blocks.modes import file_mode
 from transport.blocks.ranges import RangeSet
+from transport.blocks.sparse import ensure_zero, is_hole, zero_digest
 from transport.blocks.statedir import StateDir
 from transport.blocks.transform import BlockTransform
 from transport.errors import ConflictError, IntegrityError, ProtocolError
@@ -127,7 +128,7 @@ class FileReceiver:
                 except FileNotFoundError:
                     # Records without their partial (removed meanwhile) describe nothing:
                     # trusting them would publish a file of zeros that passes the checks.
-                    self._journal.reset(self._journal.meta)
+                    self._journal.reset(self._journal.meta, sync=self._fsync)
             if fd < 0:  # a fresh start never inherits stale bytes
                 fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -165,7 +166,7 @@ class FileReceiver:
             self.state.ensure()
             try:
                 return Journal.open(self.state.journal(self.target), meta, keep=keep,
-                                    label=self.target.name)
+                                    label=self.target.name, sync=self._fsync)
             except FileNotFoundError:
                 if attempt == 2:
                     raise
@@ -246,6 +247,30 @@ class FileReceiver:
         if offset < 0 or offset + len(data) > length:
             raise ProtocolError(f"{self.entry.path or self.target.name}: piece outside block {index}")
         self._pwrite(data, start + offset)
+
+    def zero_piece(self, index: int, offset: int, length: int) -> None:
+        """Make bytes ``[offset, offset + length)`` of a block's stored form read as zeros,
+        leaving them a hole of the partial file (``transport.blocks.sparse.ensure_zero``:
+        only stale data there is overwritten). For a receiver that does not decode."""
+        if self._decode is not None:
+            raise ValueError("a decoding receiver takes whole verified blocks (write_verified)")
+        start, size = self.layout.stored_range(index)
+        if offset < 0 or offset + length > size:
+            raise ProtocolError(f"{self.entry.path or self.target.name}: piece outside block {index}")
+        with self._lock:
+            if not self._open:
+                raise ConflictError(f"{self.entry.path or self.target.name}: receiver closed")
+            self._active += 1
+        try:
+            fd = os.open(self.partial, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                ensure_zero(fd, start + offset, length)
+            finally:
+                os.close(fd)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._idle.notify_all()
 
     def read_piece(self, index: int, offset: int, length: int) -> bytes:
         """Read back stored bytes of a block written by ``write_piece`` (for hashing)."""
@@ -383,6 +408,10 @@ class FileReceiver:
             offset, length = self.layout.stored_range(index)
         else:
             offset, length = self.out_layout.plain_range(index)
+        if self._decode is None and digest == zero_digest(length) and is_hole(fd, offset, length):
+            # No data there: a hole reads as zeros, and so does a range past the partial's
+            # end once ``commit`` extends it to the file's size. Nothing to re-read.
+            return True, 0
         data = _pread_full(fd, length, offset)
         if len(data) != length:  # the partial was cut short
             return False, len(data)
@@ -406,7 +435,7 @@ class FileReceiver:
             return
         with self._flush_lock:
             kept = [(i, d) for i, d in self._journal.have.items() if i not in gone]
-            self._journal.reset(self._journal.meta)
+            self._journal.reset(self._journal.meta, sync=self._fsync)
             self._journal.append(kept, sync=self._fsync)
             with self._lock:
                 self._pending = [(i, d) for i, d in self._pending if i not in gone]

@@ -19,6 +19,8 @@ cover only in part, which then resends just the rest); the block is ``ACKED`` on
 journaled, and then nothing of it is ever leased again. The allowed moves are
 the table ``TRANSITIONS``, used by the code itself. Pieces of a block started
 by one path can be finished by another: the to-do set is per block, not per path.
+The lease, its states and events and the per-lease and per-block records live in
+``transport.blocks.leases`` (re-exported here); this module is the policy over them.
 
 Bounded work per call: ``lease`` costs O(pieces returned); ``want`` O(ranges
 given); ``ack``, ``nack`` and ``received`` O(live leases of that block);
@@ -34,10 +36,19 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from enum import Enum
 
 from transport.blocks.layout import BlockLayout
+from transport.blocks.leases import (
+    DEFAULT_TIMING,
+    TRANSITIONS,
+    Event,
+    Lease,
+    PathTiming,
+    SchedulerStats,
+    State,
+    _Block,
+    _Rec,
+)
 from transport.blocks.ranges import RangeSet
 from transport.errors import ProtocolError
 
@@ -45,9 +56,6 @@ __all__ = [
     "DEFAULT_BLOCK_ACK_TIMEOUT", "DEFAULT_MAX_OPEN_BLOCKS", "DEFAULT_TIMING", "Event", "Lease",
     "PathTiming", "Scheduler", "SchedulerStats", "State", "TRANSITIONS",
 ]
-
-K_GRANULARITY = 0.001
-"""Timer granularity in seconds (RFC 9002 section 6.1.2, kGranularity)."""
 
 DEFAULT_MAX_OPEN_BLOCKS = 16
 """Open blocks (bytes queued, leased, or delivered on a datagram path and not
@@ -57,155 +65,6 @@ acked) at once: 64 MiB of 4 MiB blocks, matching
 DEFAULT_BLOCK_ACK_TIMEOUT = 30.0
 """Seconds a block may sit fully received (piece-acked) without its journal ack
 before it is sent again whole: a safety net for a lost ack or failure report."""
-
-
-class State(Enum):
-    QUEUED = "queued"
-    LEASED = "leased"
-    DELIVERED = "delivered"
-    RECEIVED = "received"
-    ACKED = "acked"
-
-
-class Event(Enum):
-    LEASE = "lease"  # a path took the bytes
-    DELIVER = "deliver"  # the path put them on the wire
-    RECEIVE = "receive"  # the receiver acknowledged the bytes (piece-level)
-    EXPIRE = "expire"  # the lease's deadline passed
-    LOSE = "lose"  # the path declared them lost
-    NACK = "nack"  # the receiver reported them missing (refused, failed block)
-    DROP_PATH = "drop_path"  # the path died
-    ACK = "ack"  # the receiver journaled the whole block
-
-
-TRANSITIONS: Mapping[tuple[State, Event], State] = {
-    (State.QUEUED, Event.LEASE): State.LEASED,
-    (State.LEASED, Event.DELIVER): State.DELIVERED,
-    (State.LEASED, Event.RECEIVE): State.RECEIVED,  # acked before the path reported it sent
-    (State.DELIVERED, Event.RECEIVE): State.RECEIVED,
-    (State.LEASED, Event.EXPIRE): State.QUEUED,
-    (State.DELIVERED, Event.EXPIRE): State.QUEUED,
-    (State.LEASED, Event.LOSE): State.QUEUED,
-    (State.DELIVERED, Event.LOSE): State.QUEUED,
-    (State.LEASED, Event.DROP_PATH): State.QUEUED,
-    (State.DELIVERED, Event.DROP_PATH): State.QUEUED,
-    (State.LEASED, Event.NACK): State.QUEUED,
-    (State.DELIVERED, Event.NACK): State.QUEUED,
-    (State.RECEIVED, Event.NACK): State.QUEUED,
-    (State.QUEUED, Event.ACK): State.ACKED,
-    (State.LEASED, Event.ACK): State.ACKED,
-    (State.DELIVERED, Event.ACK): State.ACKED,
-    (State.RECEIVED, Event.ACK): State.ACKED,
-}
-"""Every allowed move of a byte range; anything else (a second ``delivered``,
-any event after ``ACKED``) is ignored and counted as stale."""
-
-
-@dataclass(frozen=True, slots=True)
-class PathTiming:
-    """Deadlines of one path's leases, in seconds.
-
-    ``lease_timeout``: from ``lease`` to ``delivered`` (the path holds the
-    bytes before sending them: size it from the path's rate and queue).
-    ``ack_timeout``: from ``delivered`` to the receiver's ack (piece-level on
-    a datagram path, block-level on a stream path, where it must also cover
-    the receiver's journal flush).
-    """
-
-    lease_timeout: float
-    ack_timeout: float
-    reliable: bool = False
-    """Delivered bytes reach the receiver unless the path dies (a TCP stream). A
-    whole block delivered on such a path stops holding the block open (the
-    receiver checks it on arrival, it is never half-assembled there); any other
-    delivered piece holds its block open until piece-acked or acked, so the
-    sender never has more half-received blocks at the receiver than
-    ``max_open_blocks``."""
-
-    def __post_init__(self) -> None:
-        if not (self.lease_timeout > 0 and self.ack_timeout > 0):
-            raise ValueError("timeouts must be positive")
-
-    @classmethod
-    def from_rtt(cls, srtt: float, rttvar: float, *, max_ack_delay: float = 0.025,
-                 hold: float = 1.0, reliable: bool = False) -> PathTiming:
-        """Deadlines from an RTT estimate: ``ack_timeout`` is QUIC's probe timeout,
-        ``srtt + max(4 * rttvar, kGranularity) + max_ack_delay`` (RFC 9002 section
-        6.2.1); ``lease_timeout`` is ``hold`` plus that (seconds a lease may wait to be sent)."""
-        pto = srtt + max(4 * rttvar, K_GRANULARITY) + max_ack_delay
-        return cls(lease_timeout=hold + pto, ack_timeout=pto, reliable=reliable)
-
-
-DEFAULT_TIMING = PathTiming(lease_timeout=10.0, ack_timeout=10.0)
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """Bytes ``[offset, offset + length)`` of a block's stored form, given to ``path``."""
-
-    id: int
-    path: str
-    file: int
-    block: int
-    offset: int
-    length: int
-
-    @property
-    def stop(self) -> int:
-        return self.offset + self.length
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerStats:
-    """Counters of one scheduler (bytes are stored bytes)."""
-
-    outstanding: int  # wanted blocks not acked
-    open_blocks: int  # blocks with bytes queued or leased
-    live_leases: int
-    leased_bytes: int  # total ever leased (re-leases included)
-    requeued_bytes: int  # bytes put back after expiry, loss, nack or a dead path
-    expired: int  # leases whose deadline passed
-    lost: int  # leases declared lost by their path
-    acked: int  # blocks acked
-    block_timeouts: int  # fully received blocks sent again for want of an ack
-    stale: int  # calls about leases or blocks already retired (ignored)
-
-
-class _Rec:
-    """A live lease (the sent-packet map entry)."""
-
-    __slots__ = ("deadline", "holds", "lease", "state")
-
-    def __init__(self, lease: Lease, deadline: float) -> None:
-        self.lease = lease
-        self.state = State.LEASED
-        self.deadline = deadline
-        self.holds = True  # keeps its block open (see PathTiming.reliable)
-
-
-class _Block:
-    """A started, unacknowledged block."""
-
-    __slots__ = ("file", "holding", "index", "leases", "length", "ready", "received", "timer",
-                 "todo", "undelivered")
-
-    def __init__(self, file: int, index: int, length: int) -> None:
-        self.file = file
-        self.index = index
-        self.length = length
-        self.todo = RangeSet([(0, length)])
-        self.received = RangeSet()
-        self.leases: dict[int, _Rec] = {}
-        self.undelivered = 0  # live leases in State.LEASED
-        self.holding = 0  # live leases holding the block open
-        self.ready = False  # in Scheduler._ready
-        self.timer: float | None = None  # block-ack safety deadline
-
-    @property
-    def open(self) -> bool:
-        """Bytes queued, leased, or delivered on a datagram path and not acked yet:
-        the receiver may be holding it half-assembled."""
-        return bool(self.todo) or self.holding > 0
 
 
 class Scheduler:
@@ -303,7 +162,9 @@ class Scheduler:
         (a receiver that acknowledged by delivery and lost them, or dropped them after a
         failed re-verification): want them again. Acked blocks come back as new work, blocks
         delivered and awaiting their ack are sent again now, the others are wanted as usual.
-        Returns how many blocks come back or are new. Costs O(ranges + started blocks)."""
+        Returns how many blocks come back or are new. Costs O(ranges + min(blocks named,
+        started blocks)): a want naming one block of each of 10,000 files does not walk
+        every started block 10,000 times."""
         again = self._checked(file, ranges)
         not_acked = again.copy()
         not_acked.difference_update(self._acked[file])
@@ -320,9 +181,14 @@ class Scheduler:
             self._outstanding += back.count
             self._n_acked -= back.count - wanted.count
             n += back.count
-        for (f, b), blk in list(self._blocks.items()):
-            if f == file and b in again and not blk.todo and blk.undelivered == 0:
-                self.nack(f, b, None)  # delivered, never acked: lost on the way
+        if again.count <= len(self._blocks):  # a few blocks (one per small file): look them up
+            started = [(file, b) for b in again.members() if (file, b) in self._blocks]
+        else:
+            started = [k for k in self._blocks if k[0] == file and k[1] in again]
+        for key in started:
+            blk = self._blocks.get(key)
+            if blk is not None and not blk.todo and blk.undelivered == 0:
+                self.nack(key[0], key[1], None)  # delivered, never acked: lost on the way
         return n + self.want(file, not_acked)
 
     @property

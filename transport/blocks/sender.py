@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 
-from transport.blocks.scheduler import Lease, PathTiming, Scheduler
+from transport.blocks.scheduler import DEFAULT_MAX_OPEN_BLOCKS, Lease, PathTiming, Scheduler
 from transport.blocks.source import FileSource
+from transport.blocks.sparse import Hole
 from transport.errors import ProtocolError, TransportError
 
-__all__ = ["HTTP_TIMING", "BlockSender", "ReadFn"]
+__all__ = ["HTTP_TIMING", "BlockSender", "Payload", "ReadFn"]
 
 HTTP_TIMING = PathTiming(lease_timeout=60.0, ack_timeout=60.0, reliable=True)
 """Deadlines of an HTTP stream's leases, in seconds. A stream holds a lease while it
@@ -36,6 +37,16 @@ reads the block and waits for the socket (a 4 MiB block at 1 Mbit/s takes 34 s),
 the lease timeout is generous; a stream that dies gives its leases back at once
 (``drop_path``), so the deadline is only a safety net. ``ack_timeout`` covers the
 receiver's journal flush (0.5 s) and the acknowledgement's trip back."""
+
+Payload = bytes | bytearray | memoryview | Hole
+"""What a lease reads as: its bytes, or a ``Hole`` of its length (``transport.blocks.sparse``)."""
+
+BUNDLE_OPEN = 2048
+"""Open blocks allowed beyond ``DEFAULT_MAX_OPEN_BLOCKS`` when the session has one-block
+files: a bundle leases up to 256 of them at once (``transport.http.framing``), and each
+stream holds one bundle on the wire and one read ahead. The bound on open blocks protects
+the receiver's assembly (64 MiB); bundled files never enter it, and what a stream holds in
+memory is bounded by its bundles' bytes (about 1 MiB each), not by this count."""
 
 ReadFn = Callable[[int, int, bytes], None]
 """Called with (file, block, digest) for every block read from a source."""
@@ -54,17 +65,78 @@ class BlockSender:
                  ) -> None:
         self.sources = sources
         self.executor = executor
-        self.sched = Scheduler({i: s.layout for i, s in sources.items()}, default_timing=timing)
+        layouts = {i: s.layout for i, s in sources.items()}
+        small = any(lay.count == 1 for lay in layouts.values())
+        self.sched = Scheduler(layouts, default_timing=timing,
+                               max_open_blocks=DEFAULT_MAX_OPEN_BLOCKS + (BUNDLE_OPEN if small else 0))
         self.timing = timing
         self._clock = clock
         self.sent_bytes = 0
+        """Bytes of leases delivered as data (holes not counted)."""
+        self.hole_bytes = 0
+        """Bytes of leases delivered as holes: announced, not sent as zeros."""
         self.on_progress: Callable[[int, int], None] | None = None
+        self.on_hole: Callable[[int, int], None] | None = None
+        """Called with (file, bytes) for a lease delivered as a hole (else ``on_progress``)."""
         self.on_read: ReadFn | None = None
         self.error: TransportError | None = None
         """Why the sender failed (a source changed, the system ran out of descriptors)."""
         self.closed = False
         self._changed: asyncio.Event | None = None
         self._timer: asyncio.Task[None] | None = None
+        self._held: dict[str, Lease] = {}  # a lease taken while filling a bundle, sent next
+
+    # -- bundles of one-block files ---------------------------------------------------
+    def inline(self, lease: Lease) -> bool:
+        """Whether ``lease`` is the whole only block of a one-block file (bundled)."""
+        layout = self.sources[lease.file].layout
+        return layout.count == 1 and lease.offset == 0 \
+            and lease.length == layout.stored_range(0)[1]
+
+    def take(self, path: str, *, max_items: int = 1, max_bytes: int = 0) -> tuple[list[Lease], bool]:
+        """The next unit of work for ``path``: ``([lease], False)`` for an ordinary piece,
+        or ``(leases, True)``: up to ``max_items`` whole one-block files (at least one,
+        about ``max_bytes`` of data) to send as one bundle; ``([], False)``: nothing.
+        ``max_items`` 1 (a peer without bundles) never bundles. A lease taken that does
+        not fit the bundle is kept for the path's next ``take``."""
+        first = self._held.pop(path, None) or self.lease(path)
+        if first is None:
+            return [], False
+        if max_items <= 1 or not self.inline(first):
+            return [first], False
+        out = [first]
+        total = first.length
+        while len(out) < max_items and total < max_bytes:
+            nxt = self.lease(path)
+            if nxt is None:
+                break
+            if not self.inline(nxt):
+                self._held[path] = nxt
+                break
+            out.append(nxt)
+            total += nxt.length
+        return out, True
+
+    async def read_many(self, leases: list[Lease]) -> list[tuple[Payload, bytes | None]]:
+        """``read`` of every lease, in one executor job (a bundle's whole one-block files;
+        a file lying wholly in a hole reads as a ``Hole``, as in ``read``)."""
+        if len(leases) == 1:
+            return [await self.read(leases[0])]
+        if self.error is not None:
+            raise self.error
+
+        def job() -> list[tuple[bytes | bytearray | Hole, bytes]]:
+            return [self.sources[lease.file].read_wire(lease.block) for lease in leases]
+
+        try:
+            got = await asyncio.get_running_loop().run_in_executor(self.executor, job)
+        except TransportError as exc:
+            self.fail(exc)
+            raise
+        if self.on_read is not None:
+            for lease, (_, digest) in zip(leases, got, strict=True):
+                self.on_read(lease.file, lease.block, digest)
+        return list(got)
 
     # -- what to send -----------------------------------------------------------------
     def block_count(self, file: int) -> int:
@@ -115,15 +187,16 @@ class BlockSender:
             return got[0]
         return None
 
-    async def read(self, lease: Lease) -> tuple[bytes | bytearray | memoryview, bytes | None]:
+    async def read(self, lease: Lease) -> tuple[Payload, bytes | None]:
         """(the lease's bytes, the block's digest when the lease starts at offset 0), read
-        off the event loop. A source that fails fails the whole sender (``error``)."""
+        off the event loop; a ``Hole`` of the lease's length for a block wholly in a hole
+        of its file (not read). A source that fails fails the whole sender (``error``)."""
         if self.error is not None:
             raise self.error
         src = self.sources[lease.file]
         loop = asyncio.get_running_loop()
         try:
-            data, digest = await loop.run_in_executor(self.executor, src.read_block, lease.block)
+            data, digest = await loop.run_in_executor(self.executor, src.read_wire, lease.block)
         except TransportError as exc:
             self.fail(exc)
             raise
@@ -131,13 +204,20 @@ class BlockSender:
             self.on_read(lease.file, lease.block, digest)
         if lease.offset == 0 and lease.length == len(data):
             return data, digest
+        if isinstance(data, Hole):
+            return Hole(lease.length), digest if lease.offset == 0 else None
         view = memoryview(data)[lease.offset:lease.stop]
         return view, digest if lease.offset == 0 else None
 
-    def delivered(self, lease: Lease) -> None:
-        """The lease's bytes are on the wire."""
+    def delivered(self, lease: Lease, *, hole: bool = False) -> None:
+        """The lease's bytes are on the wire (``hole``: announced as a hole instead)."""
         self.sched.delivered(lease, self._clock())
         self._wake()  # a stream waiting for others' undelivered leases re-checks
+        if hole:
+            self.hole_bytes += lease.length
+            if self.on_hole is not None:
+                self.on_hole(lease.file, lease.length)
+            return
         self.sent_bytes += lease.length
         if self.on_progress is not None:
             self.on_progress(lease.file, lease.length)
@@ -145,6 +225,7 @@ class BlockSender:
     def drop_path(self, path: str) -> int:
         """``path`` died: everything it held (leased or delivered, not acknowledged) is
         leased again by the others. Returns how many leases came back."""
+        self._held.pop(path, None)  # the scheduler gives it back with the others
         n = len(self.sched.drop_path(path))
         if n:
             self._wake()

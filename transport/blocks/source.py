@@ -32,8 +32,9 @@ from pathlib import Path
 
 from transport.blocks.digest import block_digest, file_digest
 from transport.blocks.manifest import FileEntry
+from transport.blocks.sparse import Hole, is_hole, zero_digest
 from transport.blocks.transform import BlockTransform
-from transport.errors import SourceChanged, TransportError, from_os_error
+from transport.errors import ErrorKind, SourceChanged, TransportError, from_os_error
 
 DEFAULT_WINDOW = 16
 """Open descriptors shared by sources made without a window (a client's upload)."""
@@ -101,6 +102,10 @@ class FileSource:
     completes messages ("changed on the server during the transfer").
     """
 
+    __slots__ = ("path", "entry", "_encode", "layout", "_window", "_where", "_size", "_lock",
+                 "_fd", "_users", "_evicted", "_closed", "_identity", "plain_digests",
+                 "__weakref__")  # one per file of a folder: 100,000 of them must stay small
+
     def __init__(self, path: Path, entry: FileEntry, *, encode: BlockTransform | None = None,
                  window: SourceWindow | None = None, where: str = "") -> None:
         self.path = path
@@ -142,6 +147,16 @@ class FileSource:
             data = self._encode.encode(index, data)
         return data, block_digest(data)
 
+    def read_wire(self, index: int) -> tuple[bytes | bytearray | Hole, bytes]:
+        """As ``read_block``, but a block lying wholly in a hole of the file (``SEEK_DATA``,
+        ``transport.blocks.sparse``) is not read: ``(Hole(length), zero_digest(length))``.
+        Only for a source sent as it is stored (an encoding source reads every block)."""
+        if self._encode is None:
+            offset, length = self.layout.stored_range(index)
+            if self._hole(offset, length):
+                return Hole(length), zero_digest(length)
+        return self.read_block(index)
+
     def plain_root(self) -> str:
         """Whole-file digest of the plaintext (reads blocks not read yet)."""
         for i in range(self.layout.count):
@@ -181,10 +196,22 @@ class FileSource:
             self._release()
         return data
 
+    def _hole(self, offset: int, length: int) -> bool:
+        fd = self._acquire()
+        try:
+            hole = is_hole(fd, offset, length)
+            if hole:  # the file may have changed since: checked as after any read
+                self._check(os.fstat(fd), self._identity)
+        except OSError as exc:
+            raise from_os_error(exc, self.name) from None
+        finally:
+            self._release()
+        return hole
+
     def _acquire(self) -> int:
         with self._lock:
             if self._closed:
-                raise TransportError(f"{self.name}: the transfer was closed", status=409)
+                raise TransportError(f"{self.name}: the transfer was closed", kind=ErrorKind.CONFLICT)
             if self._fd < 0:
                 self._fd = self._open()
             self._users += 1

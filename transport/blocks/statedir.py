@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from transport.errors import ConflictError, PathError
+from transport.errors import ConflictError, ErrorKind, PathError
 
 STATE_DIR: Final = ".fallback"
 """The state folder's name at the top of its root (also the daemon's reserved URL prefix)."""
@@ -131,7 +131,7 @@ class StateDir:
         try:
             rel = target.relative_to(self.root)
         except ValueError:
-            raise PathError(f"{target}: not below {self.root}", status=400) from None
+            raise PathError(f"{target}: not below {self.root}", kind=ErrorKind.BAD_REQUEST) from None
         if not rel.parts or rel.parts[0] == STATE_DIR:
             raise PathError(f"{target.name or target}: that name is reserved")
         return rel.as_posix()

@@ -25,7 +25,7 @@ from pathlib import Path
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.source import entry_for
 from transport.blocks.statedir import STATE_DIR, in_state_dir, is_state_dir
-from transport.errors import PathError, TransportError, from_os_error
+from transport.errors import ErrorKind, PathError, TransportError, from_os_error
 
 
 @dataclass(slots=True)
@@ -56,7 +56,8 @@ def _in_top_state(real: str, limit: str | None) -> bool:
     return limit is not None and _inside(real, os.path.join(limit, STATE_DIR))
 
 
-def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> SourceTree:
+def walk_source(root: Path, block_size: int, *, within: Path | None = None,
+                links: str = "follow", links_within: Path | None = None) -> SourceTree:
     """Entries for ``root`` (a file: one entry ``""``; a folder: itself and everything below).
 
     Names that cannot be carried (``SKIPPABLE_ERRNOS``, symlinks leading outside
@@ -64,12 +65,18 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
     missing or refused root, and for any other OS error the kind ``from_os_error``
     gives (``ResourceExhausted`` for EMFILE/ENFILE, 500 for EIO ...): a walk the system
     could not finish is an error, never a shorter list.
+
+    Symlinks below ``root`` (``root`` itself is always followed): ``links="skip"`` skips
+    every one; otherwise a link to a file is carried as that file when its target lies
+    inside ``links_within`` (None: anywhere) and ``within``. Links to folders are never
+    followed, dangling ones cannot be; each link not carried is listed in ``skipped``.
     """
     limit = os.path.realpath(within) if within is not None else None
+    link_limit = os.path.realpath(links_within) if links_within is not None else None
     try:
         st = os.stat(root)
     except (FileNotFoundError, NotADirectoryError):
-        raise PathError(f"{root.name or root}: no such file or folder", status=404) from None
+        raise PathError(f"{root.name or root}: no such file or folder", kind=ErrorKind.NOT_FOUND) from None
     tree = SourceTree()
     if not _inside(os.path.realpath(root), limit):
         raise PathError(f"{root.name}: refused, it leads outside the docroot")
@@ -77,7 +84,7 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
         raise PathError(f"{root.name or root}: fallback's own state folder, not a source")
     if not stat.S_ISDIR(st.st_mode):
         if not stat.S_ISREG(st.st_mode):
-            raise PathError(f"{root.name}: not a regular file", status=400)
+            raise PathError(f"{root.name}: not a regular file", kind=ErrorKind.BAD_REQUEST)
         tree.add(entry_for(root, "", block_size, st), root)
         return tree
     tree.add(entry_for(root, "", block_size, st), root)
@@ -105,6 +112,18 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None) -> S
                         tree.skipped.append(f"{relname}: symlink leads outside")
                         continue
                     if _in_top_state(real, limit):
+                        continue
+                    if links == "skip":
+                        tree.skipped.append(f"{relname}: symlink skipped (--symbolic-links skip)")
+                        continue
+                    if not os.path.exists(path):  # dangling (ENOENT) or a loop (ELOOP)
+                        tree.skipped.append(f"{relname}: dangling symlink (its target is missing)"
+                                            if not os.path.lexists(real) else
+                                            f"{relname}: symlink loop")
+                        continue
+                    if not _inside(real, link_limit):
+                        tree.skipped.append(f"{relname}: symlink leads outside the source folder "
+                                            "(--symbolic-links follow-all carries it)")
                         continue
                     lst = os.stat(path)
             except TransportError as exc:  # a name this protocol cannot carry: skip that one

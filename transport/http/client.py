@@ -1,13 +1,13 @@
 """Client side of the HTTP(S) data path: upload and download block streams.
 
-Errors from aiohttp and the OS are translated here, at the boundary, into
-``transport.errors`` (as httpcore does), so the engine above never sees an
-aiohttp exception type.
+Errors from aiohttp and the OS are mapped here, once, at the boundary, into
+``transport.errors`` (``AIOHTTP_ERRORS`` through ``map_exceptions``, as httpcore
+does), so the engine above never sees an aiohttp exception type.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextvars
 import json
 import ssl as ssl_mod
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -23,13 +23,17 @@ from transport.blocks.sink import BlockSink
 from transport.errors import (
     ConnectError,
     ConnectionLost,
+    ExceptionMapping,
     ProtocolError,
     RemoteError,
-    TransportError,
+    map_exceptions,
 )
-from transport.http.framing import CONTENT_TYPE, PieceHeader
-from transport.http.pace import pace
-from transport.http.server import receive_blocks
+from transport.http.framing import CONTENT_TYPE
+from transport.http.governor import StreamGovernor
+from transport.http.pace import pace, wire_parts
+from transport.http.server import LINGER, receive_blocks
+from transport.http.tcpinfo import SockLike
+from transport.http.units import Reads, Unit, no_unit, take_unit, unit_frame
 
 SSLArg = ssl_mod.SSLContext | aiohttp.Fingerprint | bool
 Activity = Callable[[int], None]
@@ -41,6 +45,30 @@ text is one line; a hostile server's 800 MiB "error" must not fill memory."""
 
 MAX_STREAM_ANSWER = 64 << 10
 """Largest answer to an upload stream (``{received: n}``) the client reads, in bytes."""
+
+
+_STREAM_SOCKET: contextvars.ContextVar[list[SockLike | None] | None] = \
+    contextvars.ContextVar("fallback_stream_socket", default=None)
+
+
+class StreamConnector(aiohttp.TCPConnector):
+    """A ``TCPConnector`` that tells an upload stream which socket carries it: the stream
+    sets a slot (a context variable) before its request; the connection made or reused
+    for that request puts its socket there, and the body (which aiohttp writes in a task
+    that inherits the context) reads it for ``TCP_INFO`` (``transport.http.governor``)."""
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        conn = await super().connect(req, traces, timeout)
+        slot = _STREAM_SOCKET.get()
+        if slot is not None and conn.transport is not None:
+            slot.append(self.stream_socket(conn))
+        return conn
+
+    def stream_socket(self, conn: Any) -> SockLike | None:
+        """The TCP socket carrying ``conn`` (a subclass whose transports are not on the
+        TCP socket itself says which is)."""
+        sock: SockLike | None = conn.transport.get_extra_info("socket")
+        return sock
 
 
 async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -75,39 +103,67 @@ def refuse_redirect(resp: aiohttp.ClientResponse, base: str) -> None:
         where = resp.headers.get("Location", "")
         raise RemoteError(f"{base} answered HTTP {resp.status} redirecting to {where[:200] or '?'}; "
                           "fallback does not follow redirects: use the daemon's own address",
-                          status=502)
+                          peer_status=resp.status)
 
 
 async def _frames(sender: BlockSender, path: str, delivered: list[Lease],
                   on_block: Activity | None = None, version: int = 2,
-                  pacer: Pacer | None = None) -> AsyncIterator[bytes | bytearray | memoryview]:
-    """Frames for an upload body: the pieces ``path`` leases, reading one ahead of the
-    socket; ends when nothing is left to lease. Leases taken and not delivered stay
-    the path's: the caller gives them back (``drop_path``) if the stream failed."""
-    lease = sender.lease(path)
-    fut = asyncio.ensure_future(sender.read(lease)) if lease else None
-    nxt: Lease | None = None
-    nfut: asyncio.Future[tuple[bytes | bytearray | memoryview, bytes | None]] | None = None
+                  pacer: Pacer | None = None, governor: StreamGovernor | None = None,
+                  slot: list[SockLike | None] | None = None, holes: bool = False,
+                  bundles: bool = False) -> AsyncIterator[bytes | bytearray | memoryview]:
+    """Frames for an upload body: the pieces ``path`` leases (one-block files in bundles
+    when ``bundles``: a daemon with the ``bundles`` feature), reading one unit ahead of
+    the socket; ends when nothing is left to lease. Leases taken and not delivered stay
+    the path's: the caller gives them back (``drop_path``) if the stream failed.
+    ``holes``: blocks in holes of their file go as hole frames (a daemon with the
+    ``holes`` feature). ``governor``: the stream joins it with the socket in ``slot``
+    and leases only while admitted; not admitted, it waits holding no lease, and ends
+    when nothing is left."""
+    if governor is not None:
+        governor.join(path, slot[0] if slot else None)
+
+    async def next_unit() -> tuple[Unit, Reads | None]:
+        while governor is not None and not governor.admit(path):
+            if not sender.pending:
+                return no_unit()
+            await governor.wait(path, LINGER)
+        return take_unit(sender, path, bundles)
+
+    unit, fut = await next_unit()
+    nfut: Reads | None = None
     try:
-        while lease is not None and fut is not None:
-            data, digest = await fut
-            nxt = sender.lease(path)
-            nfut = asyncio.ensure_future(sender.read(nxt)) if nxt else None
-            await pace(pacer, lease.length)
-            yield PieceHeader(lease.file, lease.block, lease.offset, lease.length,
-                              digest).pack(version)
-            yield data
-            sender.delivered(lease)
-            delivered.append(lease)
-            if on_block is not None:
-                on_block(lease.length)
-            lease, fut, nxt, nfut = nxt, nfut, None, None
+        while fut is not None:
+            got = await fut
+            leases, bundle = unit
+            nxt, nfut = take_unit(sender, path, bundles) \
+                if governor is None or governor.admit(path) else no_unit()
+            frames = unit_frame(leases, bundle, got, version, holes)
+            split = 0  # bytes reported part by part (a paced unit larger than a part)
+            for cost, buf in wire_parts(frames.buffers, frames.payload, pacer):
+                if cost:  # a hole costs a header, not a share of the rate
+                    await pace(pacer, cost)
+                yield buf
+                if on_block is not None and cost and cost < frames.payload:
+                    split += cost
+                    on_block(cost)  # progress per part on a paced stream
+            for lease, hole in zip(leases, frames.holes, strict=True):
+                sender.delivered(lease, hole=hole)
+            delivered.extend(leases)
+            if on_block is not None and not split:
+                on_block(frames.payload)
+            unit, fut, nfut = nxt, nfut, None
+            if fut is None and governor is not None:  # parked: wait for a turn
+                unit, fut = await next_unit()
     finally:
+        if governor is not None:
+            governor.leave(path)
         # The body was cut short: the read-ahead never left; the path's failure gives
         # its leases back (drop_path), and the receiver's report tells what arrived.
         for f in (fut, nfut):
             if f is not None and not f.done():
                 f.cancel()
+            elif f is not None and not f.cancelled():
+                f.exception()  # retrieved: a read that failed as the stream was cut is no news
 
 
 async def upload_stream(
@@ -121,32 +177,42 @@ async def upload_stream(
     on_block: Activity | None = None,
     version: int = 2,
     pacer: Pacer | None = None,
+    governor: StreamGovernor | None = None,
+    holes: bool = False,
+    bundles: bool = False,
 ) -> dict[str, Any]:
     """One upload stream of path ``path``: PUT a chunked body of frames (``version`` 2, or 1
     for a daemon that does not read version 2) until nothing is left to lease, each
-    piece after the session's ``pacer`` lets it go (``--target-rate``).
+    piece after the session's ``pacer`` lets it go (``--target-rate``); ``holes``: blocks
+    in holes of their file go as hole frames (a daemon offering the ``holes`` feature);
+    one-block files go in bundle frames when ``bundles`` (a daemon that announced them).
 
     The daemon answers once it holds every block of the body: those leases are then
     acknowledged (``ack_lease``). Raises ``ConnectError`` when no connection could be
     made, ``ConnectionLost`` when it broke, ``RemoteError`` (with the daemon's status
-    and ``Retry-After``) for an error answer."""
+    and ``Retry-After``) for an error answer. ``governor`` (policies ``fair``, ``low``):
+    which of the session's streams send and how fast, from their sockets' ``TCP_INFO``
+    (the session's ``http`` must use a ``StreamConnector`` for it to see them)."""
     delivered: list[Lease] = []
     hdrs = {**headers, "Content-Type": CONTENT_TYPE}
+    slot: list[SockLike | None] = []
+    token = _STREAM_SOCKET.set(slot)
+    body = _frames(sender, path, delivered, on_block, version, pacer, governor, slot, holes,
+                   bundles)
     try:
-        async with http.put(url, data=_frames(sender, path, delivered, on_block, version, pacer),
-                            headers=hdrs, ssl=ssl, allow_redirects=False) as resp:
-            refuse_redirect(resp, _origin(url))
-            if resp.status != 200:
-                raise remote_error(resp, await read_error(resp))
-            try:
-                result: dict[str, Any] = json.loads(await read_bounded(resp, MAX_STREAM_ANSWER))
-            except ValueError:
-                raise ProtocolError(f"{_origin(url)}: the answer to an upload stream is not "
-                                    "JSON") from None
-    except TransportError:
-        raise
-    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-        raise lost("upload stream", exc) from exc
+        with map_exceptions(AIOHTTP_ERRORS, "upload stream lost", describe):
+            async with http.put(url, data=body, headers=hdrs, ssl=ssl,
+                                allow_redirects=False) as resp:
+                refuse_redirect(resp, _origin(url))
+                if resp.status != 200:
+                    raise remote_error(resp, await read_error(resp))
+                try:
+                    result: dict[str, Any] = json.loads(await read_bounded(resp, MAX_STREAM_ANSWER))
+                except ValueError:
+                    raise ProtocolError(f"{_origin(url)}: the answer to an upload stream is not "
+                                        "JSON") from None
+    finally:
+        _STREAM_SOCKET.reset(token)
     for lease in delivered:
         sender.ack_lease(lease)
     return result
@@ -165,32 +231,30 @@ async def download_stream(
     """One download stream: GET frames until the daemon has nothing left to lease; with a
     ``pacer``, read no faster than it allows (for a daemon that does not pace itself).
     Errors as ``upload_stream``."""
-    try:
+    with map_exceptions(AIOHTTP_ERRORS, "download stream lost", describe):
         async with http.get(url, headers=headers, ssl=ssl, allow_redirects=False) as resp:
             refuse_redirect(resp, _origin(url))
             if resp.status != 200:
                 raise remote_error(resp, await read_error(resp))
             return await receive_blocks(resp.content, sink, on_block=on_block, pacer=pacer)
-    except TransportError:
-        raise
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise lost("download stream", exc) from exc
 
 
-def lost(what: str, exc: BaseException) -> ConnectionLost:
-    """The error for a request that failed below HTTP: ``ConnectError`` when no connection
-    was made (nothing was sent), ``ConnectionLost`` otherwise."""
-    if isinstance(exc, aiohttp.ClientConnectorError) \
-            and not isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return ConnectError(f"{what} lost: {describe(exc)}")
-    return ConnectionLost(f"{what} lost: {describe(exc)}")
+AIOHTTP_ERRORS: ExceptionMapping = {
+    aiohttp.ClientConnectorCertificateError: ConnectionLost,
+    aiohttp.ClientConnectorError: ConnectError,
+    (TimeoutError, aiohttp.ClientError, OSError, ValueError): ConnectionLost,
+}
+"""How a request that failed below HTTP is reported (first match wins): ``ConnectError``
+when no connection was made (nothing was sent; a certificate refusal is not that: the
+handshake ran), ``ConnectionLost`` otherwise. ``ValueError`` is aiohttp's for a URL or
+body it cannot use (``InvalidURL`` is one)."""
 
 
 def remote_error(resp: aiohttp.ClientResponse, body: bytes) -> RemoteError:
     """A daemon's error answer, with its status and ``Retry-After`` (seconds) if any."""
     retry = resp.headers.get("Retry-After", "")
     after = float(retry) if retry.isascii() and retry.isdigit() and len(retry) < 8 else None
-    return RemoteError(error_text(body, resp.status), status=resp.status, retry_after=after)
+    return RemoteError(error_text(body, resp.status), peer_status=resp.status, retry_after=after)
 
 
 def _origin(url: str) -> str:

@@ -31,15 +31,19 @@ from transport.udp.connection import UdpConnection
 from transport.udp.events import Address, Closed, Event
 from transport.udp.sockopt import (
     GRO_CMSG_SPACE,
+    TS_CMSG_SPACE,
     SocketFeatures,
     configure,
     gro_segment,
     gso_cmsg,
     log,
+    rx_timestamp,
 )
 
 Handler = Callable[[UdpConnection, Event], None]
 MAX_READS = 64            # recv calls per wake before the loop gets a turn
+READ_HOLD = 0.001         # seconds the reader rests after a wake that read a trickle
+TRICKLE = 8               # ... of fewer datagrams than this, one of them DATA-sized
 _CID = struct.Struct("!Q")
 _RECV_BUFFER = 1 << 16    # one datagram or one GRO batch (64 KiB)
 
@@ -67,9 +71,14 @@ class UdpEndpoint:
         self._paused = False
         self.unknown_cid = 0
         self.send_errors = 0
+        self.last_send_error: str | None = None  # the newest send error's text, for a diagnosis
+        self.refused = 0  # ICMP port unreachable seen (when the owner set IP_RECVERR)
         self.recv_calls = 0
         self.send_calls = 0
         self.blocked_sends = 0
+        self._wall_offset: float | None = None  # CLOCK_REALTIME - clock (receive stamps)
+        self._hold: asyncio.TimerHandle | None = None
+        self.read_hold = READ_HOLD
         fd = sock.fileno()
         loop.add_reader(fd, self._on_readable)
 
@@ -117,12 +126,13 @@ class UdpEndpoint:
         kernel buffer, their one-way delay grows and delay-based senders slow down."""
         if not self._closed and not self._paused:
             self._paused = True
-            self.loop.remove_reader(self.sock.fileno())
+            self.loop.remove_reader(self.sock.fileno())  # (no-op during a rest)
 
     def resume_reading(self) -> None:
         if not self._closed and self._paused:
             self._paused = False
-            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            if self._hold is None:  # a rest in progress adds the reader when it ends
+                self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def close(self) -> None:
         """Stop serving (no CLOSE is sent: close connections first for that)."""
@@ -131,6 +141,9 @@ class UdpEndpoint:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
         if not self._paused:
             self.loop.remove_reader(self.sock.fileno())
         if self._writing:
@@ -142,29 +155,62 @@ class UdpEndpoint:
     def _on_readable(self) -> None:
         sock, mv, conns, clock = self.sock, self._mv, self._conns, self.clock
         gro = self._gro
+        stamps = self.features.rx_timestamps
+        anc_space = (GRO_CMSG_SPACE if gro else 0) + (TS_CMSG_SPACE if stamps else 0)
+        wall = time.time
         touched: dict[int, UdpConnection] = {}
         unpack_cid = _CID.unpack_from
+        rx: float | None = None
+        self._hold = None
+        reads = 0
+        big = 0
         for _ in range(MAX_READS):
             try:
-                if gro:
-                    n, anc, _flags, addr = sock.recvmsg_into([mv], GRO_CMSG_SPACE)
-                    seg = gro_segment(anc, n) if anc else n
+                if anc_space:
+                    n, anc, _flags, addr = sock.recvmsg_into([mv], anc_space)
+                    seg = gro_segment(anc, n) if gro and anc else n
                 else:
                     n, addr = sock.recvfrom_into(mv)
                     seg = n
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:  # e.g. ICMP port unreachable reported on the socket
+            except ConnectionRefusedError:  # ICMP port unreachable (IP_RECVERR set)
+                self.refused += 1
+                self.send_errors += 1
+                continue
+            except OSError:  # other ICMP errors reported on the socket
                 self.send_errors += 1
                 continue
             self.recv_calls += 1
+            reads += n // seg if seg and n > seg else 1  # datagrams (GRO: segments)
+            if seg >= 1000:
+                big += 1
             now = clock()
+            if stamps:
+                # The kernel's receive time (CLOCK_REALTIME) on our clock: minus the
+                # offset between the two clocks, measured only from a read of both
+                # that nothing interrupted (bracketed by ``clock()`` within 100 us).
+                # A preemption between ``now`` and ``wall()`` put the datagram
+                # milliseconds early; one such too-low one-way delay stood as the base
+                # for a minute and read as a standing queue (bench/README.md).
+                ts = rx_timestamp(anc) if anc else None
+                if ts is None:
+                    rx = None
+                else:
+                    w = wall()
+                    after = clock()
+                    if after - now < 1e-4:
+                        self._wall_offset = w - (now + after) / 2
+                    off = self._wall_offset
+                    rx = min(now, ts - off) if off is not None else None
             if len(touched) and (n > seg or self.recv_calls & 15 == 0):
                 # Service between reads too, so FEEDBACK leaves on time under a flood
                 # (a wake may read up to MAX_READS x 64 KiB) and events stay small.
                 for conn in touched.values():
                     self._service(conn, now)
                 touched.clear()
+            if not n:  # an empty datagram is a stranger's too: counted like the rest
+                self.unknown_cid += 1
             off = 0
             while off < n:
                 end = min(off + seg, n)
@@ -173,7 +219,7 @@ class UdpEndpoint:
                     entry = conns.get(cid)
                     if entry is not None:
                         conn = entry[0]
-                        conn.receive_datagram(mv[off:end], addr, now)
+                        conn.receive_datagram(mv[off:end], addr, now, rx)
                         touched[cid] = conn
                     else:
                         self.unknown_cid += 1
@@ -184,6 +230,23 @@ class UdpEndpoint:
         for conn in touched.values():
             self._service(conn, now)
         self._arm_timer()
+        if big and reads < TRICKLE and self.read_hold > 0 and not self._paused \
+                and not self._closed:
+            # Data arriving one datagram per wake (a WAN link's paced trickle; no GRO
+            # across a router) costs a wake, a service pass and a timer per datagram:
+            # 45 CPU s/GB on the emulated 100 Mbit/s link against 4 on loopback. Rest
+            # the reader for READ_HOLD so the next wake finds a batch. The one-way
+            # delay is measured to the kernel's receive stamp, so the rest is not
+            # read as queueing; FEEDBACK leaves at most READ_HOLD later.
+            self.loop.remove_reader(self.sock.fileno())
+            self._hold = self.loop.call_later(self.read_hold, self._end_hold)
+
+    def _end_hold(self) -> None:
+        self._hold = None
+        if self._closed or self._paused:
+            return
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._on_readable()
 
     # -- sending and timers ---------------------------------------------------------------
     def _dispatch(self, conn: UdpConnection) -> bool:
@@ -217,7 +280,10 @@ class UdpEndpoint:
         if self._pending:
             return False
         sent = False
-        while (batch := conn.build_batch(now)) is not None:
+        clock = self.clock
+        # A fresh clock per batch: DATA is stamped as late as possible (the one-way
+        # delay must not include the time this loop spent sealing earlier batches).
+        while (batch := conn.build_batch(clock())) is not None:
             view, seg, count, addr = batch
             done = self._transmit(view, seg, count, addr)
             if done < count:  # socket full: keep the rest (a copy: the view is reused)
@@ -245,6 +311,7 @@ class UdpEndpoint:
             except OSError as exc:
                 if exc.errno not in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
                     self.send_errors += 1
+                    self.last_send_error = exc.strerror or str(exc)
                     return count
                 self._gso = False  # e.g. EIO: no checksum offload on this route
                 log.warning("UDP GSO send failed (%s); sending datagrams one by one", exc)
@@ -254,8 +321,11 @@ class UdpEndpoint:
                 self.send_calls += 1
             except (BlockingIOError, InterruptedError):
                 return i
-            except OSError:
+            except OSError as exc:
                 self.send_errors += 1
+                self.last_send_error = exc.strerror or str(exc)
+                if isinstance(exc, ConnectionRefusedError):
+                    self.refused += 1
         return count
 
     def _want_write(self) -> None:

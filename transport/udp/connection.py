@@ -59,11 +59,12 @@ from transport.udp.events import (
     Stats,
     UdpConfig,
 )
+from transport.udp.rate import RatePolicer
 from transport.udp.sending import SendHalf
 
 _MAX_AHEAD = 1 << 24          # a packet number this far past the highest seen is forged
 _DROP_KINDS = ("short", "magic", "cid", "type", "replay", "ahead", "auth", "malformed",
-               "closed")
+               "closed", "policed")
 _PH = PIECE_HEADER.size
 _I32 = 1 << 31
 
@@ -94,12 +95,18 @@ class UdpConnection(SendHalf):
         self._owd_min = _I32
         self._owd_max = -_I32
         self._owd_count = 0
+        self._owd_time = now       # receive time of the datagram in hand, for its delay
         # both
+        self._authenticated = 0    # datagrams of any type that passed the AEAD and replay checks
         self._last_heard = now
         self._silent = False
         self._silent_since = now
         self.drops = dict.fromkeys(_DROP_KINDS, 0)
         self._validating: dict[int, tuple[Address, float]] = {}  # token -> (address, sent)
+        cap = config.receive_cap
+        self.policer = None if cap is None else RatePolicer(
+            cap / 8 * (1.0 + config.receive_cap_margin),
+            max(cap / 8 * config.receive_cap_burst, 16.0 * config.datagram_size))
 
     # == owner API: sending ===============================================================
     @property
@@ -127,11 +134,28 @@ class UdpConnection(SendHalf):
         for c in self._queue:
             lost.append((c.file, c.block, c.offset + c.pos, len(c.view) - c.pos))
         self._queue.clear()
+        self._front = 0
         self._queued = 0
         self._closed = Closed(code, reason, error, by_peer)
         self._events.append(self._closed)
 
+    @property
+    def last_heard(self) -> float:
+        """When the last authenticated datagram arrived (the owner's clock)."""
+        return self._last_heard
+
     # == owner API: events, timers ========================================================
+    @property
+    def highest_received(self) -> int:
+        """The highest packet number authenticated so far (-1: none): beside
+        ``authenticated``, the receiver's view of the loss (gaps)."""
+        return int(self._replay.highest)
+
+    @property
+    def authenticated(self) -> int:
+        """Datagrams of any type received that passed authentication and the replay check."""
+        return self._authenticated
+
     def next_event(self) -> Event | None:
         if self._received:
             pieces, self._received = self._received, []
@@ -207,8 +231,15 @@ class UdpConnection(SendHalf):
 
     # == receiving ========================================================================
     def receive_datagram(self, data: bytes | bytearray | memoryview, addr: Address,
-                         now: float) -> None:
+                         now: float, rx_time: float | None = None) -> None:
         """Process one datagram. Never raises for its content: drops are counted.
+
+        ``rx_time``: when the datagram reached this host (the kernel's receive
+        timestamp, ``SO_TIMESTAMPNS``, on the owner's clock), if known. One-way delay is
+        measured to it rather than to ``now``, so the time the datagram waited for this
+        process (event-loop lag, a descheduled process on a busy host) does not read as
+        network queueing; lag beyond ``UdpConfig.host_lag_allowance`` still counts,
+        so a receiver that cannot keep up slows a delay-based sender down.
 
         Checks before the AEAD, cheapest first: length, magic and version, connection
         id, type and flags, then the replay window and the packet number's distance
@@ -253,6 +284,11 @@ class UdpConnection(SendHalf):
             if self.peer != addr:
                 self._new_address(addr, n, now)
         self._last_heard = now
+        self._authenticated += 1
+        if rx_time is not None and rx_time < now:
+            self._owd_time = max(rx_time, now - self.config.host_lag_allowance)
+        else:
+            self._owd_time = now
         if self._silent:
             self._silent = False
             self._events.append(PathResumed(now - self._silent_since))
@@ -261,6 +297,9 @@ class UdpConnection(SendHalf):
                 self._on_control(type_, body, pn, now, addr)
             except ProtocolError:
                 self.drops["malformed"] += 1
+            return
+        if self.policer is not None and not self.policer.admit(n, now):
+            self.drops["policed"] += 1  # over the receiver's cap: not received, not acked
             return
         # DATA, inlined: one piece filling the body is the common case.
         end = len(body)
@@ -285,7 +324,7 @@ class UdpConnection(SendHalf):
             acks.add(pn, now)
         if pn - fdelta > acks.low:
             acks.raise_low(pn - fdelta)
-        now_us = int(now * 1e6)
+        now_us = int(self._owd_time * 1e6)
         ref = self._owd_ref
         if ref < 0:
             ref = self._owd_ref = (now_us - ts) & U32
@@ -337,7 +376,7 @@ class UdpConnection(SendHalf):
         floor = pn - fdelta
         if floor > acks.low:
             acks.raise_low(floor)
-        now_us = int(now * 1e6)
+        now_us = int(self._owd_time * 1e6)
         ref = self._owd_ref
         if ref < 0:
             ref = self._owd_ref = (now_us - ts) & U32

@@ -39,6 +39,17 @@ class UdpConfig:
     piece bytes queued but not yet sent (the owner reads ahead at most that much).
     Feedback goes back after ``ack_every`` DATA datagrams or ``max_ack_delay`` seconds
     after the first unreported one, whichever comes first, and at once for KEEPALIVE.
+    ``host_lag_allowance`` (s): how much of the time a datagram waited for the
+    receiving process (kernel receive timestamp to processing) is left out of its
+    one-way delay; waits beyond it count as queueing (a receiver that falls behind).
+    25 ms covers a descheduled process on a busy host (CFS's default latency target is
+    24 ms with 8+ runnable tasks) and is small next to the 1-3 s of datagrams a 32 MiB
+    receive buffer holds at 100-300 MB/s.
+    ``receive_cap`` (bits/s of DATA datagram bytes, None: none): what this end accepts
+    from its peer (``rate.RatePolicer``); beyond ``receive_cap * (1 + receive_cap_margin)``
+    after a burst of ``receive_cap_burst`` seconds of it, DATA datagrams are dropped
+    unacknowledged (``drops["policed"]``). A daemon sets it from the server's flow cap on
+    an upload, so a client that ignores the flow it was answered gets no more than that.
     """
 
     datagram_size: int = DEFAULT_DATAGRAM
@@ -51,6 +62,10 @@ class UdpConfig:
     replay_window: int = 4096
     burst_time: float = 0.002
     max_tracked_ranges: int = 8192
+    host_lag_allowance: float = 0.025
+    receive_cap: float | None = None
+    receive_cap_margin: float = 0.10
+    receive_cap_burst: float = 0.100
 
     def __post_init__(self) -> None:
         check_datagram_size(self.datagram_size)
@@ -58,6 +73,11 @@ class UdpConfig:
             raise ValueError("max_queue_bytes smaller than one datagram")
         if self.ack_every < 1 or self.max_ack_delay <= 0 or self.silent_after <= 0:
             raise ValueError("ack_every, max_ack_delay and silent_after must be positive")
+        if self.receive_cap is not None and (self.receive_cap <= 0 or self.receive_cap_margin < 0
+                                             or self.receive_cap_burst <= 0):
+            raise ValueError("receive_cap, its margin and burst must be positive")
+        if not 0 <= self.host_lag_allowance <= 1.0:
+            raise ValueError("host_lag_allowance: 0 to 1 s")
         if self.replay_window < 64 or self.replay_window & (self.replay_window - 1):
             raise ValueError("replay_window: a power of two, at least 64 packets")
 

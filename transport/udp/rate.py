@@ -18,10 +18,13 @@ names map to controllers (``controller_for``):
   loop alone, without TCP's self-clocking window, oscillated between an empty and a
   full queue in the simulator). Start-up doubles per RTT (TCP slow start, BBR's
   STARTUP) until queueing delay appears; while the queue is empty (link not full) the
-  target is 25 % above the delivered rate (BBR's probing gain) instead of FAST's slow
-  additive term; every ``DRAIN_INTERVAL`` seconds without an empty queue the flow
+  target is 25 % above the best delivered rate of the recent window (BBR's probing
+  gain over its max-filtered bottleneck bandwidth) instead of FAST's slow additive
+  term, and the rate is not cut (the path carried all of it: a shortfall in delivery is
+  the sending host's, e.g. late event-loop wake-ups); every ``DRAIN_INTERVAL`` seconds without an empty queue the flow
   sends at a quarter rate for one RTT so a latecomer re-measures its base delay (the
-  latecomer advantage, RFC 6817 section 4.4; BBR's PROBE_RTT does the same).* ``high`` -> ``DelayRate`` (weight 2): ``alpha`` doubled, so about twice a fair flow.
+  latecomer advantage, RFC 6817 section 4.4; BBR's PROBE_RTT does the same).
+* ``high`` -> ``DelayRate`` (weight 2): ``alpha`` doubled, so about twice a fair flow.
 * ``low`` -> ``LedbatRate``: LEDBAT (RFC 6817) in rate form: a small delay target
   (default 2 ms, below the queue a fair flow keeps), linear-in-off-target growth and
   decrease, so it uses spare capacity only and yields to ``fair``/``fixed``/TCP flows.
@@ -35,6 +38,14 @@ section 4.1's base-delay history, shortened to bound clock-skew drift); the curr
 delay is the minimum of the last 4 interval minima (RFC 6817 ``CURRENT_FILTER``) and
 of every sample of the last 10 ms. Control steps use an RTT of at least ``MIN_TAU``
 (10 ms): on loopback (0.1 ms) the raw law swung the rate tenfold on scheduling noise.
+
+Host noise. On a loaded host the delay signal and the sending both suffer from the
+event loops' late wake-ups; three guards keep that from throttling the flow: the
+receiver measures one-way delay to the kernel's receive timestamp (``UdpConnection.
+receive_datagram``'s ``rx_time``, up to ``host_lag_allowance``), the empty-queue probe
+steers by the windowed best delivery and never cuts, and the ``Pacer`` keeps the tokens
+of a late wake-up. Without them a loaded 2-vCPU loopback moved 11-23 MB/s where the
+same load let a ``fixed`` flow move 44-131 MB/s (bench/README.md).
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ from typing import ClassVar
 
 __all__ = ["RateConfig", "RateSample", "RateController", "FixedRate", "DelayRate",
            "LedbatRate", "RenoRate", "CONTROLLERS", "POLICIES", "controller_for", "Pacer",
-           "DelayTracker", "DeliveryTracker"]
+           "DelayTracker", "DeliveryTracker", "RatePolicer"]
 
 MIN_TAU = 0.010          # control interval floor (s): loopback RTTs are too short to steer by
 Q_DETECT = 0.0005        # queueing delay (s) below which the link is taken as not full
@@ -223,7 +234,15 @@ class DelayRate(RateController):
             base = max(base, MIN_TAU)
             target = (d * base + self.alpha) / (base + q)
             if q < Q_DETECT:
-                target = max(target, 1.25 * d)
+                # No queue: the path carried all we sent, so a delivered rate below
+                # ours says the *sender* fell short (a loaded host's late wake-ups
+                # leave pacer tokens unspent), not the path. Probing from ``d`` alone
+                # then ratchets down: with d = e * rate and e < 0.8 the rate sinks to
+                # alpha / (MIN_TAU * (1 - e)), 20 MB/s on loopback at load 10. Probe
+                # from the best delivery of the recent window (BBR's BtlBw max
+                # filter) and do not cut on an empty queue, within 2 x that best.
+                dmax = max(d, s.delivery_max / (1.0 - min(s.loss_rate, 0.5)))
+                target = max(target, 1.25 * dmax, min(r, 2.0 * dmax))
             if target > r and s.app_limited:
                 target = r
             r += step * self.config.gamma * (target - r)
@@ -317,28 +336,43 @@ class DelayTracker:
     current delay (minimum of the last ``CURRENT_FILTER`` samples, and of all samples
     of the last ``CURRENT_WINDOW`` seconds: a scheduler's hiccup on a busy host lasts
     a few milliseconds and must not read as a queue) minus the base.
+
+    A bucket's base is its *second* lowest sample (its only one while it has one): a
+    single sample too low (a receive timestamp read across a preemption, bench/README.md
+    "UDP over the emulated links") would otherwise stand as the base for a minute and
+    every later sample read as milliseconds of queue, which FAST's law (``d * q =
+    alpha``) turns into a rate cut: 2-12 ms of such offset held a 100 Mbit/s path at
+    15-50 Mbit/s. A real drop of the path's delay shows in every sample after it.
     """
 
     __slots__ = ("_buckets", "_bucket_start", "_current")
 
     def __init__(self) -> None:
-        self._buckets: deque[int] = deque()
+        self._buckets: deque[list[int]] = deque()  # [lowest, second lowest, samples]
         self._bucket_start = -1.0
         self._current: deque[tuple[float, int]] = deque()
 
     def update(self, now: float, owd_us: int) -> float:
         if self._bucket_start < 0 or now - self._bucket_start >= BASE_BUCKET:
-            self._buckets.append(owd_us)
+            self._buckets.append([owd_us, owd_us, 1])
             self._bucket_start = now
             while len(self._buckets) > BASE_HISTORY:
                 self._buckets.popleft()
-        elif owd_us < self._buckets[-1]:
-            self._buckets[-1] = owd_us
+        else:
+            b = self._buckets[-1]
+            if b[2] == 1:
+                b[0], b[1] = min(b[0], owd_us), max(b[0], owd_us)
+            elif owd_us < b[0]:
+                b[0], b[1] = owd_us, b[0]
+            elif owd_us < b[1]:
+                b[1] = owd_us
+            b[2] += 1
         cur = self._current
         cur.append((now, owd_us))
         while len(cur) > CURRENT_FILTER and now - cur[0][0] > CURRENT_WINDOW:
             cur.popleft()
-        return max(0, min(d for _, d in cur) - min(self._buckets)) / 1e6
+        base = min(b[1] for b in self._buckets)
+        return max(0, min(d for _, d in cur) - base) / 1e6
 
     def reset_current(self) -> None:
         self._current.clear()
@@ -395,25 +429,80 @@ class Pacer:
     The burst is ``max(4 datagrams, rate x burst_time)``: 2 ms of sending by default,
     small next to a bottleneck queue of about one BDP, and long enough for a 1 ms
     event-loop timer to keep the rate.
+
+    A late wake-up is not idleness: when the owner was waiting for tokens
+    (``next_time`` named the time) and woke ``late`` seconds after it, the tokens of
+    that lateness are kept, up to ``max_late`` seconds of sending (10 ms). On a loaded
+    host the event loop wakes milliseconds late; a 2 ms bucket then threw away more
+    tokens than it spent (160 MB of tokens for 128 MiB sent on loopback at load 9) and
+    the delivered rate fell to a third of the rate asked. 10 ms at the rate is the
+    queue a ``fair`` flow keeps anyway at 100 Mbit/s with two flows; idle time (no
+    ``next_time`` pending) still banks only ``burst_time``.
     """
 
-    __slots__ = ("tokens", "last", "burst_time", "min_burst")
+    __slots__ = ("tokens", "last", "burst_time", "min_burst", "max_late", "due")
 
-    def __init__(self, datagram_size: int, burst_time: float = 0.002) -> None:
+    def __init__(self, datagram_size: int, burst_time: float = 0.002,
+                 max_late: float = 0.010) -> None:
         self.tokens = 4.0 * datagram_size
         self.last = -1.0
         self.burst_time = burst_time
         self.min_burst = 4.0 * datagram_size
+        self.max_late = max_late
+        self.due = -1.0
 
     def refill(self, now: float, rate: float) -> float:
         """Add tokens for the time since the last refill; returns the tokens available."""
         if self.last >= 0:
             cap = max(self.min_burst, rate * self.burst_time)
-            self.tokens = min(cap, self.tokens + rate * max(0.0, now - self.last))
+            late = now - self.due if self.due >= 0 else 0.0
+            if late > 0:
+                cap = max(cap, min(cap + rate * late, rate * self.max_late))
+            # Tokens granted for lateness are kept until spent (at most ``max_late``
+            # of sending at the current rate); idle time only adds up to ``cap``.
+            added = min(cap, self.tokens + rate * max(0.0, now - self.last))
+            self.tokens = max(added, min(self.tokens, rate * self.max_late))
         self.last = now
+        self.due = -1.0
         return self.tokens
 
     def next_time(self, size: int, rate: float) -> float:
-        """When ``size`` bytes of tokens will be there (the last refill time if already)."""
+        """When ``size`` bytes of tokens will be there (the last refill time if already);
+        the owner is taken to wake then (a later wake keeps the tokens of its delay)."""
         need = size - 1.0 - self.tokens  # one byte of slack against float rounding
-        return self.last if need <= 0 else self.last + max(need / rate, 1e-6)
+        self.due = self.last if need <= 0 else self.last + max(need / rate, 1e-6)
+        return self.due
+
+
+class RatePolicer:
+    """The receiving end's cap on what it accepts (a token bucket on DATA datagram bytes).
+
+    A server's ``<bandwidth><flow>`` target rate binds a sender that honours the flow the
+    daemon answered; a sender that ignores it is held by its receiver: datagrams beyond
+    ``rate`` (bytes/s, the cap plus a margin) after a ``burst`` of bytes are dropped
+    unacknowledged, so its goodput stays near the cap whatever it sends (the dropped
+    pieces read as lost and are sent again, at the cheater's cost). Like an ISP's
+    policer (RFC 2697's single-rate meter, committed burst only).
+    """
+
+    __slots__ = ("rate", "burst", "tokens", "last", "dropped")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ValueError("policer rate and burst must be positive")
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last = -1.0
+        self.dropped = 0
+
+    def admit(self, size: int, now: float) -> bool:
+        """Take ``size`` bytes at ``now``; False (and counted) when over the cap."""
+        if self.last >= 0 and now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = max(self.last, now)
+        if self.tokens >= size:
+            self.tokens -= size
+            return True
+        self.dropped += size
+        return False
