@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,3 +91,67 @@ def test_parts_are_hashed_on_arrival_and_written_in_place(tmp_path: Path, chunk:
     assert stats["readback"] == 0, stats  # every block hashed as its pieces arrived
     assert stats["inline"] == SIZE
     assert stats["pieces"] > len(blocks), stats  # not joined into one piece per block
+
+
+class _SecondJobLate(ThreadPoolExecutor):
+    """Four workers; the second job submitted sleeps first, as a busy machine's thread might."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.jobs = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.jobs += 1
+        if self.jobs != 2:
+            return super().submit(fn, *args, **kwargs)
+
+        def late():  # type: ignore[no-untyped-def]
+            time.sleep(0.3)
+            return fn(*args, **kwargs)
+        return super().submit(late)
+
+
+def test_a_streams_pieces_reach_the_assembler_in_the_order_sent(tmp_path: Path) -> None:
+    """Before: a stream's worker jobs could overtake each other. A block of two parts (two
+    jobs) followed by a late duplicate of it: the duplicate's job ran while the block's
+    last part was still queued, overlapped it as an open block, and was never counted
+    (``duplicates=0`` in the daemon's log, one CI run in six under load)."""
+    data = os.urandom(2 * BS + 999)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    entry = entry_for(src, "dst.bin", 2 * BS)
+    b0, b1 = data[:2 * BS], data[2 * BS:]
+    frames = [PieceHeader(0, 0, 0, len(b0), block_digest(b0)).pack() + b0,  # two jobs
+              PieceHeader(0, 0, 0, len(b0), block_digest(b0)).pack() + b0,  # late duplicate
+              PieceHeader(0, 1, 0, len(b1), block_digest(b1)).pack() + b1]
+    target = tmp_path / "dst.bin"
+
+    async def main() -> tuple[int, int]:
+        with _SecondJobLate() as pool:
+            rec = FileReceiver(target, entry, fsync=False)
+            sink = BlockSink({0: rec}, pool)
+
+            async def handler(request: web.Request) -> web.Response:
+                return web.json_response({"frames": await receive_blocks(request.content, sink)})
+
+            app = web.Application()
+            app.router.add_put("/blocks", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            try:
+                async with aiohttp.ClientSession() as http, \
+                        http.put(f"http://127.0.0.1:{port}/blocks", data=b"".join(frames)) as resp:
+                    assert resp.status == 200 and (await resp.json())["frames"] == 3
+            finally:
+                await runner.cleanup()
+            await sink.flush()
+            root = file_digest(2 * BS, len(data), (block_digest(b0), block_digest(b1)))
+            assert rec.commit(root) == root
+            assert pool.jobs >= 4  # the first block did go in two jobs
+            return sink.duplicates, sink.failed
+
+    assert asyncio.run(main()) == (1, 0)
+    assert target.read_bytes() == data
