@@ -253,17 +253,27 @@ def parse_open(d: dict[str, Any]) -> OpenUpload | OpenDownload:
 # -- POST /session/{id}/plan -------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class PlanItem:
-    """``{file, action: skip|fresh|resume, entry?}``: ``entry`` is the final manifest entry
-    (an envelope's header is only known once the sender has seen the target's state)."""
+    """``{file, action: skip|fresh|resume, entry?, rebase?, drop?}``: ``entry`` is the final
+    manifest entry (an envelope's header is only known once the sender has seen the
+    target's state). With ``resume``: ``rebase`` (the source's mtime moved on since the
+    partial was started; ``--resume full`` compared every kept block) and ``drop``, the
+    kept blocks whose source bytes changed, as ``[[start, stop], ...]`` (at most
+    ``MAX_RANGES``): the receiver forgets them and reports them missing."""
 
     file: int
     action: str
     entry: FileEntry | None = None
+    rebase: bool = False
+    drop: tuple[tuple[int, int], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"file": self.file, "action": self.action}
         if self.entry is not None:
             d["entry"] = self.entry.to_json()
+        if self.rebase:
+            d["rebase"] = True
+        if self.drop:
+            d["drop"] = [list(r) for r in self.drop]
         return d
 
     @classmethod
@@ -275,7 +285,20 @@ class PlanItem:
         if action not in PLAN_ACTIONS:
             raise ProtocolError(f"{w}: unknown action {action!r} (one of {', '.join(PLAN_ACTIONS)})")
         entry = FileEntry.from_json(d["entry"]) if d.get("entry") is not None else None
-        return cls(file, action, entry)
+        rebase = _bool(d, "rebase", w)
+        drop: list[tuple[int, int]] = []
+        for k2, item in enumerate(_list(d, "drop", w, MAX_RANGES, default=[])):
+            w2 = f"{w}: drop item {k2}"
+            if not isinstance(item, list) or len(item) != 2:
+                raise ProtocolError(f"{w2} must be [start, stop], not {_kind(item)}")
+            start, stop = (_check_int(x, f"{w2}: {n}") for x, n in zip(
+                item, ("start", "stop"), strict=True))
+            if start >= stop:
+                raise ProtocolError(f"{w2}: empty range [{start}, {stop})")
+            drop.append((start, stop))
+        if (rebase or drop) and action != "resume":
+            raise ProtocolError(f"{w}: rebase and drop go with action 'resume' only")
+        return cls(file, action, entry, rebase, tuple(drop))
 
 
 @dataclass(frozen=True, slots=True)

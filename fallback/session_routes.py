@@ -182,11 +182,14 @@ async def plan(request: web.Request) -> web.Response:
     st = state_of(request)
     actions: dict[int, str] = {}
     final: dict[int, FileEntry] = {}
+    kept: dict[int, control.PlanItem] = {}  # resumes that rebase or drop changed blocks
     for item in msg.files:  # all checked before the session changes
         opened = S.file_entry(session, item.file)
         if item.entry is not None:
             final[item.file] = _final_entry(opened, item.entry)
         actions[item.file] = item.action
+        if item.rebase or item.drop:
+            kept[item.file] = item
     S.begin_plan(session)
     session.streams += 1  # busy: opening 100,000 receivers must not look idle to a takeover
     try:
@@ -198,7 +201,7 @@ async def plan(request: web.Request) -> web.Response:
             refused = await run_io(request, S.refuse_existing, session, actions)
             for i in refused:
                 actions[i] = "skip"
-        missing = await S.open_receivers(st.table, session, actions)
+        missing = await S.open_receivers(st.table, session, actions, kept)
     except BaseException:
         session.planning = False  # nothing was opened: the client may plan again
         raise

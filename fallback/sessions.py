@@ -27,7 +27,7 @@ from typing import Any
 
 from fallback import answers as A
 from fallback.config import FlowConfig, UserConfig
-from fallback.control import Flow
+from fallback.control import Flow, PlanItem
 from fallback.errors import Busy
 from fallback.paths import confine, relpath_in
 from fallback.targets import prepare_targets
@@ -389,9 +389,12 @@ def refuse_existing(session: Session, actions: dict[int, str]) -> dict[int, str]
 
 # -- upload (the daemon receives) ---------------------------------------------------------------
 async def open_receivers(
-    table: SessionTable, session: Session, actions: dict[int, str]
+    table: SessionTable, session: Session, actions: dict[int, str],
+    kept: dict[int, PlanItem] | None = None,
 ) -> dict[int, RangeSet]:
-    """Create folders and open a receiver per file to transfer; returns missing blocks."""
+    """Create folders and open a receiver per file to transfer; returns missing blocks.
+    ``kept``: resumes whose partial is rebased (``FileReceiver(rebase=True)``) or loses
+    the blocks in ``drop`` (their source changed: sent again)."""
     loop = asyncio.get_running_loop()
     receivers: dict[int, FileReceiver] = {}
     inline: dict[int, InlineTarget] = {}
@@ -416,11 +419,12 @@ async def open_receivers(
                 inline[i] = InlineTarget(target, session.entries[i])
                 table.writers[target] = session
                 continue
+            item = (kept or {}).get(i)
             receivers[i] = await loop.run_in_executor(
                 session.executor,
-                functools.partial(FileReceiver, target, session.entries[i],
+                functools.partial(_receiver, target, session.entries[i],
                                   resume=action == "resume", fsync=session.fsync,
-                                  state=session.state),
+                                  state=session.state, item=item),
             )
             table.writers[target] = session
     except BaseException:
@@ -436,6 +440,24 @@ async def open_receivers(
     missing = {i: r.missing() for i, r in receivers.items()}
     missing.update((i, RangeSet([(0, 1)])) for i in inline)
     return missing
+
+
+def _receiver(target: Path, entry: FileEntry, *, resume: bool, fsync: bool, state: StateDir,
+              item: PlanItem | None) -> FileReceiver:
+    """Worker thread: open ``target``'s receiver; a resume ``item`` rebases the partial
+    and drops the kept blocks it names (only blocks held: a range names no more work
+    than the partial's journal holds, whatever its size)."""
+    rec = FileReceiver(target, entry, resume=resume, fsync=fsync, state=state,
+                       rebase=item is not None and item.rebase)
+    if item is not None and item.drop:
+        try:
+            drop = RangeSet()
+            drop.update(item.drop)
+            rec.drop_blocks([b for b in rec.have() if b in drop])
+        except BaseException:
+            rec.close()
+            raise
+    return rec
 
 
 async def _verify_in_background(session: Session) -> None:

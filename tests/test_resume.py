@@ -317,7 +317,8 @@ def test_resume_modes_on_an_unchanged_source(interrupted: Partial, tmp_path: Pat
 
 
 def test_changed_source_with_new_mtime_starts_over(interrupted: Partial, tmp_path: Path) -> None:
-    """Same size, new content and mtime: no mode resumes (the partial's identity differs)."""
+    """Same size, new content and mtime: attrs and sparse start over (the partial's identity
+    differs); full compares every kept block and, all of them changed, sends everything."""
     src = tmp_path / "big.bin"
     shutil.copy2(interrupted.pristine, src)
     rewrite_keeping_size(src, seed=8, mtime_ns=None)
@@ -367,7 +368,8 @@ def test_changed_source_with_forced_mtime_attrs_trusts_the_attributes(partial) -
 
 
 def test_full_checks_every_journaled_block_sparse_only_samples(partial, interrupted: Partial) -> None:  # type: ignore[no-untyped-def]
-    """One journaled block changed (size, mtime kept): full starts over; sparse may miss it."""
+    """One journaled block changed (size, mtime kept): full sends that block again and
+    keeps the others (before: the whole file again, as a trial saw); sparse may miss it."""
     d, src, target, have = partial
     samples = resume_samples(have, "sparse")
     assert len(samples) == 16 < len(have)
@@ -379,13 +381,84 @@ def test_full_checks_every_journaled_block_sparse_only_samples(partial, interrup
     os.utime(src, ns=(mtime, mtime))
 
     res = upload(d, src, "full")
-    assert (res["sent_bytes"], res["skipped_bytes"]) == (SIZE, 0)
+    kept = (len(have) - 1) * BS
+    assert (res["sent_bytes"], res["skipped_bytes"]) == (SIZE - kept, kept)
     assert sha256(target) == sha256(src)
+    assert res["verified"] == "full" and res["checksums"] == {"big.bin": digest_path(src, BS)}
 
     interrupted.restore()
     res = upload(d, src, "sparse")
     assert res["skipped_bytes"] == len(have) * BS  # the sample did not cover that block
     assert sha256(target) != sha256(src)
+
+
+def change_blocks(path: Path, blocks: list[int], mtime_ns: int | None) -> None:
+    """Write into each of ``blocks``; mtime forced to ``mtime_ns`` or moved on by 1 s."""
+    old = path.stat().st_mtime_ns
+    with open(path, "r+b") as f:
+        for b in blocks:
+            f.seek(b * BS + 1000)
+            f.write(os.urandom(64))
+    t = mtime_ns if mtime_ns is not None else old + 1_000_000_000
+    os.utime(path, ns=(t, t))
+
+
+def test_full_resume_of_an_edited_source_sends_only_the_changed_blocks(partial) -> None:  # type: ignore[no-untyped-def]
+    """The source was edited after the interruption (new mtime, two kept blocks changed,
+    one not received yet): ``full`` keeps the partial's other blocks and sends the
+    changed ones with the rest (before: the whole file again); attrs and sparse, which do
+    not compare every block, start over."""
+    d, src, target, have = partial
+    held = sorted(have)
+    missing_block = next(b for b in range(SIZE // BS) if b not in have)
+    change_blocks(src, [held[0], held[-1], missing_block], None)
+    res = upload(d, src, "full")
+    kept = (len(have) - 2) * BS
+    assert (res["sent_bytes"], res["skipped_bytes"]) == (SIZE - kept, kept)
+    assert sha256(target) == sha256(src)
+    assert res["verified"] == "full" and res["checksums"] == {"big.bin": digest_path(src, BS)}
+    assert target.stat().st_mtime_ns == src.stat().st_mtime_ns
+    assert leftovers(target.parent) == []
+
+
+def test_download_of_a_source_edited_between_runs_fetches_only_changed_blocks(
+        interrupted: Partial, big: Path, tmp_path: Path) -> None:
+    """The daemon's file gets a new mtime and two changed blocks after an interrupted
+    download: ``--resume full`` (the default) keeps the other kept blocks (before: the
+    whole file again; the partial's identity differed)."""
+    dfast = interrupted.daemon
+    served = dfast.docroots["alice"] / "edited.bin"
+    shutil.copy2(big, served)
+    target = tmp_path / "edited.bin"
+    proc = start_transfer(dfast, dfast.url("/edited.bin"), str(target), "--streams", "1")
+    wait_progress(proc, target, AT)
+    dfast.proc.send_signal(signal.SIGSTOP)
+    try:
+        have = wait_journal_stable(target)
+        kill(proc)
+    finally:
+        dfast.proc.send_signal(signal.SIGCONT)
+    assert len(have) >= 8
+    held = sorted(have)
+    change_blocks(served, [held[1], held[-2]], None)
+    rc, res, err = dfast.transfer(dfast.url("/edited.bin"), str(target), "--no-fsync")
+    kept = (len(have) - 2) * BS
+    assert (res["ok"], res["sent_bytes"], res["skipped_bytes"]) == (True, SIZE - kept, kept), err
+    assert res["checksums"] == {"edited.bin": digest_path(served, BS)}
+    assert sha256(target) == sha256(served)
+    assert leftovers(tmp_path) == []
+
+
+def test_only_a_partial_stored_as_it_is_may_be_rebased() -> None:
+    """Rebasing keeps blocks stored as they are only: an envelope's blocks re-encrypted
+    under the same header would reuse AES-GCM nonces with other plaintext."""
+    from transport.blocks.manifest import rebasable_identity
+    plain = [SIZE, 1, BS, "identity", ""]
+    assert rebasable_identity(plain, [SIZE, 2, BS, "identity", ""])
+    assert not rebasable_identity(plain, [SIZE + 1, 2, BS, "identity", ""])  # size
+    assert not rebasable_identity(plain, [SIZE, 2, 2 * BS, "identity", ""])  # layout
+    assert not rebasable_identity([SIZE, 1, BS, "envelope-v1", "ab"],
+                                  [SIZE, 2, BS, "envelope-v1", "ab"])
 
 
 def test_download_source_changed_between_runs_is_not_mixed(interrupted: Partial, big: Path,
@@ -439,3 +512,26 @@ def test_journal_without_its_partial_is_not_trusted(tmp_path: Path) -> None:
     source.close()
     assert sha256(target) == sha256(src)
     assert leftovers(target.parent) == []
+
+
+def test_resume_decisions_by_mode() -> None:
+    """``full`` drops what changed and keeps the rest; ``sparse`` and ``attrs`` start over
+    on any difference they see; a partial of another size is never rebased."""
+    from transport.blocks.manifest import FileEntry
+    from transport.blocks.plan import TargetState, resume_check, resume_decision
+    e = FileEntry("f", "file", size=4 * BS, mtime_ns=2, block_size=BS)
+    same = TargetState(exists=False, journal=e.identity(), have={0: b"a", 1: b"b"})
+    edited = TargetState(exists=False, journal=[4 * BS, 1, BS, "identity", ""],
+                         have={0: b"a", 1: b"b"})
+    fresh = {0: b"a", 1: b"X"}
+    for state, rebase in ((same, False), (edited, True)):
+        check = resume_check("full", e, state)
+        assert check is not None and (check.samples, check.rebase) == ([0, 1], rebase)
+        d = resume_decision("full", check, state, fresh)
+        assert (d.resume, d.stale, d.rebase) == (True, [1], rebase)
+        assert resume_decision("full", check, state, {0: b"Y", 1: b"X"}).resume is False
+    check = resume_check("sparse", e, same)
+    assert check is not None and resume_decision("sparse", check, same, fresh).resume is False
+    assert resume_check("sparse", e, edited) is None and resume_check("attrs", e, edited) is None
+    other = TargetState(exists=False, journal=[4 * BS + 1, 1, BS, "identity", ""], have={0: b"a"})
+    assert resume_check("full", e, other) is None and resume_check("none", e, same) is None

@@ -37,12 +37,12 @@ from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.blocks.manifest import FileEntry
 from transport.blocks.modes import dir_mode
 from transport.blocks.plan import (
+    ResumeDecision,
     TargetState,
     batches,
     overwrite_action,
-    resumable,
-    resume_ok,
-    resume_samples,
+    resume_check,
+    resume_decision,
 )
 from transport.blocks.receiver import FileReceiver, inspect_partial
 from transport.blocks.session import BlockSink
@@ -345,17 +345,20 @@ class DownloadSession(TransferSession):
             result.skipped_files[file] = "exists" if opts.overwrite != "diff" else "unchanged"
             progress.skip(entry.size, file)
             return
-        resume = False
+        decision = ResumeDecision(False)
         compared: set[int] = set()  # journaled blocks compared with the daemon's current bytes
-        if resumable(entry, state) and opts.resume != "none":
-            samples = resume_samples(state.have, opts.resume)
-            fresh = await self._source_digests(i, samples)
-            compared = set(samples)
-            resume = resume_ok(opts.resume, entry, state, fresh)
+        check = resume_check(opts.resume, entry, state)
+        if check is not None:
+            fresh = await self._source_digests(i, check.samples)
+            compared = set(check.samples)
+            decision = resume_decision(opts.resume, check, state, fresh)
         target.parent.mkdir(parents=True, exist_ok=True)
         rec = await self.io(lambda: FileReceiver(
-            target, entry, resume=resume, decode=transform, fsync=opts.fsync, state=statedir))
+            target, entry, resume=decision.resume, decode=transform, fsync=opts.fsync,
+            state=statedir, rebase=decision.rebase))
         receivers[i] = rec
+        if decision.stale:  # kept blocks whose source bytes changed: fetched again
+            await self.io(rec.drop_blocks, decision.stale)
         if rec.unverified:
             # Kept from an earlier run: the partial's bytes must still match the journal (read
             # back here, local), and the journal the daemon's current bytes (blocks the resume

@@ -37,9 +37,9 @@ from transport.blocks.manifest import FileEntry
 from transport.blocks.plan import (
     TargetState,
     overwrite_action,
-    resumable,
-    resume_ok,
-    resume_samples,
+    resume_check,
+    resume_decision,
+    to_ranges,
     trusted_blocks,
 )
 from transport.blocks.session import BlockSender
@@ -321,14 +321,17 @@ class UploadSession(TransferSession):
             return C.PlanItem(i, "skip"), entry.size
         src_file = FileSource(path, entry, encode=transform)
         sources[i] = src_file
-        resume = False
-        if resumable(entry, state) and opts.resume != "none":
-            samples = resume_samples(state.have, opts.resume)
-            fresh = {b: src_file.read_block(b)[1] for b in samples}
-            resume = resume_ok(opts.resume, entry, state, fresh)
-        if resume:  # only files with trusted blocks get a set (none for fresh files)
-            trusted[i] = trusted_blocks(state.have, opts.resume)
-        return C.PlanItem(i, "resume" if resume else "fresh", entry), 0
+        check = resume_check(opts.resume, entry, state)
+        if check is None:
+            return C.PlanItem(i, "fresh", entry), 0
+        fresh = {b: src_file.read_block(b)[1] for b in check.samples}
+        decision = resume_decision(opts.resume, check, state, fresh)
+        if not decision.resume:
+            return C.PlanItem(i, "fresh", entry), 0
+        # only files with trusted blocks get a set (none for fresh files)
+        trusted[i] = trusted_blocks(state.have, opts.resume)
+        return C.PlanItem(i, "resume", entry, decision.rebase,
+                          tuple(to_ranges(decision.stale))), 0
 
 
 def local_name(src: Path) -> str:

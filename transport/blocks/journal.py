@@ -19,6 +19,7 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,15 @@ class Journal:
 
     @classmethod
     def open(cls, path: Path, meta: dict[str, Any], *, keep: bool,
-             label: str | None = None, sync: bool = True) -> Journal:
+             label: str | None = None, sync: bool = True,
+             accept: Callable[[dict[str, Any]], bool] | None = None) -> Journal:
         """Lock and open the journal at ``path``.
 
         With ``keep`` and a stored header equal to ``meta``, the recorded
         blocks are loaded; otherwise the journal restarts empty with ``meta``.
+        ``accept``: a stored header it returns true for is taken over too: the
+        records are kept and the header becomes ``meta`` (a resume that compares
+        every kept block with a source whose mtime moved on, ``rebase``).
         Raises ``ConflictError`` (naming ``label``, the target, or else the
         journal's file name) when another writer holds the lock. ``sync``: a new
         header is made durable (``fdatasync``); off with ``--no-fsync``.
@@ -70,8 +75,15 @@ class Journal:
         try:
             old_meta, have = _load(fd) if keep else (None, {})
             if old_meta != meta:
-                have = {}
+                taken = old_meta is not None and accept is not None and accept(old_meta)
                 _rewrite(fd, meta, sync)
+                if not taken:
+                    have = {}
+                journal = cls(path, fd, meta, {})
+                # A crash between the header and the records leaves fewer records: never
+                # a record under a header it was not made for.
+                journal.append(sorted(have.items()), sync=sync)
+                return journal
             return cls(path, fd, meta, have)
         except BaseException:
             os.close(fd)

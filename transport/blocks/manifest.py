@@ -245,3 +245,14 @@ def entries_from_json(value: object) -> list[FileEntry]:
     entries = [FileEntry.from_json(e) for e in value]
     check_tree(entries)
     return entries
+
+
+def rebasable_identity(old: list[object], new: list[object]) -> bool:
+    """A partial started from source identity ``old`` may keep the blocks that still
+    match a source of identity ``new`` (a resume in mode ``full`` compares every one of
+    them): the same size, block size and stored form, the mtime free. Stored as it
+    is (``identity``) only: an envelope's blocks re-encrypted under the same header and
+    nonces with other plaintext would reuse AES-GCM nonces, so an encrypted partial of a
+    changed source starts over."""
+    return (len(old) == len(new) == 5 and old[0] == new[0] and old[2:] == new[2:]
+            and new[3] == "identity" and new[4] == "")

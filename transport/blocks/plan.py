@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from transport.blocks.manifest import FileEntry
+from transport.blocks.manifest import FileEntry, rebasable_identity
 from transport.errors import ProtocolError
 
 RESUME_MODES = ("none", "attrs", "sparse", "full")
@@ -140,8 +140,47 @@ def resumable(entry: FileEntry, target: TargetState) -> bool:
     return target.journal is not None and target.journal == entry.identity()
 
 
-def resume_ok(mode: str, entry: FileEntry, target: TargetState, fresh: dict[int, bytes]) -> bool:
-    """Whether the partial may be resumed, given the source's fresh digests of the samples."""
-    if mode == "none" or not resumable(entry, target):
-        return False
-    return all(fresh.get(i) == target.have.get(i) for i in resume_samples(target.have, mode))
+@dataclass(frozen=True, slots=True)
+class ResumeCheck:
+    """What a resume check must read: the source's digests of ``samples`` (block numbers).
+    ``rebase``: the partial was started from this source before its mtime moved on
+    (mode ``full`` only, ``manifest.rebasable_identity``): its blocks that still match
+    are kept, the receiver opens it with ``FileReceiver(rebase=True)``."""
+
+    samples: list[int]
+    rebase: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeDecision:
+    """``resume``: keep the partial, less ``stale`` (blocks whose source bytes changed
+    since they were received, to be dropped by the receiver and sent again)."""
+
+    resume: bool
+    stale: list[int] = field(default_factory=list)
+    rebase: bool = False
+
+
+def resume_check(mode: str, entry: FileEntry, target: TargetState) -> ResumeCheck | None:
+    """The samples to read for a resume of ``target`` in ``mode``; None: start over, with
+    nothing to read (mode ``none``, no partial, or one of another source)."""
+    if mode == "none" or target.journal is None:
+        return None
+    if resumable(entry, target):
+        return ResumeCheck(resume_samples(target.have, mode))
+    if mode == "full" and target.have and rebasable_identity(target.journal, entry.identity()):
+        return ResumeCheck(resume_samples(target.have, mode), rebase=True)
+    return None
+
+
+def resume_decision(mode: str, check: ResumeCheck, target: TargetState,
+                    fresh: dict[int, bytes]) -> ResumeDecision:
+    """Given the source's digests ``fresh`` of ``check.samples``: in mode ``full`` every
+    kept block was compared, so the ones that differ are dropped and the rest kept (a
+    source changed in one block costs that block, as rsync's would); in ``attrs`` and
+    ``sparse`` a sample that differs means changes anywhere: start over."""
+    stale = [b for b in check.samples if fresh.get(b) != target.have.get(b)]
+    if mode == "full":
+        keep = not check.samples or len(stale) < len(check.samples)
+        return ResumeDecision(keep, stale if keep else [], check.rebase and keep)
+    return ResumeDecision(not stale)

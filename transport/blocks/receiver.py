@@ -35,11 +35,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transport.blocks.digest import block_digest, file_digest
 from transport.blocks.journal import Journal
 from transport.blocks.layout import BlockLayout
-from transport.blocks.manifest import FileEntry
+from transport.blocks.manifest import FileEntry, rebasable_identity
 from transport.blocks.modes import file_mode
 from transport.blocks.ranges import RangeSet
 from transport.blocks.sparse import ensure_zero, is_hole, zero_digest
@@ -89,6 +90,17 @@ def _meta(entry: FileEntry, decoded: bool, path: str) -> dict[str, object]:
     return {"v": 1, "identity": entry.identity(), "decoded": decoded, "path": path}
 
 
+def _rebasable(meta: dict[str, object]) -> Callable[[dict[str, Any]], bool]:
+    """A stored journal header that differs from ``meta`` in the source's mtime only
+    (``plan.rebasable``: the caller compares every kept block with the source)."""
+    def accept(old: dict[str, Any]) -> bool:
+        ident, new = old.get("identity"), meta["identity"]
+        return (isinstance(ident, list) and isinstance(new, list) and len(ident) == len(new)
+                and {**old, "identity": None} == {**meta, "identity": None}
+                and rebasable_identity(ident, new))
+    return accept
+
+
 class FileReceiver:
     """One target being received. ``write_block`` may be called from threads.
 
@@ -105,6 +117,7 @@ class FileReceiver:
         decode: BlockTransform | None = None,
         fsync: bool = True,
         state: StateDir | None = None,
+        rebase: bool = False,
     ) -> None:
         self.target = target
         self.entry = entry
@@ -118,8 +131,9 @@ class FileReceiver:
         self._active = 0
         self._flush_lock = threading.Lock()
         self._pending: list[tuple[int, bytes]] = []
-        self._journal = self._open_journal(_meta(entry, decode is not None, self.state.relpath(target)),
-                                           keep=resume)
+        meta = _meta(entry, decode is not None, self.state.relpath(target))
+        self._journal = self._open_journal(meta, keep=resume,
+                                           accept=_rebasable(meta) if rebase else None)
         try:
             fd = -1
             if self._journal.have:
@@ -159,14 +173,15 @@ class FileReceiver:
         """Called (any thread) with blocks ``drop_blocks`` forgets, before they become
         missing: a session's assembler takes them back (they may be received again)."""
 
-    def _open_journal(self, meta: dict[str, object], *, keep: bool) -> Journal:
+    def _open_journal(self, meta: dict[str, object], *, keep: bool,
+                      accept: Callable[[dict[str, Any]], bool] | None = None) -> Journal:
         """Create the state folder if needed, then lock and open the journal in it. A client
         tidying the (empty) folder at that moment may remove it under us: make it again."""
         for attempt in range(3):
             self.state.ensure()
             try:
                 return Journal.open(self.state.journal(self.target), meta, keep=keep,
-                                    label=self.target.name, sync=self._fsync)
+                                    label=self.target.name, sync=self._fsync, accept=accept)
             except FileNotFoundError:
                 if attempt == 2:
                     raise
