@@ -64,6 +64,10 @@ async def plain_put(request: web.Request) -> web.Response:
     user = await authenticate(request)
     if not user.write_allowed:
         raise PathError(f"user {user.name} may not write")
+    if state_of(request).config.content_protection_required:
+        # A PUT body is stored as it comes: plaintext (a trial stored one with curl -T).
+        raise PathError("Server requires content protection: a plain PUT would store "
+                        "plaintext; upload with fallback --encrypt", kind=ErrorKind.FORBIDDEN)
     docroot = Path(user.docroot)
     parts = split_urlpath(urlpath_of(request.rel_url.raw_path))
     if not parts:

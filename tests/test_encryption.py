@@ -238,6 +238,24 @@ def everything(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
 
 
+def test_content_protection_required_refuses_a_plain_put(required: Daemon) -> None:
+    """Before: ``curl -T`` stored plaintext (201) on a daemon that requires content
+    protection; now a 403 naming the way that works, and nothing is written."""
+    import base64
+    import http.client
+    docroot = required.docroots["alice"]
+    before = everything(docroot)
+    c = http.client.HTTPConnection("127.0.0.1", required.http_port, timeout=30)
+    auth = base64.b64encode(f"alice:{PASSWORDS['alice']}".encode()).decode()
+    c.request("PUT", "/cp/plain.bin", body=b"plaintext" * 1000,
+              headers={"Authorization": f"Basic {auth}"})
+    r = c.getresponse()
+    body = r.read().decode()
+    assert r.status == 403 and "Server requires content protection" in body, (r.status, body)
+    assert "fallback --encrypt" in body
+    assert everything(docroot) == before
+
+
 @SCHEMES
 def test_content_protection_required(required: Daemon, tmp_path: Path, scheme: str) -> None:
     d = required
