@@ -31,7 +31,7 @@ from fallback.cliargs import (
 )
 from fallback.clisources import STDIO, Job
 from fallback.errors import FallbackError, TransferError, UsageError
-from fallback.remote import is_url
+from fallback.remote import is_url, redacted
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.errors import BadPassphrase, TransportError
 
@@ -211,7 +211,7 @@ def _run_jobs(a: argparse.Namespace, jobs: list[Job], opts: Options) -> int:
     for k, job in enumerate(jobs):
         if len(jobs) > 1:
             logging.getLogger("fallback.client").info("source %d of %d: %s", k + 1, len(jobs),
-                                                      job.src)
+                                                      redacted(job.src))
         res, rc = _run_one(a, job, opts)
         done.append((job, res))
         if rc != EXIT_OK:
@@ -223,7 +223,7 @@ def _run_jobs(a: argparse.Namespace, jobs: list[Job], opts: Options) -> int:
         print(json.dumps(result.to_json()))
     if code != EXIT_OK:
         if len(jobs) > 1:
-            failed = [j.src for j, r in done if not r.ok]
+            failed = [redacted(j.src) for j, r in done if not r.ok]
             print(f"error: {len(failed)} of {len(jobs)} sources failed: {', '.join(failed)}",
                   file=sys.stderr)
         return code

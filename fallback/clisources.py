@@ -25,7 +25,7 @@ from typing import BinaryIO
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from fallback.errors import TransferError, UsageError
-from fallback.remote import is_url, parse_url
+from fallback.remote import is_url, parse_url, redacted
 from fallback.result import TransferResult
 
 STDIO = "-"
@@ -232,5 +232,5 @@ def merge(parts: list[tuple[Job, TransferResult]], seconds: float) -> TransferRe
                                   for k in r.would_transfer)
         out.removed.extend(f"{job.prefix}/{k}" if job.prefix else k for k in r.removed)
         if r.error and out.error is None:
-            out.error = f"{job.src}: {r.error}"
+            out.error = f"{redacted(job.src)}: {r.error}"
     return out

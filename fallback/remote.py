@@ -77,6 +77,16 @@ def is_url(s: str) -> bool:
     return _URLISH.match(s) is not None
 
 
+_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:?#]*):[^/@]*@")
+
+
+def redacted(s: str) -> str:
+    """``s`` with a URL's password replaced by ``***`` (``https://u:***@host/``), for
+    messages and logs: an error must not print the password a user put in a URL (CI
+    logs keep them). Anything else is returned as it is."""
+    return _USERINFO_PASSWORD.sub(r"\1:***@", s)
+
+
 def parse_url(s: str) -> Url:
     """Split ``http(s)://[user[:password]@]host[:port]/path``; raises ``UsageError``.
 
@@ -87,21 +97,22 @@ def parse_url(s: str) -> Url:
     says to write ``%3F`` and ``%23`` (RFC 3986 section 3.3: a path ends at the
     first ``?`` or ``#``).
     """
+    shown = redacted(s)
     try:
         u = urlsplit(s)
         port = u.port
     except ValueError as exc:
-        raise UsageError(f"bad URL {s!r}: {exc}") from None
+        raise UsageError(f"bad URL {shown!r}: {redacted(str(exc))}") from None
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise UsageError(f"bad URL {s!r}: expected http(s)://[user@]host[:port]/path")
+        raise UsageError(f"bad URL {shown!r}: expected http(s)://[user@]host[:port]/path")
     for raw, code in (("?", "%3F"), ("#", "%23")):
         if raw in s:
-            raise UsageError(f"bad URL {s!r}: a raw {raw!r} would end the path there "
+            raise UsageError(f"bad URL {shown!r}: a raw {raw!r} would end the path there "
                              f"(it starts a URL {'query' if raw == '?' else 'fragment'}); "
                              f"write it as {code}")
     path = unquote(u.path, errors="surrogateescape") or "/"
     if "\x00" in path:
-        raise UsageError(f"bad URL {s!r}: the path contains a NUL byte (%00)")
+        raise UsageError(f"bad URL {shown!r}: the path contains a NUL byte (%00)")
     return Url(
         scheme=u.scheme,
         host=u.hostname,

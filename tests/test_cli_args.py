@@ -128,6 +128,20 @@ def test_dash_to_a_slow_pipe_loses_no_byte(srv: Daemon, tmp_path: Path, unbuffer
     assert len(out) == len(data) and out == data
 
 
+def test_a_password_in_a_url_is_never_printed(srv: Daemon, tmp_path: Path) -> None:
+    """Before: "bad URL 'https://alice:secret@...'" and "1 of 2 sources failed:
+    https://alice:secret@..." (also in the JSON error): CI logs keep them (trial)."""
+    pw = PASSWORDS["alice"]
+    base = f"https://alice:{pw}@127.0.0.1:{srv.https_port}"
+    p = cli(srv, f"{base}/proj/we#ird.txt", str(tmp_path / "dl") + "/", "--json", tmp=tmp_path)
+    assert p.returncode == 2 and "alice:***@127.0.0.1" in js(p)["error"]
+    p2 = cli(srv, f"{base}/nosuch.bin", f"{base}/nosuch2.bin", str(tmp_path / "dl") + "/",
+             "--json", tmp=tmp_path)
+    assert p2.returncode == 1 and "alice:***@" in js(p2)["error"]
+    for out in (p.stdout, p.stderr, p2.stdout, p2.stderr):
+        assert pw.encode() not in out
+
+
 # -- ascp's aliases -------------------------------------------------------------------------------
 def test_port_resume_level_and_rate_aliases(srv: Daemon, tmp_path: Path) -> None:
     a = make_file(tmp_path / "p.bin", 5000, seed=7)
