@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from fallback.cliargs import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     ArgsError,
     Parser,
@@ -529,6 +531,10 @@ def _dispatch(a: argparse.Namespace, parsers: dict[str, Parser]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code (see ``fallback --help``)."""
     _raise_fd_limit()
+    if threading.current_thread() is threading.main_thread():
+        from fallback.client.interrupt import handle_terminate
+
+        handle_terminate()  # this process is ours: SIGTERM ends a transfer as Ctrl-C does
     args = list(sys.argv[1:] if argv is None else argv)
     wants_json = "--json" in args
 
@@ -558,9 +564,13 @@ def main(argv: list[str] | None = None) -> int:
         from fallback.client.session import os_message
 
         return fail(os_message(exc, "the destination"), EXIT_FAILED)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # cmd_transfer closed the live progress bar already, which ends its line.
-        if wants_json:
-            print(json.dumps({"ok": False, "error": "interrupted"}))
-        print("interrupted: partial files are kept; run again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        from fallback.client.interrupt import Terminated
+        from fallback.result import TransferResult
+
+        why = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        if wants_json:  # every key of the contract, not two of them (trial)
+            print(json.dumps(TransferResult(ok=False, error=why).to_json()))
+        print(f"{why}: partial files are kept; run again to resume", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED

@@ -24,6 +24,7 @@ EXIT_FAILED = 1  # the transfer (or the daemon) failed; partials are kept
 EXIT_USAGE = 2  # bad usage or bad config; nothing was attempted
 EXIT_AUTH = 3  # the daemon refused the user name or password (HTTP 401)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): timeout, kill, a service stop
 
 EXIT_STATUS = """\
 exit status:
@@ -34,7 +35,8 @@ exit status:
   2    bad usage or bad configuration (nothing was attempted)
   3    the daemon refused the user name or password, or the proxy its
        credentials (HTTP 407)
-  130  interrupted (Ctrl-C); partial files are kept"""
+  130  interrupted (Ctrl-C); partial files are kept
+  143  terminated (SIGTERM: timeout, kill, a service stop); as 130"""
 
 URLS = """\
 URL form:

@@ -480,6 +480,33 @@ def test_ctrl_c_exits_130_and_ends_the_progress_line(srv: Daemon, tmp_path: Path
     assert not (srv.docroots["alice"] / "ctrlc" / "big.bin").exists()
 
 
+def test_sigterm_closes_the_session_and_exits_143(srv: Daemon, tmp_path: Path) -> None:
+    """Before: SIGTERM (``timeout``, ``kill``) killed the client at once, no message, no
+    JSON, and its daemon session stayed open, counting against sessions_per_user_max: a
+    cron job under ``timeout`` locked its user out (trial). Now it is handled as Ctrl-C."""
+    big = make_file(tmp_path / "term.bin", 64 << 20, seed=45)
+    env = base_env(tmp_path, PASSWORDS["alice"])
+    p = subprocess.Popen(fb("transfer", str(big), srv.url("/term/"), "--json", "-l", "40M",
+                            "--fingerprint", srv.fingerprint), env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    time.sleep(3)  # the session is open, the upload under way (at 40 Mbit/s: 13 s in all)
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143, (err, out)
+    assert err.strip().splitlines()[-1] == "terminated: partial files are kept; run again to resume"
+    assert "Traceback" not in err
+    res = last_json(out)
+    assert res["ok"] is False and res["error"] == "terminated"
+    assert {"transports", "sent_bytes", "checksums", "skipped_files", "bytes"} <= res.keys()
+    # the daemon heard the session end (its one log line) instead of waiting for a timeout
+    deadline = time.monotonic() + 10
+    while not re.search(r"session \w+ user=alice .*path=/term.* result=", srv.log()):
+        assert time.monotonic() < deadline, srv.log()[-2000:]
+        time.sleep(0.1)
+    assert not (srv.docroots["alice"] / "term" / "term.bin").exists()
+
+
 # -- encrypt / decrypt ----------------------------------------------------------------------------
 def test_decrypt_does_not_overwrite_without_force(tmp_path: Path) -> None:
     env = base_env(tmp_path, FALLBACK_FILEPASS="Tr0ub4dor&3-horse")

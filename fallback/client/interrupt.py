@@ -12,7 +12,8 @@ upload, the upload went on to the end and the CLI exited 0.
 first SIGINT cancels the task, and cancels it again every ``RECANCEL`` seconds while it
 still runs (clean-up that takes longer is cut: the partial files stay, a re-run
 resumes); a further SIGINT cancels it again at once. When the task ends after a
-SIGINT, however it ended, ``KeyboardInterrupt`` is raised. Off the main thread (no
+SIGINT, however it ended, ``KeyboardInterrupt`` is raised (``Terminated`` after a
+SIGTERM, which the CLI handles the same way: ``handle_terminate``). Off the main thread (no
 signal handlers there) it is a plain run.
 """
 
@@ -23,7 +24,26 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["RECANCEL", "run_interruptible"]
+__all__ = ["RECANCEL", "Terminated", "handle_terminate", "run_interruptible"]
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM ended the transfer (``handle_terminate``): handled as Ctrl-C is (the
+    session closed, partials kept), told apart by the CLI's exit code (143)."""
+
+
+_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT,)
+
+
+def handle_terminate() -> None:
+    """SIGTERM too ends a transfer as Ctrl-C does: for the CLI, which owns its process
+    (``timeout``, ``kill``, systemd stop). Before, a SIGTERM killed the client at once and
+    its daemon session stayed open until it timed out, counting against
+    ``sessions_per_user_max``: a cron job under ``timeout`` locked its user out (trial).
+    Not for library callers of ``transfer()``: asyncio restores the default action, not
+    an application's own handler, when the transfer ends."""
+    global _SIGNALS
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 T = TypeVar("T")
 
@@ -50,32 +70,38 @@ async def _guarded(main: Callable[[], Awaitable[T]]) -> T:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    interrupted = False
+    interrupted: signal.Signals | None = None
 
     def recancel() -> None:
         if not task.done():
             task.cancel("interrupted")
             loop.call_later(RECANCEL, recancel)
 
-    def on_sigint() -> None:  # every Ctrl-C cancels again
+    def on_signal(sig: signal.Signals) -> None:  # every Ctrl-C cancels again
         nonlocal interrupted
-        interrupted = True
+        interrupted = interrupted or sig
         recancel()
 
-    try:
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
-        installed = True
-    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread
-        installed = False
+    installed: list[signal.Signals] = []
+    for sig in _SIGNALS:
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+        except (RuntimeError, ValueError, NotImplementedError):  # not the main thread
+            break
     try:
         result = await main()
     except asyncio.CancelledError:
         if interrupted:
-            raise KeyboardInterrupt from None
+            raise _interrupt(interrupted) from None
         raise
     finally:
-        if installed:
-            loop.remove_signal_handler(signal.SIGINT)
+        for sig in installed:
+            loop.remove_signal_handler(sig)
     if interrupted:
-        raise KeyboardInterrupt
+        raise _interrupt(interrupted)
     return result
+
+
+def _interrupt(sig: signal.Signals) -> KeyboardInterrupt:
+    return Terminated() if sig == signal.SIGTERM else KeyboardInterrupt()
