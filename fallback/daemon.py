@@ -130,13 +130,17 @@ async def run_daemon(config: Config, out=sys.stdout) -> int:  # type: ignore[no-
             sites.append(make(host, config.http_port, None))
         if config.enable_https:
             sites.append(make(host, config.https_port, ssl_ctx, plain=False))
-    try:
-        for site in sites:
+    ports = [config.http_port] if config.shared_port else (
+        ([config.http_port] if config.enable_http else [])
+        + ([config.https_port] if config.enable_https else []))
+    for site, port in zip(sites, ports, strict=True):
+        try:
             await site.start()
-    except OSError as exc:
-        print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        await runner.cleanup()
-        return 1
+        except OSError as exc:  # the address and port it names (a trial could not tell which)
+            print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            await runner.cleanup()
+            return 1
     from fallback.udpserver import UdpService
 
     state.udp = await UdpService.start(config)

@@ -347,3 +347,23 @@ def test_control_body_arriving_in_pieces_is_read_whole(daemon_factory) -> None: 
     status = reply.split(b"\r\n", 1)[0]
     assert b" 200 " in status, reply[:300]
     assert b'"entries"' in reply
+
+
+def test_a_port_it_cannot_listen_on_is_named(tmp_path: Path) -> None:
+    """Before: "error: cannot listen: Address already in use", not saying which of its
+    ports (trial). Now the address and port, one line, exit 1."""
+    from tests.control_client import conf_xml
+    from tests.conftest import free_port
+    d = Daemon(tmp_path, free_port(), free_port(), {"alice": tmp_path / "docroot" / "alice"})
+    d.config_path.write_text(conf_xml(d, {"alice": (True, True)}))
+    (tmp_path / "docroot" / "alice").mkdir(parents=True)
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", d.https_port))
+        held.listen()
+        p = subprocess.run([sys.executable, "-m", "fallback", "serve", "--config",
+                            str(d.config_path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{d.https_port}: Address already in use")
+    assert "Traceback" not in p.stderr
