@@ -352,8 +352,8 @@ def test_control_body_arriving_in_pieces_is_read_whole(daemon_factory) -> None: 
 def test_a_port_it_cannot_listen_on_is_named(tmp_path: Path) -> None:
     """Before: "error: cannot listen: Address already in use", not saying which of its
     ports (trial). Now the address and port, one line, exit 1."""
-    from tests.control_client import conf_xml
     from tests.conftest import free_port
+    from tests.control_client import conf_xml
     d = Daemon(tmp_path, free_port(), free_port(), {"alice": tmp_path / "docroot" / "alice"})
     d.config_path.write_text(conf_xml(d, {"alice": (True, True)}))
     (tmp_path / "docroot" / "alice").mkdir(parents=True)
