@@ -216,3 +216,35 @@ async def test_a_stream_cut_mid_transfer_is_retried_and_its_blocks_resent_at_onc
     assert "lost (" in log and "retry 1 in" in log, log  # the path manager's signal and backoff
     # no commit round and no second want: the cut stream's blocks went back to the others
     assert "still miss" not in log and "asking again" not in log, log
+
+
+async def test_bytes_delivered_again_by_another_path_count_once(tmp_path: Path) -> None:
+    """Before: ``sent_bytes`` counted every delivery; a small upload whose bundle was on
+    the HTTPS stream when the transfer moved to UDP said "4 B (8 B sent)" (trial). A
+    lease delivered again after its path died counts in ``resent_bytes``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import make_file
+    from transport.blocks.sender import BlockSender
+    from transport.blocks.source import FileSource, entry_for
+    p = make_file(tmp_path / "f.bin", 3 * 65536, seed=5)
+    sender = BlockSender({0: FileSource(p, entry_for(p, "", 65536))}, ThreadPoolExecutor(1))
+    sender.sched.set_path("https", sender.timing)
+    sender.sched.set_path("udp", sender.timing)
+    sender.add_ranges([(0, 0, 3)])
+    progress: list[int] = []
+    sender.on_progress = lambda f, n: progress.append(n)
+    first = sender.lease("https")
+    assert first is not None
+    sender.delivered(first)
+    assert sender.drop_path("https") == 1  # it died before the receiver had the block
+    again = sender.lease("udp")
+    assert again is not None and (again.file, again.block) == (first.file, first.block)
+    sender.delivered(again)
+    assert (sender.sent_bytes, sender.resent_bytes) == (first.length, first.length)
+    assert sum(progress) == first.length
+    rest = [sender.lease("udp") for _ in range(2)]
+    for lease in rest:
+        assert lease is not None
+        sender.delivered(lease)
+    assert sender.sent_bytes == 3 * 65536 and sum(progress) == 3 * 65536

@@ -188,11 +188,15 @@ def test_udp_blocked_at_30_percent(net: netns.Net, nsd: NsDaemon, tmp_path: Path
     assert res["transports"] == ["https", "udp", "https"], res["switches"]
     assert res["switches"][-1]["reason"].startswith("UDP lost"), res["switches"]
     assert res["udp_reason"].startswith("lost")
+    # Progress counts each byte once: what UDP had in flight at the cut is carried again
+    # by HTTPS first (``retransmitted_bytes`` on an upload), then new bytes move.
     stall = longest_stall(res["events"])
-    assert stall < 3.0, (stall, res["log"])
+    again = res["retransmitted_bytes"] if direction == "upload" else 0
+    assert stall < 3.0 + again / (100e6 / 8), (stall, again, res["log"])
     # what was in flight is sent again, nothing more: the HTTPS streams' blocks at the
     # move to UDP (4 streams x 1 MiB, delivered or not) and the UDP path's at the cut
-    assert res["sent_bytes"] - res["bytes"] <= 16 * MB, res["sent_bytes"] - res["bytes"]
+    assert res["sent_bytes"] <= res["bytes"], res["sent_bytes"] - res["bytes"]
+    assert again <= 16 * MB, again
     assert sha256(target) == sha256(src)
     wait_for(lambda: "the client switched udp -> https" in nsd.log(), 5, "the daemon's log")
 

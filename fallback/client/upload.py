@@ -138,6 +138,7 @@ class UploadSession(TransferSession):
         plan: dict[int, C.PlanItem] = {}
         trusted: dict[int, set[int]] = {}  # journaled blocks kept without comparing them
         reads: set[asyncio.Task[Any]] = set()
+        sender: BlockSender | None = None
         try:
             for k in range(0, len(files), PLAN_BATCH):  # one executor job per batch, not per file
                 planned_items = await self.io(self._plan_batch, files[k:k + PLAN_BATCH], entries,
@@ -262,6 +263,8 @@ class UploadSession(TransferSession):
             progress.finish()
         finally:
             result.sent_bytes = progress.carried  # also when failing: what this run did move
+            if sender is not None:  # pieces a dead path had carried, carried again
+                result.retransmitted_bytes += sender.resent_bytes
             result.skipped_bytes = progress.skipped
             result.hole_bytes = progress.holes
             running = reads - {asyncio.current_task()}

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 
+from transport.blocks.leases import State
+from transport.blocks.ranges import RangeSet
 from transport.blocks.scheduler import DEFAULT_MAX_OPEN_BLOCKS, Lease, PathTiming, Scheduler
 from transport.blocks.source import FileSource
 from transport.blocks.sparse import Hole
@@ -47,6 +49,10 @@ files: a bundle leases up to 256 of them at once (``transport.http.framing``), a
 stream holds one bundle on the wire and one read ahead. The bound on open blocks protects
 the receiver's assembly (64 MiB); bundled files never enter it, and what a stream holds in
 memory is bounded by its bundles' bytes (about 1 MiB each), not by this count."""
+
+PRUNE_MIN = 4096
+"""Blocks the delivered-bytes map (``BlockSender.sent_bytes``) holds before it drops
+the acknowledged ones."""
 
 ReadFn = Callable[[int, int, bytes], None]
 """Called with (file, block, digest) for every block read from a source."""
@@ -72,7 +78,14 @@ class BlockSender:
         self.timing = timing
         self._clock = clock
         self.sent_bytes = 0
-        """Bytes of leases delivered as data (holes not counted)."""
+        """Bytes of leases delivered as data (holes not counted), each byte of a block
+        once: a lease delivered again (its path died before the receiver had it, and
+        another path took it over) counts in ``resent_bytes`` instead."""
+        self.resent_bytes = 0
+        self._delivered: dict[tuple[int, int], RangeSet] = {}
+        """Bytes delivered per block not acknowledged yet (pruned of acked blocks as it
+        grows: ``_prune``)."""
+        self._prune_at = PRUNE_MIN
         self.hole_bytes = 0
         """Bytes of leases delivered as holes: announced, not sent as zeros."""
         self.on_progress: Callable[[int, int], None] | None = None
@@ -218,9 +231,28 @@ class BlockSender:
             if self.on_hole is not None:
                 self.on_hole(lease.file, lease.length)
             return
-        self.sent_bytes += lease.length
-        if self.on_progress is not None:
-            self.on_progress(lease.file, lease.length)
+        key = (lease.file, lease.block)
+        seen = self._delivered.get(key)
+        if seen is None:
+            if len(self._delivered) >= self._prune_at:
+                self._prune()
+            seen = self._delivered[key] = RangeSet()
+        new = sum(b - a for a, b in seen.complement(lease.offset, lease.stop))
+        seen.add(lease.offset, lease.stop)
+        self.sent_bytes += new
+        self.resent_bytes += lease.length - new
+        if new and self.on_progress is not None:
+            # Before: counted at every delivery, so a small upload moved from HTTPS to UDP
+            # mid-bundle said "4 B (8 B sent)" (trial).
+            self.on_progress(lease.file, new)
+
+    def _prune(self) -> None:
+        """Forget the blocks acknowledged since (never delivered again): the map holds
+        about the blocks in flight, whatever the file count."""
+        acked = State.ACKED
+        self._delivered = {k: v for k, v in self._delivered.items()
+                           if self.sched.block_state(k[0], k[1]) is not acked}
+        self._prune_at = max(PRUNE_MIN, 2 * len(self._delivered))
 
     def drop_path(self, path: str) -> int:
         """``path`` died: everything it held (leased or delivered, not acknowledged) is
