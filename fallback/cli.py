@@ -324,6 +324,11 @@ def summary(result: TransferResult) -> list[str]:
         moved = (f" ({size(result.sent_bytes)} sent, {size(result.skipped_bytes)} already "
                  f"there) in {result.seconds:.2f} s, {rate:.1f} MB/s over "
                  f"{','.join(result.transports)}")
+    elif not result.bytes:  # empty files: nothing to send, nothing was "already there"
+        moved = f", nothing to send ({result.seconds:.2f} s)"
+    elif result.skipped_files and not result.checksums:
+        # kept as they are (--overwrite never/older, refused): not known to be the same
+        moved = f" not sent: see below ({result.seconds:.2f} s)"
     else:
         moved = f" already there, nothing sent ({result.seconds:.2f} s)"
     lines = [head + moved]

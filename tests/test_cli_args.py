@@ -354,6 +354,23 @@ def test_os_errors_never_name_fallbacks_own_files(tmp_path: Path) -> None:
 
 
 # -- output ---------------------------------------------------------------------------------------
+def test_summary_says_what_a_run_that_sent_nothing_did() -> None:
+    """Before: a new empty file said "0 B already there, nothing sent", and a file kept by
+    --overwrite never (the destination differs) "9.0 MB already there" (trial)."""
+    from fallback.cli import summary
+    from fallback.result import TransferResult
+    empty = TransferResult(ok=True, direction="upload", files=1, bytes=0, seconds=0.1)
+    assert summary(empty)[0] == "upload ok: 1 file, 0 B, nothing to send (0.10 s)"
+    kept = TransferResult(ok=True, direction="download", files=1, bytes=9_000_000,
+                          skipped_bytes=9_000_000, seconds=0.2, skipped_files={"big.bin": "exists"})
+    assert summary(kept)[:2] == ["download ok: 1 file, 9.0 MB not sent: see below (0.20 s)",
+                                 "skipped big.bin: exists"]
+    same = TransferResult(ok=True, direction="upload", files=1, bytes=9_000_000,
+                          skipped_bytes=9_000_000, seconds=0.2,
+                          skipped_files={"big.bin": "unchanged"}, checksums={"big.bin": "b3:x"})
+    assert summary(same)[0] == "upload ok: 1 file, 9.0 MB already there, nothing sent (0.20 s)"
+
+
 def test_summary_units_plurals_and_no_rate_when_nothing_moved(srv: Daemon, tmp_path: Path) -> None:
     f = make_file(tmp_path / "s.bin", 2_500_000, seed=18)
     p = cli(srv, str(f), srv.url("/sum/"), tmp=tmp_path)
