@@ -462,3 +462,13 @@ def test_failures_name_the_proxy_and_report_no_transport(srv: Daemon, tmp_path: 
                        stdin=subprocess.DEVNULL)
     res = js(p)
     assert p.returncode == 3 and res["transports"] == [] and res["sent_bytes"] == 0, res
+
+
+def test_the_last_progress_event_counts_empty_files_done() -> None:
+    """Before: a folder with one file and two empty ones ended on 1 of 3 files (trial)."""
+    from fallback.result import Progress, ProgressEvent
+    events: list[ProgressEvent] = []
+    p = Progress(5, "https", events.append, {"d/a.txt": 5, "d/e1": 0, "d/e2": 0})
+    p.carry(5, "d/a.txt")
+    p.finish()
+    assert events[-1].done and (events[-1].files_done, events[-1].files_total) == (3, 3)
