@@ -577,5 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         why = "terminated" if isinstance(exc, Terminated) else "interrupted"
         if wants_json:  # every key of the contract, not two of them (trial)
             print(json.dumps(TransferResult(ok=False, error=why).to_json()))
-        print(f"{why}: partial files are kept; run again to resume", file=sys.stderr)
+        if STDIO in args:  # spooled through a temporary folder, gone with the run
+            print(f"{why}: standard input or output cannot be resumed; run it again",
+                  file=sys.stderr)
+        else:
+            print(f"{why}: partial files are kept; run again to resume", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED

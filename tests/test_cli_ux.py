@@ -507,6 +507,24 @@ def test_sigterm_closes_the_session_and_exits_143(srv: Daemon, tmp_path: Path) -
     assert not (srv.docroots["alice"] / "term" / "term.bin").exists()
 
 
+def test_an_interrupted_stdout_download_does_not_promise_a_resume(srv: Daemon,
+                                                                  tmp_path: Path) -> None:
+    """Before: "partial files are kept; run again to resume" for ``-`` (its temporary
+    folder is gone with the run: nothing to resume, trial)."""
+    make_file(srv.docroots["alice"] / "stdout-big.bin", 64 << 20, seed=46)
+    env = base_env(tmp_path, PASSWORDS["alice"])
+    p = subprocess.Popen(fb("transfer", srv.url("/stdout-big.bin"), "-", "-l", "40M",
+                            "--fingerprint", srv.fingerprint), env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    time.sleep(3)
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and out == "", err
+    assert err.strip().splitlines()[-1] == (
+        "terminated: standard input or output cannot be resumed; run it again")
+
+
 # -- encrypt / decrypt ----------------------------------------------------------------------------
 def test_decrypt_does_not_overwrite_without_force(tmp_path: Path) -> None:
     env = base_env(tmp_path, FALLBACK_FILEPASS="Tr0ub4dor&3-horse")
