@@ -168,8 +168,11 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
         raise
     log.info("session %s opened: user=%s peer=%s download of %s (%d entries)", session.id[:8],
              user.name, request.remote, relpath_in(docroot, src), len(tree.entries))
+    # The docroot itself goes by the user's name, never by the server's folder name (a
+    # download of / showed "rw/...": the daemon's own layout, trial).
+    name = user.name if src == docroot.resolve() or src == docroot else src.name
     return web.json_response(A.DownloadOpened(
-        src.name, list(tree.entries), list(tree.skipped), st.config.streams_max,
+        name, list(tree.entries), list(tree.skipped), st.config.streams_max,
         session.id, session.token, flow).to_json())
 
 

@@ -472,3 +472,20 @@ def test_the_last_progress_event_counts_empty_files_done() -> None:
     p.carry(5, "d/a.txt")
     p.finish()
     assert events[-1].done and (events[-1].files_done, events[-1].files_total) == (3, 3)
+
+
+def test_a_download_of_the_docroot_goes_by_the_users_name(tmp_path: Path) -> None:
+    """Before: a download of / was named after the daemon's docroot folder ("rw/..."),
+    showing the server's own layout (trial). Now after the user."""
+    d = Daemon(tmp_path / "d", free_port(), free_port(), {"alice": tmp_path / "srv-secret-rw"})
+    d.base.mkdir()
+    d.start()
+    try:
+        make_file(tmp_path / "srv-secret-rw" / "x.bin", 1000, seed=3)
+        p = cli(d, d.url("/"), str(tmp_path / "dl") + "/", "--json", tmp=tmp_path)
+        assert p.returncode == 0, err(p)
+        assert list(js(p)["checksums"]) == ["alice/x.bin"]
+        assert (tmp_path / "dl" / "alice" / "x.bin").exists()
+        assert b"srv-secret-rw" not in p.stdout + p.stderr
+    finally:
+        d.stop()
