@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -30,6 +31,28 @@ from transport.http.server import receive_blocks
 
 BS = 1 << 20
 SIZE = 5 * BS + 12345
+
+
+async def put_frames(sink: BlockSink, body: Any) -> int:
+    """PUT ``body`` to a loopback aiohttp server whose handler runs ``receive_blocks`` into
+    ``sink``; returns the frame count it answered."""
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"frames": await receive_blocks(request.content, sink)})
+
+    app = web.Application()
+    app.router.add_put("/blocks", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as http, \
+                http.put(f"http://127.0.0.1:{port}/blocks", data=body) as resp:
+            assert resp.status == 200
+            return int((await resp.json())["frames"])
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize("chunk,pause", [(5000, 0.0005), (300_000, 0.0)])
@@ -58,24 +81,7 @@ def test_parts_are_hashed_on_arrival_and_written_in_place(tmp_path: Path, chunk:
             rec = FileReceiver(target, entry, fsync=False)
             sink = BlockSink({0: rec}, pool)
 
-            async def handler(request: web.Request) -> web.Response:
-                n = await receive_blocks(request.content, sink)
-                return web.json_response({"frames": n})
-
-            app = web.Application()
-            app.router.add_put("/blocks", handler)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            try:
-                async with aiohttp.ClientSession() as http, \
-                        http.put(f"http://127.0.0.1:{port}/blocks", data=body()) as resp:
-                    assert resp.status == 200
-                    assert (await resp.json())["frames"] == len(blocks)
-            finally:
-                await runner.cleanup()
+            assert await put_frames(sink, body()) == len(blocks)
             await sink.flush()
             asm = sink._assembler
             assert asm is not None
@@ -131,22 +137,7 @@ def test_a_streams_pieces_reach_the_assembler_in_the_order_sent(tmp_path: Path) 
             rec = FileReceiver(target, entry, fsync=False)
             sink = BlockSink({0: rec}, pool)
 
-            async def handler(request: web.Request) -> web.Response:
-                return web.json_response({"frames": await receive_blocks(request.content, sink)})
-
-            app = web.Application()
-            app.router.add_put("/blocks", handler)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            try:
-                async with aiohttp.ClientSession() as http, \
-                        http.put(f"http://127.0.0.1:{port}/blocks", data=b"".join(frames)) as resp:
-                    assert resp.status == 200 and (await resp.json())["frames"] == 3
-            finally:
-                await runner.cleanup()
+            assert await put_frames(sink, b"".join(frames)) == 3
             await sink.flush()
             root = file_digest(2 * BS, len(data), (block_digest(b0), block_digest(b1)))
             assert rec.commit(root) == root
