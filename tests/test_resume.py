@@ -392,6 +392,26 @@ def test_full_checks_every_journaled_block_sparse_only_samples(partial, interrup
     assert sha256(target) != sha256(src)
 
 
+def interrupted_download(d: Daemon, big: Path, name: str, into: Path
+                         ) -> tuple[Path, Path, dict[int, bytes]]:
+    """``big`` served as ``name``, downloaded into ``into`` and killed once the partial
+    holds ``AT`` bytes (the daemon frozen meanwhile); (served, target, journaled)."""
+    served = d.docroots["alice"] / name
+    shutil.copy2(big, served)
+    target = into / name
+    proc = start_transfer(d, d.url(f"/{name}"), str(target), "--streams", "1")
+    wait_progress(proc, target, AT)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        have = wait_journal_stable(target)
+        kill(proc)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    assert len(have) >= 8
+    return served, target, have
+
+
 def change_blocks(path: Path, blocks: list[int], mtime_ns: int | None) -> None:
     """Write into each of ``blocks``; mtime forced to ``mtime_ns`` or moved on by 1 s."""
     old = path.stat().st_mtime_ns
@@ -427,18 +447,7 @@ def test_download_of_a_source_edited_between_runs_fetches_only_changed_blocks(
     download: ``--resume full`` (the default) keeps the other kept blocks (before: the
     whole file again; the partial's identity differed)."""
     dfast = interrupted.daemon
-    served = dfast.docroots["alice"] / "edited.bin"
-    shutil.copy2(big, served)
-    target = tmp_path / "edited.bin"
-    proc = start_transfer(dfast, dfast.url("/edited.bin"), str(target), "--streams", "1")
-    wait_progress(proc, target, AT)
-    dfast.proc.send_signal(signal.SIGSTOP)
-    try:
-        have = wait_journal_stable(target)
-        kill(proc)
-    finally:
-        dfast.proc.send_signal(signal.SIGCONT)
-    assert len(have) >= 8
+    served, target, have = interrupted_download(dfast, big, "edited.bin", tmp_path)
     held = sorted(have)
     change_blocks(served, [held[1], held[-2]], None)
     rc, res, err = dfast.transfer(dfast.url("/edited.bin"), str(target), "--no-fsync")
@@ -465,18 +474,7 @@ def test_download_source_changed_between_runs_is_not_mixed(interrupted: Partial,
                                                            tmp_path: Path) -> None:
     """The daemon's file is rewritten (same size and mtime) after an interrupted download."""
     dfast = interrupted.daemon
-    served = dfast.docroots["alice"] / big.name
-    shutil.copy2(big, served)
-    target = tmp_path / big.name
-    proc = start_transfer(dfast, dfast.url(f"/{big.name}"), str(target), "--streams", "1")
-    wait_progress(proc, target, AT)
-    dfast.proc.send_signal(signal.SIGSTOP)
-    try:
-        have = wait_journal_stable(target)
-        kill(proc)
-    finally:
-        dfast.proc.send_signal(signal.SIGCONT)
-    assert len(have) >= 8
+    served, target, have = interrupted_download(dfast, big, big.name, tmp_path)
     rewrite_keeping_size(served, seed=11, mtime_ns=served.stat().st_mtime_ns)
     rc, res, err = dfast.transfer(dfast.url(f"/{big.name}"), str(target), "--resume", "sparse",
                                   "--no-fsync")
