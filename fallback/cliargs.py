@@ -326,7 +326,8 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     t.add_argument("-O", "--udp-port", type=int, default=None, metavar="PORT",
                    help="UDP port to send to (default: the one the daemon names)")
     t.add_argument("-Z", "--datagram-size", type=int, default=None, metavar="BYTES",
-                   help="UDP datagram size, as ascp -Z (default 1452: fits a 1500-byte MTU)")
+                   help="UDP datagram size, as ascp -Z (default: path MTU discovery, from "
+                        "1452 up to what the route carries, e.g. 8972 on jumbo frames)")
     t.add_argument("-l", "--target-rate", metavar="RATE", default=None,
                    help="cap the transfer at RATE bits/s, as ascp -l: 20M, 500K, 1G; a bare "
                         "number is Kbps (default: no cap; the server's own cap wins)")

@@ -74,6 +74,7 @@ class TransferResult:
     retransmitted_bytes: int = 0  # UDP: piece bytes this client sent again (0 on HTTP)
     loss_pct: float = 0.0  # UDP: datagrams this client declared lost, % of those resolved
     rtt_ms: float = 0.0  # UDP: smoothed round-trip time of the path (0: not measured)
+    datagram_size: int = 0  # UDP: bytes per data datagram the sender ended at (0: no UDP)
     would_transfer: list[str] = field(default_factory=list)  # --dry-run: what would move
     dry_run: bool = False
     stdio: str | None = None  # "stdin" | "stdout": what - stood for (see the README)
@@ -137,6 +138,7 @@ class TransferResult:
             "retransmitted_bytes": self.retransmitted_bytes,
             "loss_pct": round(self.loss_pct, 3),
             "rtt_ms": round(self.rtt_ms, 3),
+            "datagram_size": self.datagram_size,
             "dry_run": self.dry_run,
             "would_transfer": list(self.would_transfer),
             "stdio": self.stdio,

@@ -47,6 +47,7 @@ from transport.udp.events import (
     CLOSE_ABORTED,
     Closed,
     Event,
+    MtuRaised,
     PathResumed,
     PathSilent,
     PiecesAcked,
@@ -87,13 +88,16 @@ def rate_config(flow: Flow) -> RateConfig:
                       initial_rate=max(initial, floor, 1.0))
 
 
-def udp_config(size: int, flow: Flow, block: int, *, police: bool = False) -> UdpConfig:
+def udp_config(size: int, flow: Flow, block: int, *, police: bool = False,
+               base: int | None = None) -> UdpConfig:
     """Per-connection options: the datagram size agreed, the flow, a send queue that holds
     a few whole blocks (``UdpPump`` queues a lease whole). ``police``: this end receives
     the data (the daemon's end of an upload) and holds the peer to the flow's target rate
-    whatever it sends (``UdpConfig.receive_cap``: 10 % over the cap is dropped)."""
+    whatever it sends (``UdpConfig.receive_cap``: 10 % over the cap is dropped).
+    ``base``: send datagrams of this size until a PROBE of ``size`` bytes is answered
+    (``UdpConfig.initial_datagram_size``, path MTU discovery)."""
     cap = float(flow.target_rate) if police and flow.target_rate else None
-    return UdpConfig(datagram_size=size, rate=rate_config(flow),
+    return UdpConfig(datagram_size=size, initial_datagram_size=base, rate=rate_config(flow),
                      max_queue_bytes=max(MAX_QUEUE, 3 * block + (1 << 20)), receive_cap=cap)
 
 
@@ -232,6 +236,9 @@ class UdpPump:
             fut = self._probes.pop(ev.token, None)
             if fut is not None and not fut.done():
                 fut.set_result(ev.rtt)
+        elif isinstance(ev, MtuRaised):
+            log.info("UDP path %s: the peer answered a %d-byte probe: datagrams of %d bytes "
+                     "from now on (were %d)", self.path, ev.size, ev.size, ev.previous)
         elif isinstance(ev, Closed):
             self._on_closed(ev)
         elif isinstance(ev, PathSilent | PathResumed):

@@ -54,14 +54,22 @@ def _hex(d: dict[str, Any], key: str, where: str, size: int) -> bytes | None:
 class UdpRequest:
     """``{datagram_size, x25519?, flow?}``: the datagram size the client wants (UDP
     payload bytes, ``-Z``), its X25519 public key (32 bytes, hex; required over plain
-    HTTP), and the flow it asks for (the server's caps win)."""
+    HTTP), and the flow it asks for (the server's caps win).
+
+    ``base_datagram_size`` (optional, ≤ ``datagram_size``): both ends send datagrams of
+    this size until a PROBE of ``datagram_size`` bytes crossed their direction of the
+    path (``UdpConfig.initial_datagram_size``: path MTU discovery); absent, both send
+    ``datagram_size`` from the start (a size the user set with ``-Z``)."""
 
     datagram_size: int = DEFAULT_DATAGRAM
     x25519: bytes | None = None
     flow: Flow | None = None
+    base_datagram_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"datagram_size": self.datagram_size}
+        if self.base_datagram_size is not None:
+            out["base_datagram_size"] = self.base_datagram_size
         if self.x25519 is not None:
             out["x25519"] = self.x25519.hex()
         if self.flow is not None:
@@ -74,7 +82,10 @@ class UdpRequest:
         size = _int(d, "datagram_size", "udp request", lo=MIN_DATAGRAM, hi=MAX_DATAGRAM,
                     default=DEFAULT_DATAGRAM)
         flow = Flow.from_json(d["flow"]) if d.get("flow") is not None else None
-        return cls(size, _hex(d, "x25519", "udp request", 32), flow)
+        base = None
+        if d.get("base_datagram_size") is not None:
+            base = _int(d, "base_datagram_size", "udp request", lo=MIN_DATAGRAM, hi=size)
+        return cls(size, _hex(d, "x25519", "udp request", 32), flow, base)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +130,7 @@ class UdpOffer:
 
 @dataclass(frozen=True, slots=True)
 class UdpFigures:
-    """``{retransmitted_bytes, sent_packets, loss_pct, rtt_ms}``: what the daemon's end of
+    """``{retransmitted_bytes, sent_packets, loss_pct, rtt_ms, datagram_size}``: what the daemon's end of
     a session's UDP paths sent, in the answer to ``DELETE /session/{id}`` (key ``udp``)
     so that a downloading client, which only receives, can report the sender's figures
     (``--json``'s ``retransmitted_bytes``, ``loss_pct``, ``rtt_ms``)."""
@@ -128,11 +139,12 @@ class UdpFigures:
     sent_packets: int
     loss_pct: float
     rtt_ms: float
+    datagram_size: int = 0  # bytes per DATA datagram at the end (0: not reported)
 
     def to_json(self) -> dict[str, Any]:
         return {"retransmitted_bytes": self.retransmitted_bytes,
                 "sent_packets": self.sent_packets, "loss_pct": round(self.loss_pct, 4),
-                "rtt_ms": round(self.rtt_ms, 3)}
+                "rtt_ms": round(self.rtt_ms, 3), "datagram_size": self.datagram_size}
 
     @classmethod
     def from_json(cls, value: Any) -> UdpFigures:
@@ -143,4 +155,5 @@ class UdpFigures:
                 or not 0 <= loss <= 100 or not 0 <= rtt < 1e7:
             raise ProtocolError(f"{where}: loss_pct and rtt_ms must be numbers in range")
         return cls(_int(d, "retransmitted_bytes", where, default=0),
-                   _int(d, "sent_packets", where, default=0), float(loss), float(rtt))
+                   _int(d, "sent_packets", where, default=0), float(loss), float(rtt),
+                   _int(d, "datagram_size", where, hi=MAX_DATAGRAM, default=0))

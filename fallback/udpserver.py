@@ -90,16 +90,18 @@ class SessionUdp:
             f[key] = f.get(key, 0) + value
         if st.rtt_ms:
             f["rtt_ms"] = st.rtt_ms
+        f["datagram_size"] = st.datagram_size
 
     def close(self) -> None:
         self.tally()
         self.retire()
         st = self.pump.conn.stats()
         log.info("session %s: UDP path %016x: %d datagrams sent, %d received, %.2f %% lost, "
-                 "%d bytes sent again, rtt %.2f ms, rate %.1f Mbit/s (%s, %s)",
+                 "%d bytes sent again, rtt %.2f ms, rate %.1f Mbit/s (%s, %s), "
+                 "%d-byte datagrams",
                  self.session.id[:8], self.pump.conn.connection_id, st.sent_packets,
                  st.received_packets, st.loss_pct, st.retransmitted_bytes, st.rtt_ms,
-                 st.rate / 1e6, st.controller, st.controller_state)
+                 st.rate / 1e6, st.controller, st.controller_state, st.datagram_size)
         self.pump.close("session closed")
 
 
@@ -155,7 +157,8 @@ class UdpService:
         upload = session.direction == "upload"
         # The client sends an upload: the cap binds it through the offer's flow, and this
         # end drops what a client ignoring it sends beyond the cap (UdpConfig.receive_cap).
-        conn = UdpConnection(udp_config(msg.datagram_size, flow, block, police=upload), cid,
+        conn = UdpConnection(udp_config(msg.datagram_size, flow, block, police=upload,
+                                        base=msg.base_datagram_size), cid,
                              derive_path_keys(secret, initiator=False), time.perf_counter())
         def failed(exc: TransportError) -> None:  # an authenticated peer's refused pieces,
             log.warning("session %s: UDP path %016x closed: %s",  # or a source that failed
@@ -171,8 +174,9 @@ class UdpService:
         self.paths[cid] = su
         if not upload:
             pump.start_ticker()
-        log.info("session %s: UDP path %016x, %d-byte datagrams, policy %s, target %s",
-                 session.id[:8], cid, msg.datagram_size, flow.policy,
+        log.info("session %s: UDP path %016x, %s-byte datagrams, policy %s, target %s",
+                 session.id[:8], cid, f"{msg.base_datagram_size} to {msg.datagram_size}"
+                 if msg.base_datagram_size else msg.datagram_size, flow.policy,
                  f"{flow.target_rate / 1e6:g} Mbit/s" if flow.target_rate else "none")
         return UdpOffer(cid, self.port, msg.datagram_size, flow, key, pub)
 
@@ -270,4 +274,4 @@ def udp_figures(session: S.Session) -> UdpFigures | None:
     sent = f["sent_packets"]  # loss: per path lost / resolved, weighted by datagrams sent
     return UdpFigures(int(f.get("retransmitted_bytes", 0)), int(sent),
                       min(100.0, 100.0 * f.get("lost_packets", 0) / sent),
-                      float(f.get("rtt_ms", 0.0)))
+                      float(f.get("rtt_ms", 0.0)), int(f.get("datagram_size", 0)))

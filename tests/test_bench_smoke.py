@@ -178,6 +178,7 @@ def test_daemon_udp_close_line_is_parsed(tmp_path: Path) -> None:
         sent_packets, received_packets, loss_pct = 1000, 10, 2.5
         retransmitted_bytes, rtt_ms, rate, controller, controller_state = (
             36300, 201.25, 95.5e6, "DelayRate", "steady")
+        datagram_size = 1452
 
     class _Conn:
         connection_id, last_heard = 7, 0.0

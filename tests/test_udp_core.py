@@ -25,6 +25,7 @@ from transport.udp.crypto import Sealer
 from transport.udp.events import (
     CLOSE_PN_EXHAUSTED,
     Closed,
+    MtuRaised,
     PathResumed,
     PathSilent,
     PiecesReceived,
@@ -393,3 +394,74 @@ def test_retransmissions_go_ahead_of_queued_data() -> None:
     assert r.sink.duplicate_bytes == 0
     st = r.a.stats()
     assert st.retransmitted_bytes <= (r.forward.lost + 5) * 1452
+
+
+# -- path MTU discovery (UdpConfig.initial_datagram_size) --------------------------------
+PMTU = UdpConfig(datagram_size=9000, initial_datagram_size=1452)
+
+
+def test_path_mtu_probe_raises_the_datagram_size_in_each_direction() -> None:
+    """A PROBE of the largest size crosses: DATA goes out in datagrams of that size."""
+    events: list[tuple[float, str, object]] = []
+    r = transfer(size=8 << 20, config=PMTU, forward={"delay": 0.02, "loss": 0.01},
+                 backward={"delay": 0.02}, events=events)
+    assert_exact(r)
+    raised = [(who, e) for _, who, e in events if isinstance(e, MtuRaised)]
+    assert sorted((who, e.size, e.previous) for who, e in raised) == [("a", 9000, 1452),
+                                                                      ("b", 9000, 1452)]
+    assert r.a.stats().datagram_size == r.b.stats().datagram_size == 9000
+    # Nearly all data went in 9,000-byte datagrams (1,452 ones until the probe came back,
+    # one RTT of the ramp-up).
+    assert r.a.stats().sent_packets < (8 << 20) / 8900 * 1.25, r.a.stats().sent_packets
+
+
+def test_path_mtu_black_hole_keeps_the_base_size_and_loses_nothing() -> None:
+    """A path that silently drops datagrams over 1,500 bytes (ICMP filtered): three
+    PROBEs go unanswered, the base size stays, and the data never took the loss (a
+    PROBE's loss is no congestion signal, no piece rode in it). The other direction,
+    which carries 9,000 bytes, is raised on its own."""
+    events: list[tuple[float, str, object]] = []
+    r = transfer(size=4 << 20, config=PMTU, forward={"delay": 0.02, "max_size": 1500},
+                 backward={"delay": 0.02}, events=events)
+    assert_exact(r)
+    assert 1 <= r.forward.too_big <= PMTU.pmtu_probes  # only probes were too big
+    assert r.a.stats().datagram_size == 1452 and r.a.recovery.lost_packets == 0
+    assert r.src.lost_bytes == 0
+    assert [(who, e.size) for _, who, e in events if isinstance(e, MtuRaised)] == [("b", 9000)]
+    assert r.b.stats().datagram_size == 9000
+
+
+def test_path_mtu_probe_lost_once_is_tried_again() -> None:
+    """At 30 % loss a probe or its answer is often lost: a later try still raises it."""
+    r = transfer(size=4 << 20, config=PMTU, forward={"delay": 0.01, "loss": 0.3},
+                 backward={"delay": 0.01, "loss": 0.3}, seed=5)
+    assert_exact(r)
+    assert r.a.stats().datagram_size == 9000
+
+
+def test_without_initial_size_no_probe_and_the_configured_size_from_the_start() -> None:
+    r = transfer(size=1 << 20, config=UdpConfig(datagram_size=1452),
+                 forward={"delay": 0.01, "max_size": 1452}, backward={"delay": 0.01})
+    assert_exact(r)
+    assert r.forward.too_big == 0 and r.a.stats().datagram_size == 1452
+
+
+def test_initial_datagram_size_is_checked() -> None:
+    with pytest.raises(ValueError, match="initial_datagram_size larger"):
+        UdpConfig(datagram_size=1452, initial_datagram_size=9000)
+    with pytest.raises(ValueError, match="outside"):
+        UdpConfig(datagram_size=9000, initial_datagram_size=100)
+
+
+def test_path_mtu_search_gives_up_after_its_probes() -> None:
+    a, b = pair(PMTU, PMTU)
+    sim = Sim()
+    fwd = Link(random.Random(1), delay=0.01, max_size=1500)
+    got: list[object] = []
+    sim.add("a", Peer(a, fwd, "b", got.append))
+    sim.add("b", Peer(b, Link(random.Random(2), delay=0.01), "a"))
+    a.probe(0.0, 0xABC)  # first contact, as the client's open does
+    sim.run(5.0)
+    assert fwd.too_big == PMTU.pmtu_probes
+    assert a.get_timer() is not None and a.stats().datagram_size == 1452
+    assert not any(isinstance(e, MtuRaised) for e in got)

@@ -68,6 +68,28 @@ def test_file_both_ways_over_udp(daemon_factory, tmp_path: Path) -> None:
                          r"paths=\S*udp/127\.0\.0\.1:\d+/3145745 ", log), log
 
 
+@pytest.mark.parametrize("z", [None, "1452", "4000"])
+def test_path_mtu_discovery_raises_the_datagram_size_on_loopback(daemon_factory, tmp_path: Path,
+                                                                  z: str | None) -> None:
+    """Without ``-Z``, both directions probe up to what the route carries (65,000 on
+    loopback: IP_MTU 65,536) and send at that size; ``-Z`` is used as given."""
+    d = daemon_factory(udp=True)
+    src = make_file(tmp_path / "a.bin", 24 * MB + 3)
+    extra = ["-Z", z] if z else []
+    want = int(z) if z else 65000
+    rc, res, err = d.transfer(str(src), d.url("/"), "--transport", "udp", *extra)
+    assert rc == 0, err
+    assert res["datagram_size"] == want, res
+    assert sha256(d.docroots["alice"] / "a.bin") == sha256(src)
+    back = tmp_path / "back.bin"
+    rc, res, err = d.transfer(d.url("/a.bin"), str(back), "--transport", "udp", *extra)
+    assert rc == 0, err
+    assert res["datagram_size"] == want, res  # the daemon's sending end, from its figures
+    assert sha256(back) == sha256(src)
+    rc, res, err = d.transfer(str(src), d.url("/h.bin"), "--transport", "https")
+    assert rc == 0 and res["datagram_size"] == 0, (err, res)
+
+
 def test_folder_both_ways_over_udp_plain_http_x25519(daemon_factory, tmp_path: Path) -> None:
     """Over a plain-HTTP control channel the key is agreed with X25519: only public keys
     cross it (the daemon refuses a plain-HTTP request without one)."""
@@ -562,7 +584,8 @@ async def test_download_reports_the_daemons_sender_figures(daemon_factory, tmp_p
     assert res.ok and sha256(out / "d.bin") == sha256(d.docroots["alice"] / "d.bin")
     assert len(seen) == 1, seen
     raw = seen[0]
-    assert raw["sent_packets"] >= 6 * MB // 1452, raw
+    assert raw["datagram_size"] == 65000 and res.datagram_size == 65000, raw  # loopback
+    assert raw["sent_packets"] >= 6 * MB // 65000, raw
     assert raw["rtt_ms"] > 0 and res.rtt_ms == raw["rtt_ms"], (raw, res)
     assert res.loss_pct == raw["loss_pct"] and res.retransmitted_bytes == \
         raw["retransmitted_bytes"], (raw, res)

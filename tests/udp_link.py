@@ -4,9 +4,10 @@
 every ``Link`` that names it. ``Link``: one direction, with the bottleneck (optional),
 random loss after it (seeded), propagation ``delay``, uniform ``jitter`` (which reorders
 when larger than the packet spacing), explicit reordering (``reorder`` probability of
-``reorder_extra`` more delay), duplication, corruption (one byte flipped), and windows
-of silence. ``Sim`` steps time to the next arrival or connection timer, like an event
-loop would, and calls the owners after each step.
+``reorder_extra`` more delay), duplication, corruption (one byte flipped), windows
+of silence, and a path MTU (``max_size``) that silently drops larger datagrams.
+``Sim`` steps time to the next arrival or connection timer, like an event loop would,
+and calls the owners after each step.
 
 Host jitter (``Peer.stall``): a peer on a busy host does not run the moment a datagram
 arrives or its timer falls due; it runs up to ``stall`` seconds later (uniform), and
@@ -64,12 +65,17 @@ class Link:
     reorder_extra: float = 0.005
     bottleneck: Bottleneck | None = None
     silent: list[tuple[float, float]] = field(default_factory=list)
+    max_size: int = 0           # a path MTU: larger datagrams vanish (0: none)
     sent: int = 0
     lost: int = 0
     delivered: int = 0
+    too_big: int = 0
 
     def transmit(self, now: float, data: bytes) -> list[tuple[float, bytes]]:
         self.sent += 1
+        if self.max_size and len(data) > self.max_size:
+            self.too_big += 1  # an ICMP "fragmentation needed" that no one hears
+            return []
         if any(a <= now < b for a, b in self.silent):
             self.lost += 1
             return []

@@ -18,7 +18,7 @@ from fallback.errors import UsageError
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.blocks.pacing import parse_rate, policy_names
 from transport.blocks.plan import DEFAULT_RESUME, OVERWRITE_MODES, RESUME_MODES
-from transport.udp.codec import DEFAULT_DATAGRAM, MAX_DATAGRAM, MIN_DATAGRAM
+from transport.udp.codec import MAX_DATAGRAM, MIN_DATAGRAM
 
 if TYPE_CHECKING:
     from fallback.client.failover import FailoverConfig
@@ -56,8 +56,11 @@ class Options:
     policy: str = "fair"
     udp_port: int | None = None
     """UDP port to send to (``-O``); None: the one the daemon's answer names."""
-    datagram_size: int = DEFAULT_DATAGRAM
-    """UDP payload bytes per datagram (``-Z``); the default fits a 1,500-byte MTU."""
+    datagram_size: int | None = None
+    """UDP payload bytes per datagram (``-Z``), sent from the start. None: path MTU
+    discovery, from 1,452 bytes (fits any 1,500-byte MTU path) up to the largest datagram
+    the route carries unfragmented once a probe of that size crosses the path (65,000
+    on loopback, 8,972 on a jumbo-frame LAN; ``fallback.client.udppath``)."""
     symbolic_links: str = "follow"
     """Symbolic links met inside a source folder (an upload): ``follow`` carries a link to a
     file as that file when its target lies inside the source folder and skips (and reports)
@@ -138,6 +141,8 @@ class Options:
 
         for name in ("retries", "datagram_size"):
             value = getattr(self, name)
+            if name == "datagram_size" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise UsageError(f"{name} must be an integer, not {value!r}")
         for name in ("retry_timeout", "connect_timeout"):
@@ -187,7 +192,8 @@ class Options:
             raise UsageError(f"--policy must be one of {', '.join(policy_names())}")
         if self.udp_port is not None and not 1 <= self.udp_port <= 65535:
             raise UsageError("--udp-port must be between 1 and 65535")
-        if not MIN_DATAGRAM <= self.datagram_size <= MAX_DATAGRAM:
+        if self.datagram_size is not None and not (
+                MIN_DATAGRAM <= self.datagram_size <= MAX_DATAGRAM):
             raise UsageError(f"--datagram-size must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")
         target, floor = self.target_bps, _bps(self.min_rate, "--min-rate")
         if floor and target and floor > target:

@@ -496,6 +496,8 @@ def _daemon_udp_figures(result: TransferResult, raw: Any) -> None:
     result.loss_pct = f.loss_pct
     if f.rtt_ms:
         result.rtt_ms = f.rtt_ms
+    if f.datagram_size:
+        result.datagram_size = f.datagram_size
 
 
 def _remote_message(exc: TransportError, result: TransferResult, path: str) -> str:

@@ -32,6 +32,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from fallback.client.paths import PathDone, PathLost, PathProbe, PathSignal, PathStats
 from fallback.control import Flow
@@ -49,9 +50,12 @@ from transport.errors import (
     RemoteError,
     TransportError,
 )
+from transport.udp import DEFAULT_PORT
 from transport.udp.aio import UdpEndpoint
+from transport.udp.codec import DEFAULT_DATAGRAM, MIN_DATAGRAM
 from transport.udp.connection import UdpConnection
 from transport.udp.crypto import X25519Exchange, derive_path_keys
+from transport.udp.sockopt import route_max_datagram
 
 log = logging.getLogger("fallback.client")
 
@@ -74,7 +78,8 @@ WAIT = 0.05
 class UdpPath:
     """One UDP path of a session (the ``Path`` protocol, ``fallback.client.paths``)."""
 
-    def __init__(self, remote: Remote, *, datagram_size: int, flow: Flow | None, port: int | None,
+    def __init__(self, remote: Remote, *, datagram_size: int | None, flow: Flow | None,
+                 port: int | None,
                  sender: BlockSender | None = None, sink: BlockSink | None = None,
                  complete: Callable[[], bool] | None = None, block: int = 4 << 20,
                  probe_timeout: float = PROBE_TIMEOUT, probes: int = 1) -> None:
@@ -101,6 +106,7 @@ class UdpPath:
         self._retx = 0
         self._loss = 0.0
         self._rtt_ms = 0.0
+        self._size = 0
 
     @property
     def id(self) -> str:
@@ -119,9 +125,17 @@ class UdpPath:
             return
         await self._drop_endpoint()
         remote = self.remote
+        host = remote.url.host
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, self.port or DEFAULT_PORT,
+                                           type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ConnectError(f"UDP: cannot resolve {host}: {exc.strerror or exc}") from None
+        family, _, _, _, addr = infos[0]
+        size, base = self._sizes(family, addr)
         ex = X25519Exchange() if remote.scheme == "http" else None
-        req = UdpRequest(self.datagram_size, ex.public_bytes if ex is not None else None,
-                         self.flow)
+        req = UdpRequest(size, ex.public_bytes if ex is not None else None, self.flow, base)
         try:
             raw = await remote.call("POST", remote.session_url("/udp"), req.to_json())
         except TransportError as exc:
@@ -142,18 +156,16 @@ class UdpPath:
             secret = offer.key
         self.offer = offer
         port = self.port or offer.port
-        host = remote.url.host
-        loop = asyncio.get_running_loop()
+        addr = (addr[0], port, *addr[2:])
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-            family, _, _, _, addr = infos[0]
             endpoint = await UdpEndpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0",
                                               0)
         except OSError as exc:
             raise ConnectError(f"UDP: cannot reach {host}:{port}: {exc.strerror or exc}") from None
         self.endpoint = endpoint
         _report_icmp(endpoint, family)
-        conn = UdpConnection(udp_config(offer.datagram_size, offer.flow, self.block),
+        base = base if base is not None and base < offer.datagram_size else None
+        conn = UdpConnection(udp_config(offer.datagram_size, offer.flow, self.block, base=base),
                              offer.connection_id, derive_path_keys(secret, initiator=True),
                              time.perf_counter(), peer=tuple(addr))
         # Nothing leased before the probe is answered: the HTTP(S) streams that started
@@ -172,12 +184,34 @@ class UdpPath:
                                f"{self.probe_timeout:g} s (a firewall, or nothing on that port; "
                                f"{seen})")
         self._rtt = rtt
-        log.info("UDP path to %s:%d up: connection %016x, %d-byte datagrams, rtt %.2f ms, "
-                 "policy %s", host, port, offer.connection_id, offer.datagram_size, rtt * 1e3,
-                 offer.flow.policy)
+        log.info("UDP path to %s:%d up: connection %016x, %s-byte datagrams, rtt %.2f ms, "
+                 "policy %s", host, port, offer.connection_id,
+                 f"{base} (probing {offer.datagram_size})" if base else offer.datagram_size,
+                 rtt * 1e3, offer.flow.policy)
         self.pump.leasing = True
         if self.sender is not None:
             self.pump.start_ticker()
+
+    def _sizes(self, family: int, addr: tuple[Any, ...]) -> tuple[int, int | None]:
+        """``(datagram size, base size or None)`` to ask the daemon for. A size the user
+        set (``-Z``) is used from the start. Otherwise the largest datagram the route to
+        the daemon carries unfragmented (``route_max_datagram``: 65,000 on loopback,
+        8,972 on a 9,000-byte jumbo-frame LAN), reached from ``DEFAULT_DATAGRAM`` once
+        a PROBE of that size crosses each direction (``UdpConfig.initial_datagram_size``);
+        a path whose smaller MTU drops it stays at the default. A route whose MTU is
+        below 1,500 bytes (a tunnel, a VPN) gets its own size from the start: no IP
+        fragments. Per-datagram work is
+        what a Python sender pays for, so larger datagrams where the path allows are the
+        whole speed of a LAN or loopback transfer (839 MB/s at 65,000 B against 75 MB/s
+        at 1,452 B on loopback, bench/README.md)."""
+        if self.datagram_size is not None:
+            return self.datagram_size, None
+        top = route_max_datagram(family, addr)
+        if top is None:
+            return DEFAULT_DATAGRAM, None
+        if top <= DEFAULT_DATAGRAM:  # a tunnel's smaller MTU: never fragment
+            return max(top, MIN_DATAGRAM), None
+        return top, DEFAULT_DATAGRAM
 
     @staticmethod
     async def _probe_any(pump: UdpPump, timeout: float, probes: int) -> float | None:
@@ -269,6 +303,7 @@ class UdpPath:
         result.retransmitted_bytes += self._retx
         result.loss_pct = self._loss
         result.rtt_ms = self._rtt_ms or (self._rtt or 0.0) * 1e3
+        result.datagram_size = self._size
 
     def _keep_stats(self) -> None:
         if self.pump is None:
@@ -278,6 +313,7 @@ class UdpPath:
         self._loss = st.loss_pct
         if st.rtt_ms:
             self._rtt_ms = st.rtt_ms
+        self._size = st.datagram_size
         self._moved += self.pump.moved
         self._blocks += self.pump.blocks
         self._last = max(self._last, self.pump.last_activity)
@@ -316,7 +352,8 @@ _IP_RECVERR = 11  # linux/in.h (not exported by Python's socket module)
 _IPV6_RECVERR = 25  # linux/in6.h
 
 
-async def open_udp(remote: Remote, transport: str, *, datagram_size: int, flow: Flow | None,
+async def open_udp(remote: Remote, transport: str, *, datagram_size: int | None,
+                   flow: Flow | None,
                    port: int | None, sender: BlockSender | None = None,
                    sink: BlockSink | None = None, complete: Callable[[], bool] | None = None,
                    block: int = 4 << 20) -> UdpPath | None:

@@ -13,6 +13,7 @@ from transport.udp.crypto import PathKeys, X25519Exchange, derive_path_keys, new
 from transport.udp.events import (
     Closed,
     Event,
+    MtuRaised,
     PathResumed,
     PathSilent,
     PiecesAcked,
@@ -28,6 +29,6 @@ from transport.udp.rate import RateConfig
 DEFAULT_PORT = 33001
 
 __all__ = ["DEFAULT_PORT", "UdpConnection", "UdpConfig", "RateConfig", "PathKeys",
-           "X25519Exchange", "derive_path_keys", "new_path_secret", "Event", "Closed",
+           "X25519Exchange", "derive_path_keys", "new_path_secret", "Event", "Closed", "MtuRaised",
            "PathResumed", "PathSilent", "PiecesAcked", "PiecesLost", "PiecesReceived",
            "ProbeAnswered", "SendReady", "Stats"]

@@ -49,6 +49,7 @@ from transport.udp.events import (
     Address,
     Closed,
     Event,
+    MtuRaised,
     PathResumed,
     PathSilent,
     PiecesAcked,
@@ -103,6 +104,13 @@ class UdpConnection(SendHalf):
         self._silent_since = now
         self.drops = dict.fromkeys(_DROP_KINDS, 0)
         self._validating: dict[int, tuple[Address, float]] = {}  # token -> (address, sent)
+        # Path MTU search (UdpConfig.initial_datagram_size): the due time of the next
+        # PROBE of config.datagram_size bytes, None when there is nothing (more) to try.
+        self._pmtu_next: float | None = (
+            0.0 if config.initial_datagram_size is not None
+            and config.initial_datagram_size < config.datagram_size else None)
+        self._pmtu_tries = 0
+        self._pmtu_token = -1
         cap = config.receive_cap
         self.policer = None if cap is None else RatePolicer(
             cap / 8 * (1.0 + config.receive_cap_margin),
@@ -186,6 +194,8 @@ class UdpConnection(SendHalf):
             times.append(self._rx_first_pending + self.config.max_ack_delay)
         if self.peer is not None:
             times.append(self._last_eliciting + self.config.keepalive_interval)
+            if self._pmtu_next is not None and self._authenticated:
+                times.append(self._pmtu_next)
             if self._queue and self._cwnd_room() >= self.size:
                 times.append(self._pacer.next_time(self._quantum(), self.controller.rate))
         return min(times) if times else None
@@ -204,11 +214,29 @@ class UdpConnection(SendHalf):
             self._keepalive_due = True
         if self._rx_pending and now >= self._rx_first_pending + self.config.max_ack_delay:
             self._feedback_now = True
+        if (self._pmtu_next is not None and now >= self._pmtu_next and self._authenticated
+                and self.peer is not None):
+            self._probe_mtu(now)
         if not self._silent and now >= self._last_heard + self.config.silent_after:
             self._silent = True
             self._silent_since = self._last_heard
             self.controller.on_silence()
             self._events.append(PathSilent(self._last_heard))
+
+    def _probe_mtu(self, now: float) -> None:
+        """One PROBE padded to ``config.datagram_size``, once the peer was heard from
+        (it knows our address); the answer raises the size (``_on_control``). A PROBE is
+        not ack-eliciting: its loss is no congestion signal. After ``pmtu_probes``
+        unanswered tries the base size stays (RFC 8899 section 5.1.2, MAX_PROBES)."""
+        cfg = self.config
+        if self._pmtu_tries >= cfg.pmtu_probes:
+            self._pmtu_next = None
+            return
+        self._pmtu_tries += 1
+        self._pmtu_token = int.from_bytes(os.urandom(8), "big")
+        self._control.append((codec.PROBE, codec.encode_probe(
+            self._pmtu_token, int(now * 1e6), cfg.datagram_size), None))
+        self._pmtu_next = now + max(3.0 * self.recovery.rtt.smoothed, cfg.pmtu_probe_spacing)
 
     def _feedback_wanted(self) -> bool:
         return self._feedback_now or self._rx_pending >= self.config.ack_every
@@ -431,6 +459,14 @@ class UdpConnection(SendHalf):
                 probe.token, probe.send_time_us, probe.size), addr))
         elif type_ == codec.PROBE_ACK:
             ack = codec.parse_probe_ack(body)
+            if ack.token == self._pmtu_token:  # our path MTU probe crossed: raise the size
+                self._pmtu_token = -1
+                self._pmtu_next = None
+                if ack.probe_size >= self.config.datagram_size > self.size:
+                    previous = self.size
+                    self._size_buffers(self.config.datagram_size)
+                    self._events.append(MtuRaised(self.size, previous))
+                return
             if ack.token in self._validating:  # ours, for path validation
                 if addr == self._validating[ack.token][0]:
                     self.peer = addr
@@ -460,4 +496,4 @@ class UdpConnection(SendHalf):
             bytes_in_flight=rec.bytes_in_flight, queued_bytes=self._queued,
             controller=type(self.controller).__name__, controller_state=self.controller.state,
             packet_threshold=rec.packet_threshold, time_threshold=rec.time_threshold,
-            drops=dict(self.drops))
+            drops=dict(self.drops), datagram_size=self.size)

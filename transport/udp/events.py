@@ -50,9 +50,21 @@ class UdpConfig:
     after a burst of ``receive_cap_burst`` seconds of it, DATA datagrams are dropped
     unacknowledged (``drops["policed"]``). A daemon sets it from the server's flow cap on
     an upload, so a client that ignores the flow it was answered gets no more than that.
+
+    ``initial_datagram_size`` (None: ``datagram_size`` from the start, as when a user
+    sets ascp's ``-Z``): when smaller than ``datagram_size``, the connection sends
+    datagrams of this size (the base, RFC 8899 section 5.1.2's BASE_PLPMTU) until the
+    peer answers a PROBE padded to ``datagram_size`` (the largest size the route's MTU
+    allows, RFC 8899 section 5.1.4's MAX_PLPMTU), then ``datagram_size``: path MTU
+    discovery of one step (``MtuRaised``). ``pmtu_probes`` tries, spaced
+    ``max(3 RTT, pmtu_probe_spacing)`` s, then the base stays (RFC 8899 MAX_PROBES = 3).
+    The receiving side accepts any size up to the 64 KiB datagram limit either way.
     """
 
     datagram_size: int = DEFAULT_DATAGRAM
+    initial_datagram_size: int | None = None
+    pmtu_probes: int = 3
+    pmtu_probe_spacing: float = 0.2
     rate: RateConfig = field(default_factory=RateConfig)
     max_queue_bytes: int = 4 << 20
     ack_every: int = 64
@@ -69,6 +81,10 @@ class UdpConfig:
 
     def __post_init__(self) -> None:
         check_datagram_size(self.datagram_size)
+        if self.initial_datagram_size is not None:
+            check_datagram_size(self.initial_datagram_size)
+            if self.initial_datagram_size > self.datagram_size:
+                raise ValueError("initial_datagram_size larger than datagram_size")
         if self.max_queue_bytes < max_piece_payload(self.datagram_size):
             raise ValueError("max_queue_bytes smaller than one datagram")
         if self.ack_every < 1 or self.max_ack_delay <= 0 or self.silent_after <= 0:
@@ -116,6 +132,15 @@ class ProbeAnswered:
 
 
 @dataclass(frozen=True, slots=True)
+class MtuRaised:
+    """The peer answered a PROBE of ``size`` bytes: DATA goes out in datagrams of
+    ``size`` bytes from now on (``UdpConfig.initial_datagram_size``)."""
+
+    size: int        # bytes of UDP payload per datagram
+    previous: int
+
+
+@dataclass(frozen=True, slots=True)
 class PathSilent:
     """Nothing authenticated heard from the peer since ``since`` (seconds, owner's clock)."""
 
@@ -135,8 +160,8 @@ class Closed:
     by_peer: bool
 
 
-Event = (PiecesReceived | PiecesAcked | PiecesLost | SendReady | ProbeAnswered | PathSilent
-         | PathResumed | Closed)
+Event = (PiecesReceived | PiecesAcked | PiecesLost | SendReady | ProbeAnswered | MtuRaised
+         | PathSilent | PathResumed | Closed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +190,4 @@ class Stats:
     packet_threshold: int
     time_threshold: float
     drops: dict[str, int]
+    datagram_size: int = DEFAULT_DATAGRAM  # the size DATA datagrams are sent at now

@@ -69,7 +69,7 @@ class SendHalf:
         self.config = config
         self.connection_id = connection_id
         self.peer = peer
-        self.size = config.datagram_size
+        self.size = config.initial_datagram_size or config.datagram_size
         self._sealer = sealer
         self._events: deque[Event] = deque()
         self._closed: Closed | None = None
@@ -94,22 +94,30 @@ class SendHalf:
         self._last_sample = now
         self._last_lost = 0
         self._last_acked = 0
-        self._segments = max(1, min(64, 65000 // self.size))  # one UDP GSO send
-        self._out = bytearray(self._segments * self.size)
-        self._out_mv = memoryview(self._out)
         self._last_len = 0
-        self._scratch = bytearray(self.size)
-        self._scratch_mv = memoryview(self._scratch)
-        body_room = self.size - HEADER_SIZE - TAG_SIZE
-        self._full_plain = self._scratch_mv[:body_room]
-        # Per segment of the batch buffer: (header view = AAD, sealed-body view).
-        self._seg_views = [(self._out_mv[o:o + HEADER_SIZE],
-                            self._out_mv[o + HEADER_SIZE:o + self.size])
-                           for o in range(0, len(self._out), self.size)]
+        self._size_buffers(self.size)
         # (type, body, address or None for the peer's): control datagrams go first
         self._control: deque[tuple[int, bytes, Address | None]] = deque()
         self._keepalive_due = peer is not None  # the first datagram tells our address
         self._last_eliciting = -1e9
+
+    def _size_buffers(self, size: int) -> None:
+        """Send ``size``-byte datagrams from now on: fresh batch buffers (a view handed
+        out by ``build_batch`` keeps the old ones alive until the owner drops it), the
+        pacer's minimum burst and the controller's segment size follow."""
+        self.size = size
+        self._segments = max(1, min(64, 65000 // size))  # one UDP GSO send
+        self._out = bytearray(self._segments * size)
+        self._out_mv = memoryview(self._out)
+        self._scratch = bytearray(size)
+        self._scratch_mv = memoryview(self._scratch)
+        self._full_plain = self._scratch_mv[:size - HEADER_SIZE - TAG_SIZE]
+        # Per segment of the batch buffer: (header view = AAD, sealed-body view).
+        self._seg_views = [(self._out_mv[o:o + HEADER_SIZE],
+                            self._out_mv[o + HEADER_SIZE:o + size])
+                           for o in range(0, len(self._out), size)]
+        self._pacer.min_burst = 4.0 * size
+        self.controller.mss = size
 
     # -- hooks the connection provides -------------------------------------------------------
     def close(self, now: float, code: int = 0, reason: str = "", *, error: bool = False) -> None:
@@ -195,7 +203,8 @@ class SendHalf:
             type_, body, to = self._control.popleft()
             if type_ in (codec.CLOSE, codec.ERROR):
                 self._control.clear()
-            return self._single(type_, body, now), self.size, 1, to or peer
+            view = self._single(type_, body, now)  # a path MTU probe may exceed self.size
+            return view, len(view), 1, to or peer
         if self._closed:
             return None
         if self._feedback_wanted():
@@ -220,9 +229,10 @@ class SendHalf:
                 ) -> memoryview:
         pn = self._pn
         self._pn = pn + 1
-        out = self._out_mv
-        HEADER.pack_into(self._out, 0, MAGIC, VERSION, type_, 0, self.connection_id, pn)
         n = HEADER_SIZE + len(body) + TAG_SIZE
+        # A path MTU probe may be larger than the batch buffer: a buffer of its own.
+        out = self._out_mv if n <= len(self._out) else memoryview(bytearray(n))
+        HEADER.pack_into(out, 0, MAGIC, VERSION, type_, 0, self.connection_id, pn)
         self._sealer.seal_into(pn, out[:HEADER_SIZE], body, out[HEADER_SIZE:n])
         self.sent_bytes += n
         self.sent_packets += 1

@@ -144,6 +144,36 @@ def max_gso_segments(datagram_size: int) -> int:
     return max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // datagram_size))
 
 
+IP_MTU = getattr(socket, "IP_MTU", 14)        # ip(7), linux/in.h
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)    # ipv6(7), linux/in6.h
+MAX_AUTO_DATAGRAM = 65000
+"""Largest datagram path MTU discovery asks for: one GSO send's worth (``GSO_MAX_BYTES``),
+under the 65,507-byte IPv4 UDP limit."""
+
+
+def route_max_datagram(family: int, addr: tuple[object, ...]) -> int | None:
+    """The largest UDP payload (bytes) the route to ``addr`` carries without IP
+    fragmentation, as this host knows it: the path MTU the kernel holds for the route
+    (``IP_MTU``/``IPV6_MTU`` on a connected socket, ip(7)/ipv6(7): the outgoing
+    interface's MTU, or less once an ICMP "fragmentation needed" lowered it) minus the
+    IP (20 or 40 bytes) and UDP (8) headers, at most ``MAX_AUTO_DATAGRAM``. Hops beyond
+    the first may carry less: the caller probes before it uses it (RFC 8899). None
+    where the kernel does not say (not Linux, no route). Connecting a UDP socket sends
+    nothing."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr)
+            if family == socket.AF_INET6:
+                mtu, headers = sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU), 48
+            else:
+                mtu, headers = sock.getsockopt(socket.IPPROTO_IP, IP_MTU), 28
+    except OSError:
+        return None
+    if mtu <= headers:
+        return None
+    return min(mtu - headers, MAX_AUTO_DATAGRAM)
+
+
 BULK_MMAP_THRESHOLD = 32 << 20
 """mmap threshold for a process moving blocks over HTTP (the daemon, the CLI's transfer):
 above the largest block read whole (4 MiB and its ``bytes`` header, which the default
