@@ -12,13 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transport.udp.codec import DEFAULT_DATAGRAM, check_datagram_size, max_piece_payload
+from transport.udp.codec import (
+    DEFAULT_DATAGRAM,
+    VERSION,
+    VERSIONS,
+    check_datagram_size,
+    max_piece_payload,
+)
 from transport.udp.rate import RateConfig
 
 #: ``(file, block, offset, data)`` of a received piece; ``data`` is valid until the owner
 #: drops it (it views the decrypted datagram, no copy).
 ReceivedPiece = tuple[int, int, int, memoryview]
-#: ``(file, block, offset, length)`` of a piece that was sent.
+#: ``(file, block, offset, length)`` of a piece that was sent (a hole piece's ``length``
+#: is the bytes it stands for), or of a hole piece received.
 PieceRef = tuple[int, int, int, int]
 #: A socket address as the adapter gives it (``(host, port)`` or the IPv6 4-tuple).
 Address = tuple[Any, ...]
@@ -50,6 +57,9 @@ class UdpConfig:
     after a burst of ``receive_cap_burst`` seconds of it, DATA datagrams are dropped
     unacknowledged (``drops["policed"]``). A daemon sets it from the server's flow cap on
     an upload, so a client that ignores the flow it was answered gets no more than that.
+    ``version``: the datagram format version this connection speaks, agreed over the
+    control channel (1, or 2 with hole pieces: ``queue_hole``); datagrams of another
+    version are dropped (``drops["magic"]``).
     """
 
     datagram_size: int = DEFAULT_DATAGRAM
@@ -66,9 +76,12 @@ class UdpConfig:
     receive_cap: float | None = None
     receive_cap_margin: float = 0.10
     receive_cap_burst: float = 0.100
+    version: int = VERSION
 
     def __post_init__(self) -> None:
         check_datagram_size(self.datagram_size)
+        if self.version not in VERSIONS:
+            raise ValueError(f"datagram format version {self.version} not in {VERSIONS}")
         if self.max_queue_bytes < max_piece_payload(self.datagram_size):
             raise ValueError("max_queue_bytes smaller than one datagram")
         if self.ack_every < 1 or self.max_ack_delay <= 0 or self.silent_after <= 0:
@@ -84,7 +97,12 @@ class UdpConfig:
 
 @dataclass(frozen=True, slots=True)
 class PiecesReceived:
+    """Pieces received since the last event, in arrival order; ``holes``: the hole pieces
+    (version 2) among them, ``(file, block, offset, length)``, each after the data pieces
+    of its own datagram (a block's digest piece travels with its hole piece)."""
+
     pieces: list[ReceivedPiece]
+    holes: list[PieceRef] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +183,6 @@ class Stats:
     packet_threshold: int
     time_threshold: float
     drops: dict[str, int]
+    sent_hole_pieces: int = 0     # hole pieces sent, retransmissions included (version 2)
+    sent_hole_bytes: int = 0      # bytes those hole pieces stood for (not on the wire)
+    received_hole_pieces: int = 0
