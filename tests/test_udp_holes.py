@@ -274,3 +274,18 @@ def test_bad_hole_pieces_are_dropped_and_never_written() -> None:
             rcv.asm.receive_hole(f, blk, off, n, 0.0)
     assert not rcv.sink.written and not rcv.sink.zeroed and rcv.sink.held_bytes == 0
 
+
+def test_the_version_is_agreed_over_the_control_call() -> None:
+    """``version`` in the UDP request and offer: absent means 1 (an older peer), the
+    daemon answers the lower of the request's and its own, a client refuses more."""
+    from fallback.control import Flow
+    from fallback.udpcontrol import MAX_VERSION, UdpOffer, UdpRequest
+
+    assert "version" not in UdpRequest().to_json() and UdpRequest.from_json({}).version == 1
+    assert UdpRequest.from_json(UdpRequest(version=2).to_json()).version == 2
+    offer = UdpOffer(0xAB, 33001, 1452, Flow(), key=bytes(32), version=2)
+    assert UdpOffer.from_json(offer.to_json()) == offer
+    old = UdpOffer(0xAB, 33001, 1452, Flow(), key=bytes(32)).to_json()
+    assert "version" not in old and UdpOffer.from_json(old).version == 1
+    with pytest.raises(ProtocolError):
+        UdpOffer.from_json({**offer.to_json(), "version": MAX_VERSION + 1})

@@ -39,7 +39,7 @@ from fallback.errors import UdpUnavailable
 from fallback.remote import Remote
 from fallback.result import TransferResult
 from fallback.udpblocks import UdpPump, udp_config
-from fallback.udpcontrol import FEATURE, UdpOffer, UdpRequest
+from fallback.udpcontrol import FEATURE, FEATURE_HOLES, MAX_VERSION, UdpOffer, UdpRequest
 from transport.blocks.sender import BlockSender
 from transport.blocks.sink import BlockSink
 from transport.errors import (
@@ -120,8 +120,10 @@ class UdpPath:
         await self._drop_endpoint()
         remote = self.remote
         ex = X25519Exchange() if remote.scheme == "http" else None
+        # Datagram format 2 (hole pieces) from a daemon that lists it, else 1.
+        version = MAX_VERSION if FEATURE_HOLES in remote.features else 1
         req = UdpRequest(self.datagram_size, ex.public_bytes if ex is not None else None,
-                         self.flow)
+                         self.flow, version)
         try:
             raw = await remote.call("POST", remote.session_url("/udp"), req.to_json())
         except TransportError as exc:
@@ -153,7 +155,11 @@ class UdpPath:
             raise ConnectError(f"UDP: cannot reach {host}:{port}: {exc.strerror or exc}") from None
         self.endpoint = endpoint
         _report_icmp(endpoint, family)
-        conn = UdpConnection(udp_config(offer.datagram_size, offer.flow, self.block),
+        if offer.version > version:
+            raise ProtocolError(f"UDP: the daemon answered datagram format {offer.version}, "
+                                f"asked for {version}")
+        conn = UdpConnection(udp_config(offer.datagram_size, offer.flow, self.block,
+                                        version=offer.version),
                              offer.connection_id, derive_path_keys(secret, initiator=True),
                              time.perf_counter(), peer=tuple(addr))
         # Nothing leased before the probe is answered: the HTTP(S) streams that started
