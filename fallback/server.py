@@ -55,6 +55,7 @@ from fallback.session_routes import (
     want,
 )
 from fallback.udpcontrol import FEATURE as UDP_FEATURE
+from fallback.udpcontrol import FEATURE_HOLES as UDP_HOLES
 from fallback.udpserver import udp_close, udp_path
 from transport.errors import (
     TransportError,
@@ -71,7 +72,7 @@ async def info(request: web.Request) -> web.Response:
         "enable_https": c.enable_https, "https_port": c.https_port,
         "udp_port": udp.port if udp is not None else c.bind_udp_port, "udp": udp is not None,
         "scheme": scheme_of(request),
-        "features": list(FEATURES) + ([UDP_FEATURE] if udp is not None else []),
+        "features": list(FEATURES) + ([UDP_FEATURE, UDP_HOLES] if udp is not None else []),
     })
 
 

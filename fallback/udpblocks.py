@@ -7,7 +7,10 @@ either end:
   from the session's ``BlockSender`` under its own path id (the same scheduler the
   HTTP streams lease from), reads them off the event loop, queues the block's digest
   (a piece at ``DIGEST_OFFSET``) and its bytes into the connection, and marks the
-  lease delivered. The core reports every piece once: acknowledged
+  lease delivered. A block lying wholly in a hole of its file (the sender's
+  ``read`` gives a ``Hole``, as for an HTTP stream: ``SEEK_DATA``, never for a source
+  being encrypted) goes as a hole piece with no payload on a connection of datagram
+  format version 2, and as zeros on a version 1 one. The core reports every piece once: acknowledged
   (``PiecesAcked``: the scheduler's piece-level ``received``, and the held bytes are
   freed once the whole lease is acknowledged) or lost (``PiecesLost``: queued again,
   first, from the bytes held). Nothing is read twice for a retransmission.
@@ -16,7 +19,9 @@ either end:
   as HTTP frames), in worker threads (``BlockSink.pieces``). The inbox is bounded:
   past ``INBOX_HIGH`` bytes the endpoint stops reading the socket (the kernel
   buffer fills, the sender's one-way delay grows and its delay-based controller
-  slows down) until it drains below ``INBOX_LOW``.
+  slows down) until it drains below ``INBOX_LOW``. Hole pieces go to the sink as
+  ``Hole``s (its assembler's ``receive_hole``: the range stays a hole), after the data
+  pieces of the same datagram (the block's digest travels with its hole).
 
 An authenticated peer's piece the sink refuses (unknown file, outside its block, a
 block failing its digest again and again) ends the path with that error (``error``);
@@ -42,6 +47,7 @@ from transport.blocks.sink import BlockSink
 from transport.blocks.sparse import Hole
 from transport.errors import ConnectionLost, ProtocolError, TransportError, from_os_error
 from transport.udp.aio import UdpEndpoint
+from transport.udp.codec import VERSION_HOLES
 from transport.udp.connection import UdpConnection
 from transport.udp.events import (
     CLOSE_ABORTED,
@@ -89,19 +95,23 @@ def rate_config(flow: Flow) -> RateConfig:
 
 
 def udp_config(size: int, flow: Flow, block: int, *, police: bool = False,
-               base: int | None = None) -> UdpConfig:
+               base: int | None = None, version: int = 1) -> UdpConfig:
     """Per-connection options: the datagram size agreed, the flow, a send queue that holds
     a few whole blocks (``UdpPump`` queues a lease whole). ``police``: this end receives
     the data (the daemon's end of an upload) and holds the peer to the flow's target rate
     whatever it sends (``UdpConfig.receive_cap``: 10 % over the cap is dropped).
     ``base``: send datagrams of this size until a PROBE of ``size`` bytes is answered
-    (``UdpConfig.initial_datagram_size``, path MTU discovery)."""
+    (``UdpConfig.initial_datagram_size``, path MTU discovery). ``version``: the datagram
+    format agreed (2: hole pieces)."""
     cap = float(flow.target_rate) if police and flow.target_rate else None
     return UdpConfig(datagram_size=size, initial_datagram_size=base, rate=rate_config(flow),
-                     max_queue_bytes=max(MAX_QUEUE, 3 * block + (1 << 20)), receive_cap=cap)
+                     max_queue_bytes=max(MAX_QUEUE, 3 * block + (1 << 20)), receive_cap=cap,
+                     version=version)
 
 
-Piece = tuple[int, int, int, "bytes | memoryview", "bytes | None"]
+Piece = tuple[int, int, int, "bytes | memoryview | Hole", "bytes | None"]
+"""``(file, block, offset, data, digest)`` for the sink; ``data`` a ``Hole`` for a hole
+piece, empty when only the digest came."""
 
 
 def coalesce(batch: list[Piece]) -> list[Piece]:
@@ -122,18 +132,19 @@ def coalesce(batch: list[Piece]) -> list[Piece]:
 
     for piece in batch:
         f, b, off, data, digest = piece
-        if digest is None and key == (f, b) and off == end:
+        if isinstance(data, Hole) or digest is not None:  # a hole or a digest: alone
+            flush()
+            run = []
+            key = None
+            out.append(piece)
+            continue
+        if key == (f, b) and off == end:
             run.append(data)
             end += len(data)
             continue
         flush()
-        run = []
-        key = None
-        if digest is not None:
-            out.append(piece)
-            continue
         key, start, end = (f, b), off, off + len(data)
-        run.append(data)
+        run = [data]
     flush()
     return out
 
@@ -141,7 +152,7 @@ def coalesce(batch: list[Piece]) -> list[Piece]:
 @dataclass(slots=True)
 class _Held:
     lease: Lease
-    data: bytes | bytearray | memoryview
+    data: bytes | bytearray | memoryview | Hole
     digest: bytes | None
     outstanding: int
 
@@ -275,7 +286,8 @@ class UdpPump:
                         break
                 elif h.lease.offset <= off < h.lease.stop:
                     h.outstanding -= n
-                    self.moved += n
+                    if not isinstance(h.data, Hole):
+                        self.moved += n  # bytes moved: a hole piece's are not on the wire
                     try:
                         sender.sched.received(f, b, [(off, off + n)], now)
                     except ProtocolError:
@@ -300,14 +312,15 @@ class UdpPump:
         while self._retx:
             f, b, off, n = self._retx[0]
             held = self._held.get((f, b), [])
-            data: bytes | bytearray | memoryview | None = None
+            data: bytes | bytearray | memoryview | Hole | None = None
             for h in held:
                 if off >= DIGEST_OFFSET:  # the core may have split the digest's piece
                     if h.digest is not None:
                         data = h.digest[off - DIGEST_OFFSET:off - DIGEST_OFFSET + n]
                 elif h.lease.offset <= off < h.lease.stop:
                     start = off - h.lease.offset
-                    data = memoryview(h.data)[start:start + n]
+                    data = Hole(n) if isinstance(h.data, Hole) \
+                        else memoryview(h.data)[start:start + n]
                 if data is not None:
                     break
             if data is None:  # retired meanwhile (acknowledged by the journal)
@@ -316,7 +329,10 @@ class UdpPump:
             # Not held to the send budget: the bytes are held here anyway, and the core
             # sends them ahead of the queued new blocks (a resend waiting behind 16 MiB
             # of queue kept its block half-assembled for 1.3 s at 100 Mbit/s).
-            conn.queue_piece(f, b, off, data, retransmission=True)
+            if isinstance(data, Hole):  # a lost hole piece: sent again as one
+                conn.queue_hole(f, b, off, data.length, retransmission=True)
+            else:
+                conn.queue_piece(f, b, off, data, retransmission=True)
             self._retx.popleft()
         while self._reading < READ_AHEAD and not sender.closed \
                 and conn.send_budget() - self._reserved >= self._room + DIGEST_SIZE:
@@ -343,15 +359,19 @@ class UdpPump:
         if self.conn.closed:
             sender.drop_path(self.path)
             return
-        if isinstance(data, Hole):   # the UDP codec has no hole pieces: zeros on the wire
+        hole = isinstance(data, Hole) and self.conn.version >= VERSION_HOLES
+        if isinstance(data, Hole) and not hole:  # a version 1 peer: zeros on the wire
             data = bytes(data.length)
         out = len(data) + (len(digest) if digest is not None else 0)
         self._held.setdefault((lease.file, lease.block), []).append(
             _Held(lease, data, digest, out))
-        if digest is not None:
+        if digest is not None:  # first: the core keeps it in one datagram with a hole
             self.conn.queue_piece(lease.file, lease.block, DIGEST_OFFSET, digest)
-        self.conn.queue_piece(lease.file, lease.block, lease.offset, data)
-        sender.delivered(lease)
+        if isinstance(data, Hole):
+            self.conn.queue_hole(lease.file, lease.block, lease.offset, data.length)
+        else:
+            self.conn.queue_piece(lease.file, lease.block, lease.offset, data)
+        sender.delivered(lease, hole=hole)
         self._touch()
         self.endpoint.wake()
         self.fill()
@@ -369,6 +389,8 @@ class UdpPump:
             else:
                 inbox.append((f, b, off, data, None))
                 self._inbox_bytes += len(data)
+        for f, b, off, n in ev.holes:  # after the digests: a datagram's pieces come first
+            inbox.append((f, b, off, Hole(n), None))  # bounds: the sink's (receive_hole)
         if self._inbox_bytes > INBOX_HIGH and not self._paused:
             self._paused = True
             self.endpoint.pause_reading()
@@ -405,7 +427,7 @@ class UdpPump:
         try:
             while self._inbox:
                 batch, self._inbox = self._inbox, []
-                n = sum(len(p[3]) for p in batch)
+                n = sum(len(p[3]) for p in batch if not isinstance(p[3], Hole))
                 await sink.batch(coalesce(batch))
                 self._inbox_bytes -= n
                 self.moved += n

@@ -33,6 +33,13 @@ from transport.udp.codec import DEFAULT_DATAGRAM, MAX_DATAGRAM, MIN_DATAGRAM
 
 FEATURE = "udp1"
 """The ``/info`` feature naming this call and the datagram conventions below."""
+FEATURE_HOLES = "udp2"
+"""The ``/info`` feature of a daemon that speaks datagram format version 2 (hole pieces:
+a block lying wholly in a hole of its file crosses as 18 bytes, not as its zeros). A
+client that sees it asks for ``version: 2``; the answer's ``version`` is what both ends
+then speak (1 from a daemon that does not know the key)."""
+MAX_VERSION = 2
+"""The highest datagram format version this end speaks (``transport.udp.codec.VERSIONS``)."""
 DIGEST_OFFSET = (1 << 32) - 32
 """Offset of the piece that carries a block's digest (its 32 bytes end at 2**32)."""
 DIGEST_SIZE = 32
@@ -52,9 +59,10 @@ def _hex(d: dict[str, Any], key: str, where: str, size: int) -> bytes | None:
 
 @dataclass(frozen=True, slots=True)
 class UdpRequest:
-    """``{datagram_size, x25519?, flow?}``: the datagram size the client wants (UDP
-    payload bytes, ``-Z``), its X25519 public key (32 bytes, hex; required over plain
-    HTTP), and the flow it asks for (the server's caps win).
+    """``{datagram_size, base_datagram_size?, x25519?, flow?, version?}``: the datagram
+    size the client wants (UDP payload bytes, ``-Z``), its X25519 public key (32 bytes,
+    hex; required over plain HTTP), the flow it asks for (the server's caps win) and the
+    highest datagram format version it speaks (1 when absent; 2: hole pieces).
 
     ``base_datagram_size`` (optional, ≤ ``datagram_size``): both ends send datagrams of
     this size until a PROBE of ``datagram_size`` bytes crossed their direction of the
@@ -64,10 +72,13 @@ class UdpRequest:
     datagram_size: int = DEFAULT_DATAGRAM
     x25519: bytes | None = None
     flow: Flow | None = None
+    version: int = 1
     base_datagram_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"datagram_size": self.datagram_size}
+        if self.version != 1:
+            out["version"] = self.version
         if self.base_datagram_size is not None:
             out["base_datagram_size"] = self.base_datagram_size
         if self.x25519 is not None:
@@ -82,17 +93,20 @@ class UdpRequest:
         size = _int(d, "datagram_size", "udp request", lo=MIN_DATAGRAM, hi=MAX_DATAGRAM,
                     default=DEFAULT_DATAGRAM)
         flow = Flow.from_json(d["flow"]) if d.get("flow") is not None else None
+        version = _int(d, "version", "udp request", lo=1, hi=255, default=1)
         base = None
         if d.get("base_datagram_size") is not None:
             base = _int(d, "base_datagram_size", "udp request", lo=MIN_DATAGRAM, hi=size)
-        return cls(size, _hex(d, "x25519", "udp request", 32), flow, base)
+        return cls(size, _hex(d, "x25519", "udp request", 32), flow, version, base)
 
 
 @dataclass(frozen=True, slots=True)
 class UdpOffer:
-    """``{connection_id, port, datagram_size, flow, key? | x25519?}``: the path the
-    daemon set up. ``connection_id`` is a 64-bit integer (hex string on the wire),
-    ``key`` the 32-byte path secret (HTTPS only), ``x25519`` the daemon's public key."""
+    """``{connection_id, port, datagram_size, flow, key? | x25519?, version?}``: the path
+    the daemon set up. ``connection_id`` is a 64-bit integer (hex string on the wire),
+    ``key`` the 32-byte path secret (HTTPS only), ``x25519`` the daemon's public key,
+    ``version`` the datagram format both ends speak (the lower of the request's and the
+    daemon's; 1 when absent)."""
 
     connection_id: int
     port: int
@@ -100,10 +114,13 @@ class UdpOffer:
     flow: Flow
     key: bytes | None = None
     x25519: bytes | None = None
+    version: int = 1
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"connection_id": f"{self.connection_id:016x}", "port": self.port,
                                "datagram_size": self.datagram_size, "flow": self.flow.to_json()}
+        if self.version != 1:
+            out["version"] = self.version
         if self.key is not None:
             out["key"] = self.key.hex()
         if self.x25519 is not None:
@@ -125,7 +142,8 @@ class UdpOffer:
         key, pub = _hex(d, "key", where, 32), _hex(d, "x25519", where, 32)
         if (key is None) == (pub is None):
             raise ProtocolError(f"{where}: exactly one of key and x25519")
-        return cls(cid, port, size, flow, key, pub)
+        version = _int(d, "version", where, lo=1, hi=MAX_VERSION, default=1)
+        return cls(cid, port, size, flow, key, pub, version)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from fallback.daemonctx import read_message, scheme_of, session_of, state_of
 from fallback.errors import NotOffered
 from fallback.ratelog import RateLimitedLog
 from fallback.udpblocks import UdpPump, udp_config
-from fallback.udpcontrol import UdpFigures, UdpOffer, UdpRequest
+from fallback.udpcontrol import MAX_VERSION, UdpFigures, UdpOffer, UdpRequest
 from transport.errors import ErrorKind, ProtocolError, TransportError
 from transport.udp.aio import UdpEndpoint
 from transport.udp.connection import UdpConnection
@@ -157,8 +157,9 @@ class UdpService:
         upload = session.direction == "upload"
         # The client sends an upload: the cap binds it through the offer's flow, and this
         # end drops what a client ignoring it sends beyond the cap (UdpConfig.receive_cap).
+        version = min(msg.version, MAX_VERSION)  # 2: hole pieces both ways
         conn = UdpConnection(udp_config(msg.datagram_size, flow, block, police=upload,
-                                        base=msg.base_datagram_size), cid,
+                                        base=msg.base_datagram_size, version=version), cid,
                              derive_path_keys(secret, initiator=False), time.perf_counter())
         def failed(exc: TransportError) -> None:  # an authenticated peer's refused pieces,
             log.warning("session %s: UDP path %016x closed: %s",  # or a source that failed
@@ -178,7 +179,7 @@ class UdpService:
                  session.id[:8], cid, f"{msg.base_datagram_size} to {msg.datagram_size}"
                  if msg.base_datagram_size else msg.datagram_size, flow.policy,
                  f"{flow.target_rate / 1e6:g} Mbit/s" if flow.target_rate else "none")
-        return UdpOffer(cid, self.port, msg.datagram_size, flow, key, pub)
+        return UdpOffer(cid, self.port, msg.datagram_size, flow, key, pub, version)
 
     async def _watch(self) -> None:
         """Liveness and bytes of each path into its session; dropped datagrams into the log."""

@@ -12,7 +12,10 @@ dropping them. A peer that does not read hole frames gets the zeros.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -238,3 +241,82 @@ def test_malformed_hole_frames_are_refused() -> None:
         parse_piece(no_digest, BS)
     with pytest.raises(ProtocolError):  # more than the largest block
         parse_piece(PieceHeader(0, 0, 0, 2 * BS, digest, hole=True).pack(), BS)
+
+
+# -- over UDP: hole pieces (datagram format version 2) --------------------------------
+
+UDP_SIZE = 256 * MiB
+# Not block-aligned: one extent inside block 1, one across blocks 25 and 26, one at the end
+UDP_REGIONS = [(5 * MiB + 1234, 1_500_000), (102 * MiB + 7, 3_000_000),
+               (UDP_SIZE - 1_000_000, 1_000_000)]
+UDP_DATA_BLOCKS = 4  # blocks 1, 25, 26 and 63 hold data; 60 are holes
+
+
+def _udp_bytes(log: str, direction: str) -> int:
+    """The bytes the session's UDP path carried, from the daemon's session line."""
+    m = re.search(rf"direction={direction} .*paths=\S*udp/127\.0\.0\.1:\d+/(\d+)", log)
+    assert m, log
+    return int(m.group(1))
+
+
+def test_sparse_upload_and_download_keep_holes_over_udp(daemon_factory, tmp_path: Path
+                                                         ) -> None:  # type: ignore[no-untyped-def]
+    """256 MiB apparent, 5.5 MB of data in three extents (not block-aligned), both ways
+    over ``--transport udp``: the hole blocks cross as hole pieces (``hole_bytes``), only
+    the 4 data blocks as data (``sent_bytes``, and the bytes the daemon logs for the UDP
+    path), each copy has the source's digest and takes about the data blocks' disk."""
+    d = daemon_factory(udp=True)
+    src = make_sparse(tmp_path / "sparse.img", UDP_SIZE, UDP_REGIONS)
+    if disk_bytes(src) > 16 * MiB:
+        pytest.skip("this file system does not keep holes")
+    info = json.loads(urllib.request.urlopen(  # noqa: S310 (loopback, plain HTTP)
+        f"http://127.0.0.1:{d.http_port}/.fallback/v1/info").read())
+    assert "udp2" in info["features"]
+    src_root = FileSource(src, entry_for(src, src.name, BS))
+    try:
+        root = file_digest(BS, UDP_SIZE, (src_root.read_wire(b)[1]
+                                          for b in range(src_root.layout.count)))
+    finally:
+        src_root.close()
+    data = UDP_DATA_BLOCKS * BS
+    _, up, _ = d.transfer(str(src), d.url("/"), "--transport", "udp")
+    stored = d.docroots["alice"] / "sparse.img"
+    assert up["ok"] and up["transports"] == ["https", "udp"], up
+    assert up["checksums"]["sparse.img"] == root
+    assert up["sent_bytes"] == data and up["hole_bytes"] == UDP_SIZE - data, up
+    assert disk_bytes(stored) <= data + MiB, disk_bytes(stored)
+    same_sparse_content(src, stored, UDP_REGIONS)
+
+    out = tmp_path / "down"
+    out.mkdir()
+    _, down, _ = d.transfer(d.url("/sparse.img"), str(out), "--transport", "udp")
+    got = out / "sparse.img"
+    assert down["ok"] and "udp" in down["transports"], down
+    assert down["checksums"]["sparse.img"] == root
+    assert down["sent_bytes"] == data and down["hole_bytes"] == UDP_SIZE - data, down
+    assert disk_bytes(got) <= data + MiB, disk_bytes(got)
+    same_sparse_content(src, got, UDP_REGIONS)
+    d.stop()
+    log = d.log()
+    # what crossed the UDP path each way: the data blocks, not the holes' zeros
+    assert _udp_bytes(log, "upload") == data and _udp_bytes(log, "download") == data, log
+
+
+def test_sparse_file_encrypted_over_udp_sends_every_block(daemon_factory, tmp_path: Path
+                                                          ) -> None:  # type: ignore[no-untyped-def]
+    """As over HTTP(S): a source being encrypted is read whole (its holes' ciphertext is
+    not zeros), so ``--encrypt`` sends every block and ``hole_bytes`` is 0; the envelope
+    downloads and decrypts over UDP to the source's bytes."""
+    d = daemon_factory(udp=True)
+    size = 24 * MiB
+    regions = [(6 * MiB + 5, 100_000)]
+    src = make_sparse(tmp_path / "enc.img", size, regions)
+    env = {"FALLBACK_FILEPASS": "correct horse battery staple"}
+    _, up, _ = d.transfer(str(src), d.url("/"), "--transport", "udp", "--encrypt", env=env)
+    assert up["hole_bytes"] == 0 and up["sent_bytes"] >= size, up
+    out = tmp_path / "dec"
+    out.mkdir()
+    _, down, _ = d.transfer(d.url("/enc.img.fallback-env"), str(out) + "/", "--transport", "udp",
+                            "--decrypt", env=env)
+    assert down["hole_bytes"] == 0 and "udp" in down["transports"], down
+    assert (out / "enc.img").read_bytes() == src.read_bytes()

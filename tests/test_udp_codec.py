@@ -30,7 +30,7 @@ def test_header_layout_is_20_bytes_big_endian() -> None:
 
 
 @pytest.mark.parametrize("raw", [
-    b"", bytes(35), bytes([0xFB, 2, 3, 0]) + bytes(32), bytes([0xFA, 1, 3, 0]) + bytes(32),
+    b"", bytes(35), bytes([0xFB, 3, 3, 0]) + bytes(32), bytes([0xFA, 1, 3, 0]) + bytes(32),
     bytes([0xFB, 1, 9, 0]) + bytes(32), bytes([0xFB, 1, 3, 1]) + bytes(32),
     bytes([0xFB, 1, 3, 0]) + bytes(8) + b"\xff" * 8 + bytes(16),
 ])

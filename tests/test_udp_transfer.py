@@ -364,7 +364,8 @@ def test_stranger_flood_during_transfer(daemon_factory, tmp_path: Path) -> None:
     try:
         m = wait_until(lambda: re.search(r"UDP path ([0-9a-f]{16})", d.log()), "the UDP path")
         # the connection id read from the log, as an on-path stranger would see it
-        from transport.udp.codec import DATA, HEADER, MAGIC, VERSION
+        from transport.udp.codec import DATA, HEADER, MAGIC
+        from transport.udp.codec import VERSION_HOLES as VERSION  # the connection's format
         cid = int(m.group(1), 16)
         forged_head = HEADER.pack(MAGIC, VERSION, DATA, 0, cid, 5)
         t1 = threading.Thread(target=_stranger, args=(d.udp_port, None, stop, sent))
@@ -543,7 +544,7 @@ async def test_daemon_polices_a_client_that_ignores_the_cap(daemon_factory, tmp_
     real = udppath.udp_config
 
     def ignore_cap(size: int, flow: Flow, block: int, **kw: object):  # type: ignore[no-untyped-def]
-        return real(size, Flow(200_000_000, 0, "fixed"), block)
+        return real(size, Flow(200_000_000, 0, "fixed"), block, **kw)  # the version agreed
 
     monkeypatch.setattr(udppath, "udp_config", ignore_cap)
     d = _capped_daemon(daemon_factory, 40)

@@ -40,7 +40,7 @@ from fallback.errors import UdpUnavailable
 from fallback.remote import Remote
 from fallback.result import TransferResult
 from fallback.udpblocks import UdpPump, udp_config
-from fallback.udpcontrol import FEATURE, UdpOffer, UdpRequest
+from fallback.udpcontrol import FEATURE, FEATURE_HOLES, MAX_VERSION, UdpOffer, UdpRequest
 from transport.blocks.sender import BlockSender
 from transport.blocks.sink import BlockSink
 from transport.errors import (
@@ -135,7 +135,10 @@ class UdpPath:
         family, _, _, _, addr = infos[0]
         size, base = self._sizes(family, addr)
         ex = X25519Exchange() if remote.scheme == "http" else None
-        req = UdpRequest(size, ex.public_bytes if ex is not None else None, self.flow, base)
+        # Datagram format 2 (hole pieces) from a daemon that lists it, else 1.
+        version = MAX_VERSION if FEATURE_HOLES in remote.features else 1
+        req = UdpRequest(size, ex.public_bytes if ex is not None else None, self.flow,
+                         version, base)
         try:
             raw = await remote.call("POST", remote.session_url("/udp"), req.to_json())
         except TransportError as exc:
@@ -164,8 +167,12 @@ class UdpPath:
             raise ConnectError(f"UDP: cannot reach {host}:{port}: {exc.strerror or exc}") from None
         self.endpoint = endpoint
         _report_icmp(endpoint, family)
+        if offer.version > version:
+            raise ProtocolError(f"UDP: the daemon answered datagram format {offer.version}, "
+                                f"asked for {version}")
         base = base if base is not None and base < offer.datagram_size else None
-        conn = UdpConnection(udp_config(offer.datagram_size, offer.flow, self.block, base=base),
+        conn = UdpConnection(udp_config(offer.datagram_size, offer.flow, self.block, base=base,
+                                        version=offer.version),
                              offer.connection_id, derive_path_keys(secret, initiator=True),
                              time.perf_counter(), peer=tuple(addr))
         # Nothing leased before the probe is answered: the HTTP(S) streams that started

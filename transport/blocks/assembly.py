@@ -391,12 +391,17 @@ class BlockAssembler:
         a sparse file, ``transport.blocks.sparse``). A whole block whose digest is known is
         checked against the digest of zeros (cached per length) without hashing, and the
         sink's ``zero`` (if it has one) leaves the range a hole; any other hole piece is
-        taken as the zero bytes it stands for (``receive``). Events as ``receive``."""
+        taken as the zero bytes it stands for (``receive``). Events as ``receive``; a
+        hole outside its block is refused as a piece would be, before any zeros exist
+        (a datagram path's hole piece names up to 4 GiB)."""
         key = (file, block)
+        stored = self._stored_length(file, block)
+        if length <= 0 or offset < 0 or offset + length > stored:
+            raise _bad_piece(file, block, offset, length, stored)
         rec = self._expected.get(file, {}).get(block)
         if (offset == 0 and rec is not None and key not in self._open
                 and file not in self._committed and block not in self._verified[file]
-                and length == self._stored_length(file, block)):
+                and length == stored):
             self._pieces += 1
             zero = getattr(self._sink, "zero", None)
             got = self._zero_digest(length)

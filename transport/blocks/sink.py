@@ -394,15 +394,17 @@ class BlockSink:
             self._ensure_flusher()
         return total
 
-    async def batch(self, batch: Sequence[tuple[int, int, int, Buffer, bytes | None]]) -> int:
+    async def batch(self, batch: Sequence[tuple[int, int, int, Buffer | Hole, bytes | None]]
+                    ) -> int:
         """Take many ``(file, block, offset, data, digest)`` pieces in one worker job (a
-        datagram path's batch; ``data`` may be empty when only the digest comes). Returns
+        datagram path's batch; ``data`` may be empty when only the digest comes, or a
+        ``Hole``: a hole piece, kept a hole as in ``piece``). Returns
         the wire bytes of blocks verified; raises as ``piece`` does (the pieces before the
         bad one are taken)."""
         return await self._job(batch[0][0] if batch else None, self._take_many, batch,
                                then=self._account)
 
-    def _take_many(self, batch: Sequence[tuple[int, int, int, Buffer, bytes | None]]
+    def _take_many(self, batch: Sequence[tuple[int, int, int, Buffer | Hole, bytes | None]]
                    ) -> list[tuple[int, int, bool]]:
         done: list[tuple[int, int, bool]] = []
         for file, block, offset, data, digest in batch:

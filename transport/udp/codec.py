@@ -1,10 +1,14 @@
-"""The UDP datagram format, version 1 (documented byte by byte in docs/protocol.md).
+"""The UDP datagram format, versions 1 and 2 (documented byte by byte in docs/protocol.md).
+
+Version 2 is version 1 plus **hole pieces** in DATA (below); a connection speaks one
+version, agreed over the control channel (``UdpConfig.version``), in every datagram of
+both directions, and a receiver drops a datagram of another version.
 
 Every datagram is ``header (20 bytes, clear, authenticated as AAD) | sealed body |
 tag (16 bytes)``; all integers are network byte order::
 
     0  u8   magic 0xFB
-    1  u8   version 1
+    1  u8   version 1 or 2 (the connection's)
     2  u8   type (PROBE 1, PROBE_ACK 2, DATA 3, FEEDBACK 4, KEEPALIVE 5, CLOSE 6, ERROR 7)
     3  u8   flags, 0 (reserved: a receiver drops a datagram with other bits set)
     4  u64  connection id (chosen by the daemon, given over the control channel)
@@ -15,7 +19,10 @@ Bodies (after decryption):
 * DATA and KEEPALIVE: ``ts_us u32 | floor_delta u32`` then, for DATA, one or more pieces
   ``file u32 | block u32 | offset u32 | length u16 | length bytes``; fewer than 14 bytes
   left after the last piece are zero padding (so full datagrams keep one size for GSO,
-  and a 14-byte zero "piece header" is malformed). ``ts_us`` is the
+  and a 14-byte zero "piece header" is malformed). Version 2 adds the **hole piece**
+  ``file u32 | block u32 | offset u32 | 0 u16 | length u32`` (18 bytes, no payload):
+  ``length`` (>= 1) bytes at ``offset`` that read as zeros (a hole of a sparse file);
+  a zero length field is malformed in version 1. ``ts_us`` is the
   sender's clock in microseconds modulo 2**32 (one-way-delay samples, no synchronised
   clocks needed); ``packet number - floor_delta`` is the sender's oldest packet whose
   fate it does not know yet (gQUIC's STOP_WAITING: the receiver forgets older numbers).
@@ -43,6 +50,9 @@ from transport.errors import ProtocolError
 
 MAGIC = 0xFB
 VERSION = 1
+VERSION_HOLES = 2
+"""The first version with hole pieces."""
+VERSIONS = (1, 2)
 
 PROBE = 1
 PROBE_ACK = 2
@@ -65,6 +75,8 @@ HEADER_WORD = struct.Struct("!I")
 
 DATA_PREFIX = struct.Struct("!II")       # ts_us, floor_delta
 PIECE_HEADER = struct.Struct("!IIIH")    # file, block, offset, length
+HOLE_LENGTH = struct.Struct("!I")        # after a piece header of length 0 (version 2)
+HOLE_PIECE = struct.Struct("!IIIHI")     # file, block, offset, 0, length: 18 bytes
 DATA_OVERHEAD = HEADER_SIZE + DATA_PREFIX.size + TAG_SIZE  # 44: before the first piece
 #: Prefix and first piece header in one call (the hot path's common case).
 DATA_FIRST = struct.Struct("!IIIIIH")
@@ -143,6 +155,7 @@ class Header:
     type: int
     connection_id: int
     packet_number: int
+    version: int = VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +169,21 @@ class Piece:
 
 
 @dataclass(frozen=True, slots=True)
+class HolePiece:
+    """A hole piece (version 2): ``length`` bytes at ``offset`` of ``(file, block)`` that
+    read as zeros and are not on the wire."""
+
+    file: int
+    block: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class DataFrame:
     ts_us: int
     floor_delta: int
-    pieces: tuple[Piece, ...]
+    pieces: tuple[Piece | HolePiece, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,28 +239,35 @@ def parse_header(buf: bytes | bytearray | memoryview) -> Header:
     if len(buf) < HEADER_SIZE + TAG_SIZE:
         raise ProtocolError(f"datagram of {len(buf)} bytes is shorter than header and tag")
     magic, version, type_, flags, cid, pn = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC or version != VERSION:
+    if magic != MAGIC or version not in VERSIONS:
         raise ProtocolError(f"bad magic/version {magic:#x}/{version}")
     if flags or type_ not in TYPE_NAMES:
         raise ProtocolError(f"bad type {type_} or flags {flags}")
     if pn > MAX_PN:
         raise ProtocolError("packet number beyond 2**62")
-    return Header(type_, cid, pn)
+    return Header(type_, cid, pn, version)
 
 
-def encode_header(type_: int, connection_id: int, packet_number: int) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, type_, 0, connection_id, packet_number)
+def encode_header(type_: int, connection_id: int, packet_number: int,
+                  version: int = VERSION) -> bytes:
+    return HEADER.pack(MAGIC, version, type_, 0, connection_id, packet_number)
 
 
 # -- bodies ------------------------------------------------------------------------------
 
 def encode_data(ts_us: int, floor_delta: int,
-                pieces: list[tuple[int, int, int, bytes | memoryview]]) -> bytes:
-    """A DATA body (no header, not sealed)."""
+                pieces: list[tuple[int, int, int, bytes | memoryview | int]]) -> bytes:
+    """A DATA body (no header, not sealed). A piece whose data is an ``int`` is a hole
+    piece of that many bytes (version 2 only: the caller knows its connection's)."""
     if not pieces:
         raise ValueError("DATA carries at least one piece")
     out = bytearray(DATA_PREFIX.pack(ts_us & U32, floor_delta))
     for file, block, offset, data in pieces:
+        if isinstance(data, int):
+            if not 0 < data <= U32 or offset + data > U32 + 1:
+                raise ValueError("hole length outside [1, 2**32 - offset]")
+            out += HOLE_PIECE.pack(file, block, offset, 0, data)
+            continue
         if not 0 < len(data) <= 0xFFFF:
             raise ValueError("piece length outside [1, 65535]")
         out += PIECE_HEADER.pack(file, block, offset, len(data))
@@ -244,15 +275,25 @@ def encode_data(ts_us: int, floor_delta: int,
     return bytes(out)
 
 
-def parse_data(body: bytes | memoryview) -> DataFrame:
+def parse_data(body: bytes | memoryview, version: int = VERSION) -> DataFrame:
+    """A DATA body of a connection speaking ``version`` (hole pieces from 2 on)."""
     if len(body) < DATA_PREFIX.size + PIECE_HEADER.size:
         raise ProtocolError("DATA body too short")
     ts, floor = DATA_PREFIX.unpack_from(body, 0)
     pos, end = DATA_PREFIX.size, len(body)
-    pieces: list[Piece] = []
+    pieces: list[Piece | HolePiece] = []
     while pos + PIECE_HEADER.size <= end:
         file, block, offset, length = PIECE_HEADER.unpack_from(body, pos)
         pos += PIECE_HEADER.size
+        if length == 0 and version >= VERSION_HOLES:
+            if pos + HOLE_LENGTH.size > end:
+                raise ProtocolError("hole piece truncated")
+            (hole,) = HOLE_LENGTH.unpack_from(body, pos)
+            pos += HOLE_LENGTH.size
+            if hole == 0 or offset + hole > U32 + 1:
+                raise ProtocolError(f"hole piece [{offset}, {offset + hole}) empty or past 2**32")
+            pieces.append(HolePiece(file, block, offset, hole))
+            continue
         if length == 0 or pos + length > end:
             raise ProtocolError(f"piece length {length} outside the datagram")
         pieces.append(Piece(file, block, offset, bytes(body[pos:pos + length])))
@@ -371,10 +412,11 @@ def parse_close(body: bytes | memoryview, *, error: bool) -> Close:
     return Close(code, reason, error)
 
 
-def parse_body(type_: int, body: bytes | memoryview) -> Frame:
-    """Decode an authenticated body of ``type_``; ``ProtocolError`` when malformed."""
+def parse_body(type_: int, body: bytes | memoryview, version: int = VERSION) -> Frame:
+    """Decode an authenticated body of ``type_`` (of a connection speaking ``version``);
+    ``ProtocolError`` when malformed."""
     if type_ == DATA:
-        return parse_data(body)
+        return parse_data(body, version)
     if type_ == FEEDBACK:
         return parse_feedback(body)
     if type_ == KEEPALIVE:

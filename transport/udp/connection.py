@@ -37,12 +37,13 @@ from transport.udp.codec import (
     FEEDBACK,
     HEADER,
     HEADER_SIZE,
+    HOLE_LENGTH,
     KEEPALIVE,
     MAGIC,
     PIECE_HEADER,
     TAG_SIZE,
     U32,
-    VERSION,
+    VERSION_HOLES,
 )
 from transport.udp.crypto import NONCE, Opener, PathKeys, ReplayWindow, Sealer
 from transport.udp.events import (
@@ -52,6 +53,7 @@ from transport.udp.events import (
     MtuRaised,
     PathResumed,
     PathSilent,
+    PieceRef,
     PiecesAcked,
     PiecesLost,
     PiecesReceived,
@@ -86,6 +88,8 @@ class UdpConnection(SendHalf):
         # receive half
         self._acks = AckTracker(config.max_tracked_ranges)
         self._received: list[ReceivedPiece] = []
+        self._holes: list[PieceRef] = []
+        self._rx_holes = 0         # hole pieces received (version 2)
         self._rx_bytes = 0
         self._rx_packets = 0
         self._rx_piece_bytes = 0
@@ -140,7 +144,8 @@ class UdpConnection(SendHalf):
         self.recovery.abandon()
         lost = self.recovery.lost
         for c in self._queue:
-            lost.append((c.file, c.block, c.offset + c.pos, len(c.view) - c.pos))
+            lost.append((c.file, c.block, c.offset, c.hole) if c.hole
+                        else (c.file, c.block, c.offset + c.pos, len(c.view) - c.pos))
         self._queue.clear()
         self._front = 0
         self._queued = 0
@@ -165,9 +170,10 @@ class UdpConnection(SendHalf):
         return self._authenticated
 
     def next_event(self) -> Event | None:
-        if self._received:
+        if self._received or self._holes:
             pieces, self._received = self._received, []
-            return PiecesReceived(pieces)
+            holes, self._holes = self._holes, []
+            return PiecesReceived(pieces, holes)
         rec = self.recovery
         if rec.acked:
             acked, rec.acked = rec.acked, []
@@ -278,7 +284,7 @@ class UdpConnection(SendHalf):
             self.drops["short"] += 1
             return
         magic, version, type_, flags, cid, pn = HEADER.unpack_from(data, 0)
-        if magic != MAGIC or version != VERSION:
+        if magic != MAGIC or version != self.version:
             self.drops["magic"] += 1
             return
         if cid != self.connection_id:
@@ -369,26 +375,39 @@ class UdpConnection(SendHalf):
         self._rx_pending += 1
 
     def _more_pieces(self, body: bytes) -> bool:
-        """Parse a DATA body of several pieces (or with padding); False when malformed."""
+        """Parse a DATA body of several pieces (or with padding, or hole pieces on a
+        version 2 connection); False when malformed (nothing of it is taken)."""
         end = len(body)
         pos = DATA_PREFIX.size
         view = memoryview(body)
         pieces = self._received
         first = len(pieces)
+        holes = self._holes
+        first_hole = len(holes)
         got = 0
         while pos + _PH <= end:
             file, block, offset, length = PIECE_HEADER.unpack_from(body, pos)
             pos += _PH
+            if length == 0 and self.version >= VERSION_HOLES and pos + 4 <= end:
+                (hole,) = HOLE_LENGTH.unpack_from(body, pos)
+                pos += 4
+                if hole and offset + hole <= U32 + 1:
+                    holes.append((file, block, offset, hole))
+                    continue
+                length = 0  # an empty hole, or one past 2**32: malformed
             if length == 0 or pos + length > end:
                 del pieces[first:]
+                del holes[first_hole:]
                 return False
             pieces.append((file, block, offset, view[pos:pos + length]))
             pos += length
             got += length
         if pos < end and any(view[pos:end]):
             del pieces[first:]
+            del holes[first_hole:]
             return False
         self._rx_piece_bytes += got
+        self._rx_holes += len(holes) - first_hole
         return True
 
     def _record(self, pn: int, n: int, now: float, ts: int, fdelta: int) -> None:
@@ -496,4 +515,6 @@ class UdpConnection(SendHalf):
             bytes_in_flight=rec.bytes_in_flight, queued_bytes=self._queued,
             controller=type(self.controller).__name__, controller_state=self.controller.state,
             packet_threshold=rec.packet_threshold, time_threshold=rec.time_threshold,
-            drops=dict(self.drops), datagram_size=self.size)
+            drops=dict(self.drops), datagram_size=self.size,
+            sent_hole_pieces=self.sent_hole_pieces,
+            sent_hole_bytes=self.sent_hole_bytes, received_hole_pieces=self._rx_holes)

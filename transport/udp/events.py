@@ -12,13 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transport.udp.codec import DEFAULT_DATAGRAM, check_datagram_size, max_piece_payload
+from transport.udp.codec import (
+    DEFAULT_DATAGRAM,
+    VERSION,
+    VERSIONS,
+    check_datagram_size,
+    max_piece_payload,
+)
 from transport.udp.rate import RateConfig
 
 #: ``(file, block, offset, data)`` of a received piece; ``data`` is valid until the owner
 #: drops it (it views the decrypted datagram, no copy).
 ReceivedPiece = tuple[int, int, int, memoryview]
-#: ``(file, block, offset, length)`` of a piece that was sent.
+#: ``(file, block, offset, length)`` of a piece that was sent (a hole piece's ``length``
+#: is the bytes it stands for), or of a hole piece received.
 PieceRef = tuple[int, int, int, int]
 #: A socket address as the adapter gives it (``(host, port)`` or the IPv6 4-tuple).
 Address = tuple[Any, ...]
@@ -59,6 +66,10 @@ class UdpConfig:
     discovery of one step (``MtuRaised``). ``pmtu_probes`` tries, spaced
     ``max(3 RTT, pmtu_probe_spacing)`` s, then the base stays (RFC 8899 MAX_PROBES = 3).
     The receiving side accepts any size up to the 64 KiB datagram limit either way.
+
+    ``version``: the datagram format version this connection speaks, agreed over the
+    control channel (1, or 2 with hole pieces: ``queue_hole``); datagrams of another
+    version are dropped (``drops["magic"]``).
     """
 
     datagram_size: int = DEFAULT_DATAGRAM
@@ -78,6 +89,7 @@ class UdpConfig:
     receive_cap: float | None = None
     receive_cap_margin: float = 0.10
     receive_cap_burst: float = 0.100
+    version: int = VERSION
 
     def __post_init__(self) -> None:
         check_datagram_size(self.datagram_size)
@@ -85,6 +97,8 @@ class UdpConfig:
             check_datagram_size(self.initial_datagram_size)
             if self.initial_datagram_size > self.datagram_size:
                 raise ValueError("initial_datagram_size larger than datagram_size")
+        if self.version not in VERSIONS:
+            raise ValueError(f"datagram format version {self.version} not in {VERSIONS}")
         if self.max_queue_bytes < max_piece_payload(self.datagram_size):
             raise ValueError("max_queue_bytes smaller than one datagram")
         if self.ack_every < 1 or self.max_ack_delay <= 0 or self.silent_after <= 0:
@@ -100,7 +114,12 @@ class UdpConfig:
 
 @dataclass(frozen=True, slots=True)
 class PiecesReceived:
+    """Pieces received since the last event, in arrival order; ``holes``: the hole pieces
+    (version 2) among them, ``(file, block, offset, length)``, each after the data pieces
+    of its own datagram (a block's digest piece travels with its hole piece)."""
+
     pieces: list[ReceivedPiece]
+    holes: list[PieceRef] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,3 +210,6 @@ class Stats:
     time_threshold: float
     drops: dict[str, int]
     datagram_size: int = DEFAULT_DATAGRAM  # the size DATA datagrams are sent at now
+    sent_hole_pieces: int = 0     # hole pieces sent, retransmissions included (version 2)
+    sent_hole_bytes: int = 0      # bytes those hole pieces stood for (not on the wire)
+    received_hole_pieces: int = 0

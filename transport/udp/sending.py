@@ -18,12 +18,13 @@ from transport.udp.codec import (
     FEEDBACK,
     HEADER,
     HEADER_SIZE,
+    HOLE_PIECE,
     KEEPALIVE,
     MAGIC,
     PIECE_HEADER,
     TAG_SIZE,
     U32,
-    VERSION,
+    VERSION_HOLES,
 )
 from transport.udp.crypto import NONCE, Sealer
 from transport.udp.events import (
@@ -45,20 +46,26 @@ from transport.udp.rate import (
 from transport.udp.recovery import Recovery
 
 _PH = PIECE_HEADER.size
+_HH = HOLE_PIECE.size         # 18: a hole piece, never split
+_GLUE = 64                    # a piece this small is kept in one datagram with its hole
 _PN_RESERVE = 1024            # numbers kept back for the CLOSE after exhaustion
+_EMPTY = memoryview(b"")
 
 
 class _Chunk:
-    """Queued piece data: ``view[pos:]`` is still to send, at ``offset + pos``."""
+    """Queued piece data: ``view[pos:]`` is still to send, at ``offset + pos``; or, when
+    ``hole`` > 0, a hole piece of ``hole`` bytes at ``offset`` (``view`` empty)."""
 
-    __slots__ = ("file", "block", "offset", "view", "pos")
+    __slots__ = ("file", "block", "offset", "view", "pos", "hole")
 
-    def __init__(self, file: int, block: int, offset: int, view: memoryview) -> None:
+    def __init__(self, file: int, block: int, offset: int, view: memoryview,
+                 hole: int = 0) -> None:
         self.file = file
         self.block = block
         self.offset = offset
         self.view = view
         self.pos = 0
+        self.hole = hole
 
 
 class SendHalf:
@@ -70,6 +77,7 @@ class SendHalf:
         self.connection_id = connection_id
         self.peer = peer
         self.size = config.initial_datagram_size or config.datagram_size
+        self.version = config.version
         self._sealer = sealer
         self._events: deque[Event] = deque()
         self._closed: Closed | None = None
@@ -77,6 +85,8 @@ class SendHalf:
         self.sent_packets = 0
         self.sent_piece_bytes = 0
         self.retransmitted_bytes = 0
+        self.sent_hole_pieces = 0     # hole pieces sent (retransmissions included)
+        self.sent_hole_bytes = 0      # bytes they stood for (not on the wire)
         self._pn = 0
         self._queue: deque[_Chunk] = deque()
         self._front = 0               # retransmission chunks at the head of ``_queue``
@@ -169,6 +179,29 @@ class SendHalf:
         if self._queued > self.config.max_queue_bytes // 2:
             self._ready_signalled = False
 
+    def queue_hole(self, file: int, block: int, offset: int, length: int, *,
+                   retransmission: bool = False) -> None:
+        """Queue a hole piece (datagram format version 2): ``length`` bytes at ``offset``
+        of ``(file, block)`` that read as zeros. It goes as an 18-byte piece header with
+        no payload, so it costs the send budget nothing and the pacer only its wire
+        bytes; it is acknowledged or reported lost like any piece (``PieceRef`` with
+        ``length``), and a small piece queued just before it for the same block (its
+        digest) goes in the same datagram. ``ValueError`` on a version 1 connection, for
+        ``length`` < 1 or a range past 2**32; ``ConnectionError`` when closed."""
+        if self._closed:
+            raise ConnectionError("UDP connection closed")
+        if self.version < VERSION_HOLES:
+            raise ValueError("hole pieces need datagram format version 2")
+        if not (0 <= file <= U32 and 0 <= block <= U32 and 0 <= offset
+                and 0 < length and offset + length <= U32 + 1):
+            raise ValueError("file, block and offset + length must fit in 32 bits")
+        chunk = _Chunk(file, block, offset, _EMPTY, length)
+        if retransmission:
+            self._queue.insert(self._front, chunk)
+            self._front += 1
+        else:
+            self._queue.append(chunk)
+
     def _quantum(self) -> int:
         """Bytes worth one send: about 1 ms at the pacing rate, one datagram to one GSO
         batch (BBR's send quantum, Linux's TSO autosizing): batches amortise the
@@ -232,7 +265,7 @@ class SendHalf:
         n = HEADER_SIZE + len(body) + TAG_SIZE
         # A path MTU probe may be larger than the batch buffer: a buffer of its own.
         out = self._out_mv if n <= len(self._out) else memoryview(bytearray(n))
-        HEADER.pack_into(out, 0, MAGIC, VERSION, type_, 0, self.connection_id, pn)
+        HEADER.pack_into(out, 0, MAGIC, self.version, type_, 0, self.connection_id, pn)
         self._sealer.seal_into(pn, out[:HEADER_SIZE], body, out[HEADER_SIZE:n])
         self.sent_bytes += n
         self.sent_packets += 1
@@ -273,6 +306,7 @@ class SendHalf:
         pack_header = HEADER.pack_into
         pack_first = DATA_FIRST.pack_into
         cid = self.connection_id
+        version = self.version
         ts = int(now * 1e6) & U32
         floor = rec.floor(self._pn)
         if self._pn + n - floor > U32:  # a packet unresolved for 2**32 packets: say less
@@ -290,7 +324,7 @@ class SendHalf:
             c = queue[0]
             view, pos = c.view, c.pos
             left = len(view) - pos
-            pack_header(buf, off, MAGIC, VERSION, DATA, 0, cid, pn)
+            pack_header(buf, off, MAGIC, version, DATA, 0, cid, pn)
             aad, sealed = seg_views[count]
             if left >= piece_room:  # the common case: one piece fills the datagram
                 offset = c.offset + pos
@@ -338,16 +372,36 @@ class SendHalf:
 
     def _pack_pieces(self, body_room: int) -> tuple[int, int, tuple[PieceRef, ...]]:
         """Fill the scratch body after its prefix with pieces from the queue (several
-        small ones, or the tail of one); zero-pad a remainder shorter than a piece
-        header so full datagrams keep one size (GSO). ``(body length, piece bytes, refs)``."""
+        small ones, or the tail of one; hole pieces whole); zero-pad a remainder shorter
+        than a piece header so full datagrams keep one size (GSO), and end the datagram
+        short instead when a longer remainder would read as a (zero) piece header.
+        ``(body length, piece bytes, refs)``."""
         scratch, queue = self._scratch, self._queue
         p = DATA_PREFIX.size
         got = 0
         refs: list[PieceRef] = []
         while queue and body_room - p > _PH:
             c = queue[0]
+            if c.hole:
+                if body_room - p < _HH:
+                    break
+                ref = (c.file, c.block, c.offset, c.hole)
+                HOLE_PIECE.pack_into(scratch, p, c.file, c.block, c.offset, 0, c.hole)
+                p += _HH
+                refs.append(ref)
+                self.sent_hole_pieces += 1
+                self.sent_hole_bytes += c.hole
+                queue.popleft()
+                if self._front:
+                    self._front -= 1
+                continue
             view, pos = c.view, c.pos
-            take = min(body_room - p - _PH, len(view) - pos)
+            left = len(view) - pos
+            if left <= _GLUE and len(queue) > 1 and body_room - p < _PH + left + _HH:
+                nxt = queue[1]
+                if nxt.hole and nxt.file == c.file and nxt.block == c.block and p > DATA_PREFIX.size:
+                    break  # the digest and its hole go together, in the next datagram
+            take = min(body_room - p - _PH, left)
             ref = (c.file, c.block, c.offset + pos, take)
             PIECE_HEADER.pack_into(scratch, p, *ref)
             p += _PH
@@ -361,7 +415,7 @@ class SendHalf:
                     self._front -= 1
             else:
                 c.pos = pos + take
-        if queue and p < body_room:
+        if queue and body_room - p < _PH:
             scratch[p:body_room] = bytes(body_room - p)
             p = body_room
         return p, got, tuple(refs)
