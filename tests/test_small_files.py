@@ -201,6 +201,29 @@ def test_a_late_duplicate_bundle_on_a_new_stream_is_dropped_not_refused(tmp_path
     asyncio.run(run())
 
 
+def test_pieces_of_a_file_published_by_bundle_are_late_duplicates(tmp_path: Path) -> None:
+    """Before: a one-block file published in a bundle (an HTTP stream) before any piece
+    had built the sink's assembler was unknown to it, and its pieces arriving later over
+    UDP were "unknown file index 0": the daemon closed the UDP path (an upload under
+    --no-fallback failed one run in 15-25; under auto it fell back to HTTPS, trial)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    data = os.urandom(1234)
+
+    async def run() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            sink = BlockSink({}, pool, inline={0: InlineTarget(root / "f", _entry("f", data))},
+                             state=StateDir(root), fsync=False)
+            assert await sink.bundle([(0, data, block_digest(data))]) == len(data)
+            assert await sink.piece(0, 0, 0, data[:600], block_digest(data)) == 0
+            assert await sink.piece(0, 0, 600, data[600:]) == 0
+            assert sink.duplicates == 2 and (root / "f").read_bytes() == data
+            with pytest.raises(ProtocolError, match="unknown file index 7"):
+                await sink.piece(7, 0, 0, data[:10])  # a file the session never had
+
+    asyncio.run(run())
+
+
 def test_a_group_published_while_its_stream_is_cut_is_still_counted(tmp_path: Path) -> None:
     """Before: a download stream cancelled (the switch to UDP) while its bundle's group
     was being written left the files published but never counted: "1.2 kB already

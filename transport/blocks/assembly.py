@@ -450,6 +450,10 @@ class BlockAssembler:
                 return (done,)
         return _NO_EVENTS
 
+    def knows(self, file: int) -> bool:
+        """``file`` is one of this assembler's files (committed ones included)."""
+        return file in self._layouts
+
     def commit(self, file: int) -> None:
         """The file is committed: drop what is held for it; later pieces are late duplicates."""
         if file not in self._layouts:

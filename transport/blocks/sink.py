@@ -128,6 +128,10 @@ class BlockSink:
         """One-block files published this session."""
         self.inline_errors: dict[int, TransportError] = {}
         """One-block files that could not be published (a folder in the way, ...)."""
+        self._gone = RangeSet()
+        """File indices whose receiver left (committed): with ``inline_done`` and
+        ``inline_errors``, what a piece may still name as a late duplicate when the
+        assembler was built after it left (one int range per run of indices)."""
         self._state = state
         self._fsync = fsync
         self._replace = replace
@@ -444,6 +448,13 @@ class BlockSink:
         with self._lock:
             asm = self._assembler or self._build()
             rec = self.receivers.get(file)  # None once committed: the assembler knows
+            if rec is None and not asm.knows(file) and self._finished(file):
+                # Published before the assembler was built (a one-block file's bundle on
+                # an HTTP stream, then its pieces over UDP): a late duplicate, not an
+                # unknown index ("UDP path closed: unknown file index 0", one small
+                # upload in 15-25 under --no-fallback, trial).
+                self.duplicates += count_late
+                return []
             if whole and rec is not None and 0 <= block < rec.layout.count \
                     and len(data) != rec.layout.stored_range(block)[1]:
                 raise ProtocolError(f"{rec.entry.path or rec.target.name}: block {block} has "
@@ -506,12 +517,18 @@ class BlockSink:
             if self._assembler is not None:
                 self._assembler.forget(file, blocks)
 
+    def _finished(self, file: int) -> bool:
+        """``file`` was published (or failed for good) this session: it has left."""
+        return file in self.inline_done or file in self.inline_errors or file in self._gone
+
     def committed(self, file: int) -> None:
         """File ``file`` is published: its receiver leaves; later pieces are late duplicates."""
         with self._lock:
             if self._assembler is not None:
                 self._assembler.commit(file)
             rec = self.receivers.pop(file, None)
+            if rec is not None:
+                self._gone.add(file, file + 1)
             if rec is not None:  # it leaves: its blocks stay in the frame size bound
                 self._max_block = max(self._max_block, rec.layout.max_stored_block)
 
