@@ -290,7 +290,9 @@ class Runner:
                 + f"  ({time.monotonic() - t0:.0f} s) {r.note[:80]}")
 
     def loopback_peers(self, site: Site, sc: Scenario, srv: Servers) -> None:
-        """nginx->curl HTTP/HTTPS, curl uploads, ours up/down over HTTP and HTTPS."""
+        """nginx->curl HTTP/HTTPS, curl uploads, ours up/down over HTTP, HTTPS and UDP
+        (``ours-udp``: ``--transport udp`` at the default datagram size, which path MTU
+        discovery raises to 65,000 bytes on loopback)."""
         name, size = self.data_file(self.opts.loopback_bytes)
         src = self.docroot / name
         ctx = self.ctx(sc, cap_s=max(120.0, self.opts.cap_s))
@@ -302,6 +304,13 @@ class Runner:
             ("curl-https-up", lambda: curl_upload(site, ctx, ng, src, https=True)),
         ]
         plan += self.ours_plan(site, ctx, srv, name, size)
+
+        def udp(upload: bool) -> PeerResult:
+            assert srv.ours is not None
+            return ours_mod.ours_transfer(site, ctx, srv.ours, upload=upload, https=True,
+                                          src=src if upload else name, expected=size, udp=True)
+
+        plan += [("ours-udp", lambda: udp(False)), ("ours-udp-up", lambda: udp(True))]
         self.play(sc, plan, srv)
 
     def ours_plan(self, site: Site, ctx: Ctx, srv: Servers, name: str, size: int,

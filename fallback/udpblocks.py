@@ -343,7 +343,18 @@ class UdpPump:
             self._reserved += lease.length + DIGEST_SIZE
             task = asyncio.ensure_future(self._read(lease))
             self._reads.add(task)
-            task.add_done_callback(self._reads.discard)
+            task.add_done_callback(self._read_done)
+
+    def _read_done(self, task: asyncio.Task[None]) -> None:
+        """A read task that raised something unexpected fails the path at once (it was
+        "Task exception was never retrieved" and a 10 s stall before the session gave up)."""
+        self._reads.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("UDP path %s: sending a block failed: %r", self.path, exc)
+            self._fail(TransportError(f"UDP sender failed: {exc}"))
 
     async def _read(self, lease: Lease) -> None:
         sender = self.sender
@@ -365,12 +376,17 @@ class UdpPump:
         out = len(data) + (len(digest) if digest is not None else 0)
         self._held.setdefault((lease.file, lease.block), []).append(
             _Held(lease, data, digest, out))
+        # Reserved in ``fill`` when the read began: retransmissions queued since (not held
+        # to the budget) may have used the room; queueing must not fail then. It raised
+        # "piece of 32 bytes exceeds the send budget 0" in this task, unseen, and the
+        # block was never sent: a 2 GiB download over 65,000-byte datagrams stalled
+        # ("1 blocks still missing, no progress for 10 s") twice in three tries.
         if digest is not None:  # first: the core keeps it in one datagram with a hole
-            self.conn.queue_piece(lease.file, lease.block, DIGEST_OFFSET, digest)
+            self.conn.queue_piece(lease.file, lease.block, DIGEST_OFFSET, digest, reserved=True)
         if isinstance(data, Hole):
             self.conn.queue_hole(lease.file, lease.block, lease.offset, data.length)
         else:
-            self.conn.queue_piece(lease.file, lease.block, lease.offset, data)
+            self.conn.queue_piece(lease.file, lease.block, lease.offset, data, reserved=True)
         sender.delivered(lease, hole=hole)
         self._touch()
         self.endpoint.wake()

@@ -465,3 +465,19 @@ def test_path_mtu_search_gives_up_after_its_probes() -> None:
     assert fwd.too_big == PMTU.pmtu_probes
     assert a.get_timer() is not None and a.stats().datagram_size == 1452
     assert not any(isinstance(e, MtuRaised) for e in got)
+
+
+def test_reserved_pieces_are_queued_when_retransmissions_used_the_budget() -> None:
+    """The owner reserves room before it reads a block; retransmissions queued meanwhile
+    are not held to the budget and may use it up. Before: the read block's queue_piece
+    raised "exceeds the send budget 0" in the owner's task and the block was never sent."""
+    cfg = UdpConfig(max_queue_bytes=1 << 20)
+    a, _ = pair(cfg, cfg)
+    a.queue_piece(0, 0, 0, bytes(600_000))
+    a.queue_piece(0, 1, 0, bytes(600_000), retransmission=True)  # budget used up
+    assert a.send_budget() == 0
+    with pytest.raises(ValueError, match="send budget"):
+        a.queue_piece(0, 2, 0, bytes(1000))
+    a.queue_piece(0, 2, 0, bytes(32), reserved=True)
+    a.queue_piece(0, 2, 32, bytes(400_000), reserved=True)
+    assert a.stats().queued_bytes == 1_200_000 + 400_032

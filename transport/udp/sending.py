@@ -145,14 +145,17 @@ class SendHalf:
         return 0 if self._closed else max(0, self.config.max_queue_bytes - self._queued)
 
     def queue_piece(self, file: int, block: int, offset: int,
-                    data: bytes | bytearray | memoryview, *, retransmission: bool = False
-                    ) -> None:
+                    data: bytes | bytearray | memoryview, *, retransmission: bool = False,
+                    reserved: bool = False) -> None:
         """Queue ``data`` (bytes at ``offset`` of ``(file, block)``) for sending.
 
         The core keeps a view of ``data`` until every byte is sent (then drops it), so
         the caller must not modify it meanwhile. A ``retransmission`` (bytes reported
         lost, which the owner holds anyway) goes ahead of queued new data, after earlier
-        retransmissions, and is not held to ``send_budget()``. ``ValueError`` when the
+        retransmissions, and is not held to ``send_budget()``. ``reserved``: the owner
+        counted these bytes against ``send_budget()`` when it decided to read them (a
+        read in flight), so they are not checked again: retransmissions queued
+        meanwhile may have used the room, and the bytes are read already. ``ValueError`` when the
         queue is not empty and new ``data`` exceeds ``send_budget()``, when fields exceed
         u32 or the piece would cross offset 2**32; ``ConnectionError`` when closed.
         """
@@ -161,7 +164,7 @@ class SendHalf:
         n = len(data)
         if n == 0:
             return
-        if self._queued and n > self.send_budget() and not retransmission:
+        if self._queued and n > self.send_budget() and not (retransmission or reserved):
             raise ValueError(f"piece of {n} bytes exceeds the send budget {self.send_budget()}")
         if not (0 <= file <= U32 and 0 <= block <= U32 and 0 <= offset and offset + n <= U32 + 1):
             raise ValueError("file, block and offset + length must fit in 32 bits")
