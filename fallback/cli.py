@@ -369,13 +369,13 @@ def _overrides(config: Config, a: argparse.Namespace) -> Config:
     import dataclasses
     from types import MappingProxyType
 
-    from fallback.confxml import _Bad, _host
+    from fallback.confxml import _Bad, _bind_host
 
     changes: dict[str, Any] = {}
     sources = dict(config.sources)
     if a.bind is not None:
         try:
-            changes["bind_address"] = _host("--bind", a.bind, Path.cwd())
+            changes["bind_address"] = _bind_host("--bind", a.bind, Path.cwd())
         except _Bad as exc:
             raise UsageError(str(exc)) from None
         sources["http_server.bind_address"] = "command line"
@@ -393,6 +393,8 @@ def _overrides(config: Config, a: argparse.Namespace) -> Config:
                 changes[enable] = True
                 sources[f"http_server.{enable}"] = "command line"
     if getattr(a, "no_udp", False):
+        if a.udp_port is not None:  # never one flag silently ignored for another
+            raise UsageError("--udp-port and --no-udp contradict each other: give one")
         changes["enable_udp"] = False
     if not changes:
         return config
@@ -405,6 +407,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     path, places = (Path(a.config), []) if a.config else _default_config()
     if path is not None:
+        if a.docroot:  # never silently ignored: docroots of a config file are its own
+            raise UsageError(f"--docroot applies only without a config file; {path} gives "
+                             "the docroots (<file_system>/<docroot>, <user>/<docroot>)")
         try:
             config = load_config(path)
         except ConfigError as exc:

@@ -10,10 +10,12 @@ reported as an ordinary problem rather than a traceback or a hang.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import errno
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -23,6 +25,7 @@ from fallback.confxml import (  # noqa: F401 - Problem is re-exported
     _MAX_BYTES,
     Problem,
     _Bad,
+    _bind_host,
     _block_size,
     _bool,
     _choice,
@@ -40,6 +43,8 @@ from fallback.confxml import (  # noqa: F401 - Problem is re-exported
     _state_dir,
     _suffix,
     _user_name,
+    bind_error,
+    hash_warning,
 )
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 
@@ -156,6 +161,9 @@ class Config:
     users: tuple[UserConfig, ...]
     sources: Mapping[str, str] = field(compare=False)
     enable_udp: bool = True  # ``serve --no-udp``: HTTP(S) only
+    warnings: tuple[Problem, ...] = field(default=(), compare=False)
+    """Things that do not stop ``serve`` but need a look (weak password hashes, a port
+    taken right now); ``config validate`` and ``serve`` print them."""
 
     @property
     def shared_port(self) -> bool:
@@ -217,7 +225,7 @@ _SCHEMA: _Schema = {
         "cert_file": _Leaf(_readable_file, None, True),
         "key_file": _Leaf(_readable_file, None, True),
         "cert_names": _Leaf(_cert_names, (), True),
-        "bind_address": _Leaf(_host, "0.0.0.0"),
+        "bind_address": _Leaf(_bind_host, "0.0.0.0"),
         "session_activity_timeout": _Leaf(_int_range(0, None), 0),
         "restartable_transfers": _Leaf(_bool, True),
         "streams_max": _Leaf(_int_range(1, 256), 16),
@@ -229,7 +237,7 @@ _SCHEMA: _Schema = {
     },
     "transfer": {
         "protocol_options": {
-            "bind_ip_address": _Leaf(_host, None, True),
+            "bind_ip_address": _Leaf(_bind_host, None, True),
             "bind_udp_port": _Leaf(_port, 33001),
         },
         "in": {"bandwidth": {"flow": _FLOW}},
@@ -289,9 +297,13 @@ class _Loader:
         self.file = file
         self.base = base
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append(Problem(self.file, line, message))
+
+    def warning(self, line: int, message: str) -> None:
+        self.warnings.append(Problem(self.file, line, "warning: " + message))
 
     def load(self, root: _Node) -> _Found:
         found = _Found(root.line)
@@ -411,6 +423,74 @@ class _Loader:
             if user.vals.get("docroot") is None and "docroot" not in user.bad and no_docroot:
                 self.problem(user.line, f"{who} has no <docroot> and <file_system>/<docroot> "
                              "is not set")
+            weak = hash_warning(user.vals.get("password_hash"))
+            if weak:
+                self.warning(user.lines["password_hash"], f"{who}: {weak}")
+        if not bad:  # what `serve` does at start, tried now: if this passes, serve starts
+            self._listen_check(get, lines)
+            self._tls_check(get, lines)
+
+    def _listen_check(self, get: Callable[[str], Any], lines: dict[str, int]) -> None:
+        """The ports ``serve`` listens on, bound (and closed) now with the configured
+        address: a port it may not use (below 1024 without the privilege) is a problem; a
+        port in use is a warning only (the daemon itself holds it while running, e.g.
+        when validating before a SIGHUP reload)."""
+        host = get("http_server.bind_address")
+        ports = []
+        if get("http_server.enable_http"):
+            ports.append("http_server.http_port")
+        if get("http_server.enable_https") and not (
+                ports and get("http_server.https_port") == get("http_server.http_port")):
+            ports.append("http_server.https_port")
+        for key in ports:
+            port = get(key)
+            line = lines.get(key) or lines.get("http_server", 1)
+            exc = bind_error(host, port)
+            if exc is None:
+                continue
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                self.warning(line, f"{key.split('.')[1]}: port {port} on {host} is in use now: "
+                             "serve cannot start until it is free")
+            else:
+                self.problem(line, f"{key.split('.')[1]}: cannot listen on {host}:{port}: {why}"
+                             + (" (ports below 1024 need privileges)"
+                                if exc.errno == errno.EACCES else ""))
+
+    def _tls_check(self, get: Callable[[str], Any], lines: dict[str, int]) -> None:
+        """The certificate and key ``serve`` loads for HTTPS: PEM, readable, matching; or
+        the generated pair kept in ``state_dir``, which must be creatable and, when it
+        exists, usable."""
+        if not get("http_server.enable_https"):
+            return
+        from fallback.tls import _load_existing, fingerprint, server_ssl_context
+
+        cert, key = get("http_server.cert_file"), get("http_server.key_file")
+        if cert is not None and key is not None:
+            try:
+                server_ssl_context(cert, key)
+                fingerprint(cert)
+            except (ValueError, OSError) as exc:
+                why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+                self.problem(lines["http_server.cert_file"], f"cert_file: cannot use {cert} "
+                             f"with key_file {key}: {why} (PEM certificate and its key)")
+            return
+        state = get("server.state_dir") or self.base / "fallback-state"
+        line = lines.get("server.state_dir") or lines.get("server", 1)
+        made, parent = state / "cert.pem", state
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            self.problem(line, f"state_dir: cannot create {state} ({parent} is not a writable "
+                         "folder): the generated TLS certificate is kept there")
+        elif made.exists() and (state / "key.pem").exists():
+            try:
+                _load_existing(made, state / "key.pem")
+            except (ValueError, OSError) as exc:
+                why = getattr(exc, "strerror", None) or exc
+                self.problem(line, f"state_dir: the generated certificate {made} cannot be "
+                             f"used ({why}): remove cert.pem and key.pem there to generate "
+                             "a new pair")
 
 
 def _config(path: Path | None, base: Path, vals: Mapping[str, Any], sources: dict[str, str],
@@ -500,7 +580,9 @@ def load_config(path: str | Path) -> Config:
             sources[f"users.user[{vals['name']}].{k}"] = where(item, k)
         if item.vals.get("docroot") is None:
             sources[f"users.user[{vals['name']}].docroot"] = sources["file_system.docroot"]
-    return _config(absolute, absolute.parent, found.vals, sources, tuple(users))
+    config = _config(absolute, absolute.parent, found.vals, sources, tuple(users))
+    return dataclasses.replace(config, warnings=tuple(sorted(loader.warnings,
+                                                             key=lambda p: p.line)))
 
 
 def embedded_defaults(base_dir: Path, password_hash: str | None = None) -> Config:
@@ -556,7 +638,8 @@ def _show(value: object) -> str:
 
 def validate_main(path: str, out: TextIO, err: TextIO) -> int:
     """``fallback config validate FILE``: print effective settings and return 0, or print every
-    problem as ``FILE:LINE: message`` and return 2."""
+    problem as ``FILE:LINE: message`` and return 2. Warnings (``FILE:LINE: warning: ...``,
+    on ``err``) keep 0: ``serve`` starts with them, and prints them too."""
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -571,4 +654,6 @@ def validate_main(path: str, out: TextIO, err: TextIO) -> int:
               "(TLS is recognised per connection)", file=out)
     if not config.users:
         print("warning: no <user> in <users>: nobody can log in", file=out)
+    for warning in config.warnings:  # exit status stays 0: serve starts with them
+        print(warning, file=err)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
@@ -21,7 +22,7 @@ from xml.parsers.expat import ErrorString
 from defusedxml import DefusedXmlException, EntitiesForbidden
 from defusedxml.ElementTree import DefusedXMLParser
 
-from fallback.auth import validate_hash
+from fallback.auth import _Argon2Hash, _parse_hash, validate_hash
 
 _MAX_BYTES = 8 * 1024 * 1024  # a config file this large is a mistake, not a configuration
 _HASH_PREFIXES = ("$argon2id$", "$scrypt$")
@@ -199,6 +200,49 @@ def _host(name: str, text: str, base: Path) -> str:
     raise _Bad(f"{name}: {_q(text)} is not an IP address or hostname")
 
 
+def _bind_host(name: str, text: str, base: Path) -> str:
+    """An address to listen on: an IP literal or a host name that resolves now, on this
+    host, to one of this host's addresses. ``serve`` binds the first address a name
+    resolves to (``fallback.listener``), so that one is tried here (port 0): a name that
+    does not resolve, or an address of another host, is refused now instead of at start."""
+    host = _host(name, text, base)
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise _Bad(f"{name}: {_q(text)} does not resolve ({why}): give an IP address of this "
+                   "host, or a host name that resolves to one") from None
+    for family, kind, proto, _, addr in infos[:1]:  # what the listener binds
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.bind((addr[0], 0, *addr[2:]))
+        except OSError as exc:
+            shown = "" if addr[0] == host else f" ({addr[0]})"
+            raise _Bad(f"{name}: cannot listen on {_q(text)}{shown}: "
+                       f"{exc.strerror or exc} (not an address of this host?)") from None
+    return host
+
+
+def bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> OSError | None:
+    """The error binding ``host:port`` gives now (``serve``'s bind would get the same), or
+    None. Nothing listens: the socket is closed at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        return OSError(0, str(getattr(exc, "strerror", None) or exc))
+    for family, kind_, proto, _, addr in infos[:1]:
+        try:
+            with socket.socket(family, kind_, proto) as sock:
+                if kind == socket.SOCK_STREAM:  # as asyncio's create_server does
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+        except OSError as exc:
+            return exc
+    return None
+
+
 def _path(name: str, text: str, base: Path) -> Path:
     """Relative paths are relative to the config file, not to wherever the daemon was started."""
     return Path(os.path.normpath(base / text))
@@ -249,3 +293,41 @@ def _password_hash(name: str, text: str, base: Path) -> str:
     except ValueError as exc:
         raise _Bad(f"{name}: {exc}") from None
     return text
+
+
+# What ``fallback hash-password`` makes: RFC 9106 section 4, second recommended option
+# (Argon2id m=64 MiB, t=3, p=4). scrypt: N=2^17, r=8, as OWASP's Password Storage Cheat
+# Sheet recommends at least.
+MIN_ARGON2 = (65536, 3)
+MIN_SCRYPT = (17, 8)
+_PLACEHOLDER_WORD = re.compile(r"placeholder|replace|example|changeme", re.IGNORECASE)
+
+
+def hash_warning(text: str | None) -> str | None:
+    """Why a valid hash deserves a look: a placeholder nobody can log in with (the salt and
+    hash are plain words, or say so), or a cost below what ``fallback hash-password`` makes
+    (a stolen config file is then cheap to crack). None when neither."""
+    if text is None:
+        return None
+    try:
+        parsed = _parse_hash(text)
+    except ValueError:
+        return None
+    fields = text.strip().split("$")
+    words = all(part and part.isascii() and part.decode().isprintable()
+                for part in (parsed.salt, parsed.digest))
+    if words or any(_PLACEHOLDER_WORD.search(f) for f in fields[-2:]):
+        return ("password_hash is a placeholder, not a hash of a password: nobody can log in "
+                "with it; replace it with the output of `fallback hash-password`")
+    if isinstance(parsed, _Argon2Hash):
+        if parsed.memory_kib >= MIN_ARGON2[0] and parsed.iterations >= MIN_ARGON2[1]:
+            return None
+        return (f"weak password_hash: Argon2id m={parsed.memory_kib},t={parsed.iterations},"
+                f"p={parsed.lanes} is below the recommended minimum m={MIN_ARGON2[0]} KiB, "
+                f"t={MIN_ARGON2[1]} (RFC 9106's second option, m=65536,t=3,p=4, is what "
+                "`fallback hash-password` makes): make a new one with it")
+    if parsed.log2_n >= MIN_SCRYPT[0] and parsed.r >= MIN_SCRYPT[1]:
+        return None
+    return (f"weak password_hash: scrypt ln={parsed.log2_n},r={parsed.r},p={parsed.p} is below "
+            f"the recommended minimum ln={MIN_SCRYPT[0]},r={MIN_SCRYPT[1]}: make an Argon2id "
+            "hash with `fallback hash-password` (RFC 9106's second option, m=65536,t=3,p=4)")

@@ -82,6 +82,9 @@ def _startup_notes(config: Config, cert: Path | None, out: TextIO) -> None:
     else:
         print(f"listening on {'all addresses' if host in ('0.0.0.0', '::') else host}",
               file=out)
+    for warning in config.warnings:  # the ones `config validate` prints (weak hashes, ...)
+        print(warning, file=out)
+        log.warning("%s", warning)
     if not config.users:
         print("warning: no users are configured: nobody can log in", file=out)
         log.warning("no users are configured: nobody can log in")
@@ -209,6 +212,9 @@ def _reload(state: DaemonState) -> None:
         for p in exc.problems:
             log.error("reload refused: %s", p)
         return
+    for warning in new.warnings:  # its own ports are in use: that is no news on a reload
+        if "is in use now" not in warning.message:
+            log.warning("reload: %s", warning)
     state.config = new
     if (new.http_port, new.https_port, new.enable_http, new.enable_https, new.bind_address) != (
         old.http_port, old.https_port, old.enable_http, old.enable_https, old.bind_address

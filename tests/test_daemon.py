@@ -367,3 +367,49 @@ def test_a_port_it_cannot_listen_on_is_named(tmp_path: Path) -> None:
     assert p.stderr.strip().splitlines()[-1] == (
         f"error: cannot listen on 127.0.0.1:{d.https_port}: Address already in use")
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--docroot", "/nonexistent"],
+     "error: --docroot applies only without a config file; {conf} gives the docroots "
+     "(<file_system>/<docroot>, <user>/<docroot>)"),
+    (["--udp-port", "40000", "--no-udp"],
+     "error: --udp-port and --no-udp contradict each other: give one"),
+    (["--bind", "not-an-ip"],
+     'error: --bind: "not-an-ip" does not resolve (Name or service not known): give an IP '
+     "address of this host, or a host name that resolves to one"),
+])
+def test_serve_flag_never_silently_ignored(tmp_path: Path, flags: list[str], message: str) -> None:
+    """Before (trial): `serve --config r.conf --docroot /nonexistent` served the config's
+    docroots and said nothing; --udp-port with --no-udp was dropped; --bind not-an-ip got
+    as far as listening. Now each is a usage error: one line, exit 2, nothing started."""
+    from tests.conftest import free_port
+    from tests.control_client import conf_xml
+    d = Daemon(tmp_path, free_port(), free_port(), {"alice": tmp_path / "docroot" / "alice"})
+    d.config_path.write_text(conf_xml(d, {"alice": (True, True)}))
+    (tmp_path / "docroot" / "alice").mkdir(parents=True)
+    p = subprocess.run([sys.executable, "-m", "fallback", "serve", "--config",
+                        str(d.config_path), *flags], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stderr.splitlines() == [message.format(conf=d.config_path)]
+    assert "ready" not in p.stdout
+
+
+def test_config_that_validates_starts_and_one_that_serve_refuses_does_not_validate(
+        tmp_path: Path) -> None:
+    """The rule behind `config validate`: exit 0 means `serve` starts. The trial's
+    <bind_address>not-an-ip</bind_address> validated, then serve failed at listen."""
+    from tests.conftest import free_port
+    from tests.control_client import conf_xml
+    d = Daemon(tmp_path, free_port(), free_port(), {"alice": tmp_path / "docroot" / "alice"})
+    (tmp_path / "docroot" / "alice").mkdir(parents=True)
+    d.config_path.write_text(conf_xml(d, {"alice": (True, True)}).replace(
+        "<bind_address>127.0.0.1</bind_address>", "<bind_address>not-an-ip</bind_address>"))
+    assert "not-an-ip" in d.config_path.read_text()
+    for cmd in (["config", "validate"], ["serve", "--config"]):
+        p = subprocess.run([sys.executable, "-m", "fallback", *cmd, str(d.config_path)],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2, (cmd, p.stdout, p.stderr)
+        [line] = p.stderr.splitlines()
+        assert line.startswith(f"{d.config_path}:") and "bind_address: \"not-an-ip\" does not " \
+            "resolve" in line

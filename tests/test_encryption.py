@@ -417,6 +417,24 @@ def test_wrong_passphrase_writes_nothing(shared: Daemon, tmp_path: Path, scheme:
     assert WRONG not in shared.log()
 
 
+@SCHEMES
+def test_wrong_passphrase_leaves_no_new_folder(shared: Daemon, tmp_path: Path, scheme: str) -> None:
+    """Before (trial): a download into ``new/`` (created by the download) with a wrong
+    passphrase failed as it should, but left the empty folder ``new`` behind. Now a failed
+    run removes the folders it created that stayed empty (folder and single file)."""
+    top = f"wn-{scheme}"
+    served = shared.docroots["alice"] / top
+    secret = make_file(tmp_path / "y.bin", 2 * BS + 5, seed=23)
+    (served / "sub").mkdir(parents=True)
+    env.encrypt_file(secret, served / "sub" / ("y.bin" + SUFFIX), PASS, BS)
+    for remote in (f"/{top}", f"/{top}/sub/y.bin{SUFFIX}"):
+        new = tmp_path / "new"
+        rc, res, err = xfer(shared, shared.url(remote, scheme=scheme), str(new) + "/", scheme,
+                            "--decrypt", pw=WRONG, check=False)
+        assert rc == 1 and "bad passphrase" in res["error"], (remote, err)
+        assert not new.exists(), (remote, everything(new))
+
+
 # -- 5. tampered envelopes ------------------------------------------------------------------------------
 @SCHEMES
 def test_tampered_block_is_caught_and_named(shared: Daemon, tmp_path: Path, scheme: str) -> None:

@@ -10,6 +10,7 @@ its whole-file digest equals the daemon's over the source's current bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
@@ -94,6 +95,19 @@ class DownloadSession(TransferSession):
     """One download of a file or folder from the daemon."""
 
     async def run(self, url: Url, dst: Path, into: bool) -> None:
+        """The download; on failure the folders it created and left empty are removed (a
+        wrong --decrypt passphrase used to leave the new destination folder behind).
+        Folders holding kept partials stay, for a resume."""
+        made: list[Path] = []
+        try:
+            await self._run(url, dst, into, made)
+        except BaseException:
+            for folder in reversed(made):  # deepest last created first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+            raise
+
+    async def _run(self, url: Url, dst: Path, into: bool, made: list[Path]) -> None:
         opts, result = self.opts, self.result
         answer = await self.control.open_download(C.OpenDownload(url.path, opts.flow()))
         self.start_keepalive()
@@ -113,7 +127,8 @@ class DownloadSession(TransferSession):
         if entries[0].is_dir is False and root.is_dir():
             root = root / name
         if not opts.dry_run:
-            make_last_level(root.parent, create=into and root.parent == dst)
+            if make_last_level(root.parent, create=into and root.parent == dst):
+                made.append(root.parent)
         # Partials and journals go to the state folder at the top of the destination folder
         # (the one receiving the transfer root): same file system, never among the user's files.
         statedir = StateDir(root.parent)
@@ -161,6 +176,8 @@ class DownloadSession(TransferSession):
                 path = target_for(root, e.path)
                 if path.exists() and not path.is_dir():
                     raise TransportError(f"{path}: a file of that name exists", kind=ErrorKind.CONFLICT)
+                if not path.exists():
+                    made.append(path)
                 path.mkdir(parents=True, exist_ok=True)
         receivers: dict[int, FileReceiver] = {}
         bundles = "bundles" in self.remote.features
@@ -489,12 +506,12 @@ def _inline_actions(files: list[int], entries: list[FileEntry], targets: dict[in
     return out
 
 
-def make_last_level(folder: Path, *, create: bool) -> None:
+def make_last_level(folder: Path, *, create: bool) -> bool:
     """The folder a download's root goes into must exist. Only a destination named as a
     folder (``newdir/``) in an existing one is created; a missing tree never is (cp and scp
-    refuse it too). Raises ``PathError`` naming the folder."""
+    refuse it too). Raises ``PathError`` naming the folder; True when it was created."""
     if folder.is_dir():
-        return
+        return False
     if folder.exists() or folder.is_symlink():
         raise PathError(f"{folder}: not a folder", kind=ErrorKind.CONFLICT)
     if not create or not folder.parent.is_dir():
@@ -503,6 +520,7 @@ def make_last_level(folder: Path, *, create: bool) -> None:
                         kind=ErrorKind.NOT_FOUND)
     folder.mkdir()
     log.info("created the folder %s", folder)
+    return True
 
 
 def _pending_calls(nbytes: int) -> int:
