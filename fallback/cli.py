@@ -152,8 +152,12 @@ def _offer_trust(exc: BaseException | None, a: argparse.Namespace) -> bool:
 def cmd_transfer(a: argparse.Namespace) -> int:
     from fallback.clisources import plan_jobs, read_file_list, with_port
 
+    for flag in ("file_list", "src_base", "password_file", "cacert", "fingerprint", "user",
+                 "block_size", "proxy", "target_rate", "min_rate"):
+        if getattr(a, flag) == "":  # an unset shell variable: never "the current folder"
+            raise UsageError(f"--{flag.replace('_', '-')} is empty ('')")
     positional = list(a.paths)
-    listed = read_file_list(a.file_list) if a.file_list else []
+    listed = read_file_list(a.file_list) if a.file_list is not None else []
     if not listed and len(positional) < 2:
         raise UsageError("give SRC... DST (or --file-list FILE DST)")
     dst = with_port(positional[-1], a.port)
@@ -193,7 +197,7 @@ def cmd_transfer(a: argparse.Namespace) -> int:
             opts_kw["passphrase"] = _passphrase(confirm=a.encrypt)
         from fallback.engine import Options
 
-        opts = Options.from_keywords(None, opts_kw)  # a UsageError here: nothing attempted
+        opts = Options.from_keywords(None, opts_kw, flags=True)  # UsageError: nothing attempted
         from transport.udp.sockopt import BULK_MMAP_THRESHOLD, tune_malloc
 
         tune_malloc(BULK_MMAP_THRESHOLD)  # block reads and stream chunks reuse the heap
@@ -405,6 +409,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from fallback.config import ConfigError, embedded_defaults, load_config
     from fallback.daemon import serve
 
+    for flag in ("config", "docroot", "bind"):  # '' would silently mean the default
+        if getattr(a, flag) == "":
+            raise UsageError(f"--{flag} is empty ('')")
+
     path, places = (Path(a.config), []) if a.config else _default_config()
     if path is not None:
         if a.docroot:  # never silently ignored: docroots of a config file are its own
@@ -445,6 +453,8 @@ def cmd_checksum(a: argparse.Namespace) -> int:
 
     bs = parse_size(a.block_size) if a.block_size else DEFAULT_BLOCK_SIZE
     rc = 0
+    if "" in a.files:
+        raise UsageError("a file name is empty ('')")
     for f in a.files:
         try:
             print(f"{digest_path(f, bs)}  {f}")
@@ -457,6 +467,28 @@ def cmd_checksum(a: argparse.Namespace) -> int:
 def cmd_crypt(a: argparse.Namespace) -> int:
     from transport.blocks import envelope as env
 
+    if a.src == "" or a.dst == "":
+        raise UsageError(f"the {'input' if a.src == '' else 'output'} path is empty ('')")
+    if a.dst == STDIO:  # standard output, as `fallback transfer URL -`: written once verified
+        import tempfile
+
+        from fallback.clisources import copy_to_stdout
+
+        with tempfile.TemporaryDirectory(prefix="fallback-stdout-") as tmp:
+            a.dst = os.path.join(tmp, "out")
+            _crypt(a, env)
+            try:
+                copy_to_stdout(tmp, sys.stdout.buffer)
+            except BrokenPipeError:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise TransferError("standard output closed before the end of the file") from None
+        return EXIT_OK
+    print(_crypt(a, env))
+    return EXIT_OK
+
+
+def _crypt(a: argparse.Namespace, env: Any) -> Path:
+    """``fallback encrypt|decrypt SRC [DST]``: the file written."""
     src = Path(a.src)
     if a.cmd == "encrypt":
         dst = Path(a.dst) if a.dst else src.with_name(src.name + env.SUFFIX)
@@ -477,8 +509,7 @@ def cmd_crypt(a: argparse.Namespace) -> int:
             if isinstance(exc, BadPassphrase):
                 raise TransferError(f"File decryption error, bad passphrase: {src}") from None
             raise TransferError(f"{src}: {exc.message}") from None
-    print(dst)
-    return EXIT_OK
+    return dst
 
 def _raise_fd_limit() -> None:
     """Lift the soft open-files limit to the hard one: a receiver holds two descriptors
@@ -525,6 +556,8 @@ def _dispatch(a: argparse.Namespace, parsers: dict[str, Parser]) -> int:
             return EXIT_USAGE
         from fallback.config import validate_main
 
+        if not a.file:
+            raise UsageError("the config file name is empty ('')")
         return validate_main(a.file, sys.stdout, sys.stderr)
     if a.cmd == "hash-password":
         from fallback.auth import hash_password_main

@@ -426,7 +426,9 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                     else "  fallback decrypt report.pdf.fallback-env\n"
                          "  fallback decrypt report.pdf.fallback-env copy.pdf"))
         e.add_argument("src")
-        e.add_argument("dst", nargs="?")
+        e.add_argument("dst", nargs="?", help="the output file; - for standard output "
+                       "(written once the whole file is " + ("encrypted)" if name == "encrypt"
+                                                             else "decrypted and verified)"))
         e.add_argument("--force", action="store_true", help="replace an existing default output")
         if name == "encrypt":
             e.add_argument("--block-size", default=None, metavar="SIZE",

@@ -86,6 +86,11 @@ def plan_jobs(sources: list[str], dst: str, src_base: str | None = None) -> list
     """The transfers ``SRC... DST`` stands for; ``UsageError`` for a mix that cannot be."""
     if not sources:
         raise UsageError("no source given: fallback transfer SRC... DST (or --file-list FILE DST)")
+    if "" in sources:  # "" would be the current folder (a shell's unset $FILE): cp '' refuses
+        raise UsageError("a source is empty (''): name a file, a folder or a URL")
+    if not dst:
+        raise UsageError("the destination is empty (''): name a folder, a file or a URL "
+                         "(. for the current folder)")
     if STDIO in sources and len(sources) > 1:
         raise UsageError("- (standard input) must be the only source")
     remote_src = [s for s in sources if is_url(s)]
@@ -111,6 +116,7 @@ def plan_jobs(sources: list[str], dst: str, src_base: str | None = None) -> list
         return [Job(STDIO, dst)]
     many = len(sources) > 1 or src_base is not None
     jobs = []
+    landed: dict[tuple[str, str], str] = {}  # (prefix, name at DST) -> the source landing there
     for s in sources:
         if not many:
             jobs.append(Job(s, dst))
@@ -128,8 +134,24 @@ def plan_jobs(sources: list[str], dst: str, src_base: str | None = None) -> list
         else:
             target = os.path.join(dst, *prefix.split("/"), "") if prefix else \
                 os.path.join(dst, "")
+        name = (prefix, _landing_name(s))
+        if name in landed:
+            first = landed[name]
+            shown = "/".join(x for x in name if x)
+            raise UsageError(f"{redacted(first)} is given twice" if first == s else
+                             f"{redacted(first)} and {redacted(s)} would both land as {shown} "
+                             "in the destination (the second would overwrite the first): "
+                             "rename one or copy them in separate commands")
+        landed[name] = s
         jobs.append(Job(s, target, prefix))
     return jobs
+
+
+def _landing_name(src: str) -> str:
+    """The name a source gets in the destination folder: its last path segment."""
+    if is_url(src):
+        return parse_url(src).path.rstrip("/").rpartition("/")[2]  # decoded already
+    return os.path.basename(os.path.abspath(src))
 
 
 def remote_name(dst_url: str) -> str:
@@ -207,6 +229,15 @@ def _keyed(d: dict[str, str], prefix: str) -> dict[str, str]:
     return {f"{prefix}/{k}" if prefix else k: v for k, v in d.items()}
 
 
+def _names(error: str, src: str) -> bool:
+    """Whether ``error`` names the local source already (``nope.txt: no such file or
+    folder``): then it is not prefixed with it a second time. A URL source keeps its prefix
+    (the daemon names its path from the docroot's top: ``remote /in/x: not found``)."""
+    if is_url(src):
+        return False
+    return any(error.startswith(f"{p}: ") for p in (src, src.rstrip("/"), os.path.abspath(src)))
+
+
 def merge(parts: list[tuple[Job, TransferResult]], seconds: float) -> TransferResult:
     """One result for several runs: counts summed, maps joined (names keep the
     ``--src-base`` folder), ``verified`` the weakest, ``seconds`` the wall time of all."""
@@ -232,5 +263,5 @@ def merge(parts: list[tuple[Job, TransferResult]], seconds: float) -> TransferRe
                                   for k in r.would_transfer)
         out.removed.extend(f"{job.prefix}/{k}" if job.prefix else k for k in r.removed)
         if r.error and out.error is None:
-            out.error = f"{redacted(job.src)}: {r.error}"
+            out.error = r.error if _names(r.error, job.src) else f"{redacted(job.src)}: {r.error}"
     return out

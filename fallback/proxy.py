@@ -16,6 +16,7 @@ A proxy carries no UDP: the engine does not probe UDP through one.
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -24,6 +25,8 @@ from fallback.errors import UsageError
 
 NO_PROXY_WORDS = ("none", "off", "direct")
 """``--proxy`` values that mean: connect directly, whatever the environment says."""
+_HOST = re.compile(r"[A-Za-z0-9._~%:-]+")
+"""A host name, an IPv4 address or an IPv6 one (without its brackets)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +57,8 @@ def parse_proxy(text: str, source: str) -> Proxy:
         port = u.port
     except ValueError as exc:
         raise UsageError(f"{source}: bad proxy URL {text!r}: {exc}") from None
-    if u.scheme != "http" or not u.hostname:
+    if u.scheme != "http" or not u.hostname or not _HOST.fullmatch(u.hostname) \
+            or any(c.isspace() for c in raw):
         raise UsageError(f"{source}: bad proxy URL {text!r}: expected "
                          "http://[user:password@]host:port (the proxy is spoken to in plain HTTP)")
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname

@@ -124,8 +124,6 @@ class DownloadSession(TransferSession):
         streams = self.streams_for(answer.streams_max)
         root = dst / name if (into or dst.is_dir()) else dst
         anchor = root.parent  # the folder the user named, or the one the named root goes in
-        if entries[0].is_dir is False and root.is_dir():
-            root = root / name
         if not opts.dry_run:
             if make_last_level(root.parent, create=into and root.parent == dst):
                 made.append(root.parent)
@@ -167,6 +165,10 @@ class DownloadSession(TransferSession):
             targets[i] = target
         confine_download(anchor, [targets[i] if i in targets else target_for(root, e.path)
                                   for i, e in enumerate(entries)])
+        for i in files:  # a file never goes into, nor replaces, a folder (cp, scp refuse)
+            if targets[i].is_dir():
+                raise TransportError(f"{targets[i]}: a folder of that name exists (a file "
+                                     "cannot replace a folder)", kind=ErrorKind.CONFLICT)
         if opts.dry_run:
             for i in files:
                 await self._dry_run(i, entries[i], targets[i], i in transforms)

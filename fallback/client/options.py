@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fallback.control import MAX_RATE, Flow
 from fallback.errors import UsageError
+from fallback.proxy import NO_PROXY_WORDS, parse_proxy
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.blocks.pacing import parse_rate, policy_names
 from transport.blocks.plan import DEFAULT_RESUME, OVERWRITE_MODES, RESUME_MODES
@@ -39,6 +42,8 @@ class Options:
     resume: str = DEFAULT_RESUME
     overwrite: str = "diff"
     cacert: str | None = None
+    """A CA or the daemon's certificate (PEM) to verify it with: a path (a str or a
+    ``os.PathLike``)."""
     fingerprint: str | None = None
     insecure: bool = False
     user: str | None = None
@@ -73,34 +78,44 @@ class Options:
     dry_run: bool = False
     """List what would be moved (``skipped_files`` says what would not); move nothing."""
 
+    def __new__(cls, *args: Any, **keywords: Any) -> Options:
+        # ``Options(bogus=1)`` is a UsageError naming the keyword, as ``transfer(bogus=1)``
+        # is, not the dataclass's raw TypeError.
+        names = [f.name for f in dataclasses.fields(cls)]
+        _known(keywords, names)
+        if len(args) > len(names):
+            raise UsageError(f"Options takes at most {len(names)} values, got {len(args)}")
+        return object.__new__(cls)
+
     @classmethod
-    def from_keywords(cls, options: Options | None, keywords: dict[str, Any]) -> Options:
+    def from_keywords(cls, options: Options | None, keywords: dict[str, Any], *,
+                      flags: bool = False) -> Options:
         """The options of a ``transfer()`` call: ``options`` or ``keywords``, checked.
-        Raises ``UsageError`` for both given, an unknown keyword or a bad value."""
+        Raises ``UsageError`` for both given, an unknown keyword or a bad value; its
+        message names the keyword (``streams``), or with ``flags`` the CLI's flag
+        (``--streams``: the CLI builds its options here)."""
         if options is not None and keywords:
             raise UsageError("give an Options object or keywords, not both "
                              f"(got options and {', '.join(sorted(keywords))})")
         if options is not None and not isinstance(options, Options):
             raise UsageError(f"options must be an Options object, not {type(options).__name__}")
         if options is None:
-            names = [f.name for f in dataclasses.fields(cls)]
-            for key in keywords:
-                if key not in names:
-                    near = difflib.get_close_matches(key, names, 1)
-                    raise UsageError(f"unknown option {key!r}"
-                                     + (f" (did you mean {near[0]!r}?)" if near else ""))
             options = cls(**keywords)
-        return options.checked()
+        return options.checked(flags=flags)
 
-    def checked(self) -> Options:
-        """These options with sizes parsed to ints, after ``check``."""
+    def checked(self, *, flags: bool = False) -> Options:
+        """These options with sizes parsed to ints and paths to strings, after ``check``."""
+        n = _namer(flags)
         bs = self.block_size
         if isinstance(bs, str):
             from fallback.client.sizes import parse_size
 
-            bs = parse_size(bs, "block_size")
-        opts = dataclasses.replace(self, block_size=bs) if bs != self.block_size else self
-        opts.check()
+            bs = parse_size(bs, n("block_size"))
+        changes: dict[str, Any] = {"block_size": bs} if bs != self.block_size else {}
+        if isinstance(self.cacert, os.PathLike):
+            changes["cacert"] = os.fspath(self.cacert)
+        opts = dataclasses.replace(self, **changes) if changes else self
+        opts.check(flags=flags)
         return opts
     proxy: str | None = None
     """``--proxy``: ``http://[user:password@]host:port`` (``"none"``: direct); None: from
@@ -135,81 +150,106 @@ class Options:
         return FailoverConfig(probe_budget=self.udp_probe_timeout, lost_after=self.udp_lost_after,
                               stay=not self.fallback)
 
-    def check(self) -> None:
-        """Raise ``UsageError`` for any bad value (types included)."""
+    def check(self, *, flags: bool = False) -> None:
+        """Raise ``UsageError`` for any bad value (types included), naming the keyword, or
+        with ``flags`` the CLI's flag."""
         from transport.blocks.layout import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+
+        n = _namer(flags)
+        for name in ("transport", "resume", "overwrite", "policy", "symbolic_links"):
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"{n(name)} must be a string, not {getattr(self, name)!r}")
+        for name in ("cacert", "fingerprint", "user", "proxy"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise UsageError(f"{n(name)} must be a string"
+                                 + (" or a path" if name == "cacert" else "")
+                                 + f" or None, not {value!r}")
+            if not value.strip():
+                raise UsageError(f"{n(name)} is empty" + (": name a file" if name == "cacert"
+                                                          else ""))
+        for name in ("password", "passphrase"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"{n(name)} must be a string or None, not "
+                                 f"{type(value).__name__}")  # never echo a secret
 
         for name in ("retries", "datagram_size"):
             value = getattr(self, name)
             if name == "datagram_size" and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
-                raise UsageError(f"{name} must be an integer, not {value!r}")
-        for name in ("retry_timeout", "connect_timeout"):
+                raise UsageError(f"{n(name)} must be an integer, not {value!r}")
+        for name in ("retry_timeout", "connect_timeout", "udp_probe_timeout", "udp_lost_after"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool):
-                raise UsageError(f"{name} must be a number of seconds, not {value!r}")
+                raise UsageError(f"{n(name)} must be a number of seconds, not {value!r}")
         for name in ("udp_port", "fallback_port"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise UsageError(f"{name} must be a port number or None, not {value!r}")
+                raise UsageError(f"{n(name)} must be a port number or None, not {value!r}")
         if not isinstance(self.filters, tuple | list):
-            raise UsageError(f"filters must be a sequence of ('include'|'exclude', pattern) "
+            raise UsageError(f"{n('filters')} must be a sequence of ('include'|'exclude', pattern) "
                              f"rules, not {self.filters!r}")
         for name in ("streams", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise UsageError(f"{name} must be an integer"
+                raise UsageError(f"{n(name)} must be an integer"
                                  + (" or a size such as '4M'" if name == "block_size" else "")
                                  + f", not {value!r}")
         bs = self.block_bytes
         for name in ("insecure", "encrypt", "decrypt", "fsync", "dry_run"):
             if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"{name} must be True or False, not {getattr(self, name)!r}")
+                raise UsageError(f"{n(name)} must be True or False, not {getattr(self, name)!r}")
         if not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE:
-            raise UsageError(f"block_size must be between 4K and 64M, not {bs}")
+            raise UsageError(f"{n('block_size')} must be between 4K and 64M, not {bs}")
         if self.symbolic_links not in SYMLINK_POLICIES:
-            raise UsageError(f"--symbolic-links must be one of {', '.join(SYMLINK_POLICIES)}, "
+            raise UsageError(f"{n('symbolic_links')} must be one of {', '.join(SYMLINK_POLICIES)}, "
                              f"not {self.symbolic_links!r}")
         for rule in self.filters:
             if (not isinstance(rule, tuple) or len(rule) != 2 or rule[0] not in ("include", "exclude")
                     or not isinstance(rule[1], str) or not rule[1]):
-                raise UsageError(f"filters: each rule is ('include'|'exclude', pattern), not {rule!r}")
+                raise UsageError(f"{n('filters')}: each rule is ('include'|'exclude', pattern), not {rule!r}")
         from fallback.client.filters import compile_rules
 
         compile_rules(self.filters)  # a bad pattern is a UsageError now, before connecting
         if self.transport not in ("auto", "udp", "http", "https"):
-            raise UsageError(f"--transport must be auto, udp, http or https, not {self.transport!r}")
+            raise UsageError(f"{n('transport')} must be auto, udp, http or https, not {self.transport!r}")
         if not 1 <= self.streams <= 64:
-            raise UsageError("--streams must be between 1 and 64")
+            raise UsageError(f"{n('streams')} must be between 1 and 64")
         if self.resume not in RESUME_MODES:
-            raise UsageError(f"--resume must be one of {', '.join(RESUME_MODES)}")
+            raise UsageError(f"{n('resume')} must be one of {', '.join(RESUME_MODES)}")
         if self.overwrite not in OVERWRITE_MODES:
-            raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}")
+            raise UsageError(f"{n('overwrite')} must be one of {', '.join(OVERWRITE_MODES)}")
         if (self.encrypt or self.decrypt) and not self.passphrase:
-            raise UsageError("encryption needs a passphrase: set FALLBACK_FILEPASS")
+            raise UsageError("encryption needs a passphrase: "
+                             + ("set FALLBACK_FILEPASS" if flags else "give passphrase="))
         if self.policy not in policy_names():
-            raise UsageError(f"--policy must be one of {', '.join(policy_names())}")
+            raise UsageError(f"{n('policy')} must be one of {', '.join(policy_names())}")
         if self.udp_port is not None and not 1 <= self.udp_port <= 65535:
-            raise UsageError("--udp-port must be between 1 and 65535")
+            raise UsageError(f"{n('udp_port')} must be between 1 and 65535")
         if self.datagram_size is not None and not (
                 MIN_DATAGRAM <= self.datagram_size <= MAX_DATAGRAM):
-            raise UsageError(f"--datagram-size must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")
-        target, floor = self.target_bps, _bps(self.min_rate, "--min-rate")
+            raise UsageError(f"{n('datagram_size')} must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")
+        target, floor = _bps(self.target_rate, n("target_rate")), _bps(self.min_rate, n("min_rate"))
         if floor and target and floor > target:
-            raise UsageError("--min-rate must not exceed --target-rate")
+            raise UsageError(f"{n('min_rate')} must not exceed {n('target_rate')}")
         if not 0 <= self.retries <= 1000:
-            raise UsageError("--retries must be between 0 and 1000")
+            raise UsageError(f"{n('retries')} must be between 0 and 1000")
         if not 0 < self.retry_timeout <= 86400:  # also refuses NaN
-            raise UsageError("--retry-timeout must be a positive number of seconds up to 86400")
+            raise UsageError(f"{n('retry_timeout')} must be a positive number of seconds up to 86400")
         if not 0 < self.connect_timeout <= 600:
-            raise UsageError("--connect-timeout must be a positive number of seconds up to 600")
+            raise UsageError(f"{n('connect_timeout')} must be a positive number of seconds up to 600")
         if self.fallback_port is not None and not 0 < self.fallback_port < 65536:
-            raise UsageError("--fallback-port must be a port number (1-65535)")
+            raise UsageError(f"{n('fallback_port')} must be a port number (1-65535)")
         if not 0 < self.udp_probe_timeout <= 60:
-            raise UsageError("--udp-probe-timeout must be a positive number of seconds up to 60")
+            raise UsageError(f"{n('udp_probe_timeout')} must be a positive number of seconds up to 60")
         if not 0 < self.udp_lost_after <= 600:
-            raise UsageError("--udp-lost-after must be a positive number of seconds up to 600")
+            raise UsageError(f"{n('udp_lost_after')} must be a positive number of seconds up to 600")
+        if self.proxy is not None and self.proxy.strip().lower() not in NO_PROXY_WORDS:
+            parse_proxy(self.proxy, n("proxy"))  # a bad proxy URL is a UsageError now
 
     @property
     def block_bytes(self) -> int:
@@ -234,6 +274,26 @@ class Options:
 
 
 SYMLINK_POLICIES = ("follow", "follow-all", "skip")
+
+CLI_FLAGS = {"fsync": "--no-fsync", "fallback": "--no-fallback", "filters": "-N/-E",
+             "passphrase": "FALLBACK_FILEPASS", "password": "the password"}
+"""The CLI's names for the fields whose flag is not ``--`` and the field's name."""
+
+
+def _namer(flags: bool) -> Callable[[str], str]:
+    """How a check names a field: the keyword (the API), or the CLI's flag."""
+    if not flags:
+        return lambda name: name
+    return lambda name: CLI_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _known(keywords: dict[str, Any], names: list[str]) -> None:
+    """``UsageError`` for a keyword that is no field, with the closest field's name."""
+    for key in keywords:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, 1)
+            raise UsageError(f"unknown option {key!r}"
+                             + (f" (did you mean {near[0]!r}?)" if near else ""))
 """``--symbolic-links`` values (``Options.symbolic_links``)."""
 
 

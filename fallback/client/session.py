@@ -41,7 +41,7 @@ from transport.blocks.sender import BlockSender
 from transport.blocks.share import share_controller
 from transport.blocks.sink import BlockSink
 from transport.blocks.statedir import STATE_DIR
-from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
+from transport.errors import ConnectionLost, ErrorKind, ProtocolError, RemoteError, TransportError
 from transport.http.governor import StreamGovernor
 from transport.http.pace import BURST
 
@@ -298,14 +298,7 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
     ``opts.retries`` and ``opts.retry_timeout`` (``fallback.client.retry``);
     ``sent_bytes`` then counts what every attempt carried.
     """
-    if callable(options) and not isinstance(options, Options):
-        options, progress = None, progress or options
-    opts = Options.from_keywords(options, keywords)
-    try:
-        s, d = os.fspath(src), os.fspath(dst)
-    except TypeError:
-        raise UsageError(f"src and dst must be paths or URL strings, not "
-                         f"{type(src).__name__} and {type(dst).__name__}") from None
+    s, d, opts, progress = _arguments(src, dst, options, progress, keywords)
     if is_url(s) and is_url(d):
         raise UsageError("both ends are URLs: one end must be a local path")
     if not is_url(s) and not is_url(d):
@@ -359,7 +352,8 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
             result.transports.clear()  # nothing moved (README: transports)
         result.error = _remote_message(exc, result, url.path)
         status = exc.peer_status if isinstance(exc, RemoteError) else None
-        raise TransferError(result.error, kind=exc.kind, status=status, result=result) from None
+        kind = STATUS_KIND.get(status, exc.kind) if status is not None else exc.kind
+        raise TransferError(result.error, kind=kind, status=status, result=result) from None
     except (OSError, UsageError) as exc:
         if isinstance(exc, UsageError):
             raise
@@ -369,6 +363,16 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
         result.seconds = time.monotonic() - t0
         executor.shutdown(wait=False)
     return result
+
+
+STATUS_KIND = {400: ErrorKind.BAD_REQUEST, 401: ErrorKind.UNAUTHORIZED, 403: ErrorKind.FORBIDDEN,
+               404: ErrorKind.NOT_FOUND, 407: ErrorKind.UNAUTHORIZED, 409: ErrorKind.CONFLICT,
+               412: ErrorKind.CONFLICT, 413: ErrorKind.TOO_LARGE, 422: ErrorKind.INTEGRITY,
+               429: ErrorKind.UNAVAILABLE, 503: ErrorKind.UNAVAILABLE}
+"""What a daemon's (or a proxy's) error answer means, by its status: the kind a
+``TransferError`` ending on it carries (the daemon's own table,
+``fallback.daemonctx.HTTP_STATUS``, read backwards; 407 is the proxy refusing the
+credentials). Other statuses stay ``ErrorKind.REMOTE``."""
 
 
 class _Earlier:
@@ -472,14 +476,43 @@ async def _attempt(s: str, d: str, url: Url, opts: Options, executor: ThreadPool
 def transfer(src: str | os.PathLike[str], dst: str | os.PathLike[str],
              options: Options | ProgressCallback | None = None,
              progress: ProgressCallback | None = None, **keywords: Any) -> TransferResult:
-    """Blocking twin of ``transfer_async``, with the same arguments."""
-    if callable(options) and not isinstance(options, Options):
-        options, progress = None, progress or options
-    opts = Options.from_keywords(options, keywords)  # a UsageError here, before any loop
+    """Blocking twin of ``transfer_async``, with the same arguments. Called where an
+    event loop runs (in a coroutine), it raises ``UsageError``: await ``transfer_async``."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise UsageError("transfer() cannot run inside a running event loop: "
+                         "use 'await transfer_async(...)' there")
+    s, d, opts, progress = _arguments(src, dst, options, progress, keywords)  # before any loop
     from fallback.client.interrupt import run_interruptible
 
     # Ctrl-C (SIGINT) ends it with KeyboardInterrupt, even where one cancellation is lost
-    return run_interruptible(lambda: transfer_async(src, dst, opts, progress))
+    return run_interruptible(lambda: transfer_async(s, d, opts, progress))
+
+
+def _arguments(src: Any, dst: Any, options: Any, progress: Any,
+               keywords: dict[str, Any]) -> tuple[str, str, Options, ProgressCallback | None]:
+    """A ``transfer()`` call's arguments, checked: ``src`` and ``dst`` as strings, the
+    options, the progress callback. ``UsageError`` naming the argument for a wrong type or
+    an empty path (``""`` would be the current folder: ``cp ''`` refuses it too)."""
+    if callable(options) and not isinstance(options, Options):
+        options, progress = None, progress or options
+    opts = Options.from_keywords(options, keywords)
+    ends = []
+    for what, value in (("src", src), ("dst", dst)):
+        path = os.fspath(value) if isinstance(value, os.PathLike) else value
+        if not isinstance(path, str):
+            raise UsageError(f"{what} must be a path or URL string (str or os.PathLike[str]), "
+                             f"not {type(path).__name__}")
+        if not path:
+            raise UsageError(f"{what} is empty: name a file, a folder or a URL")
+        ends.append(path)
+    if progress is not None and not callable(progress):
+        raise UsageError(f"progress must be a callable taking a ProgressEvent, or None, not "
+                         f"{type(progress).__name__}")
+    return ends[0], ends[1], opts, progress
 
 
 def _daemon_udp_figures(result: TransferResult, raw: Any) -> None:
