@@ -554,7 +554,7 @@ def _dispatch(a: argparse.Namespace, parsers: dict[str, Parser]) -> int:
         if a.config_cmd != "validate":
             parsers["config"].print_help(sys.stderr)
             return EXIT_USAGE
-        from fallback.config import validate_main
+        from fallback.configcheck import validate_main
 
         if not a.file:
             raise UsageError("the config file name is empty ('')")

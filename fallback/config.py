@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TextIO, TypeAlias
+from typing import Any, TypeAlias
 
 from fallback.confxml import (  # noqa: F401 - Problem is re-exported
     _MAX_BYTES,
@@ -49,7 +49,7 @@ from fallback.confxml import (  # noqa: F401 - Problem is re-exported
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 
 __all__ = ["Config", "ConfigError", "FlowConfig", "Problem", "UserConfig", "embedded_defaults",
-           "load_config", "validate_main"]
+           "load_config"]
 
 
 
@@ -603,57 +603,3 @@ def embedded_defaults(base_dir: Path, password_hash: str | None = None) -> Confi
         users = (UserConfig("demo", password_hash, data / "docroot", True, True),)
         sources.update((f"users.user[demo].{k}", "default") for k in _USER_KEYS)
     return _config(None, base, vals, sources, users)
-
-
-# --------------------------------------------------------------------------- `config validate`
-
-
-def _effective(config: Config) -> dict[str, object]:
-    """Every key of ``config.sources`` mapped to its effective value. Schema keys name the
-    Config attribute by their last part, except the flows and the default docroot."""
-    values: dict[str, object] = {}
-    for key in _DEFAULTS:
-        parts = key.split(".")
-        if parts[1] in ("in", "out"):
-            flow = config.flow_in if parts[1] == "in" else config.flow_out
-            values[key] = getattr(flow, _FLOW_ATTRS[parts[-1]])
-        elif key == "file_system.docroot":
-            values[key] = config.default_docroot
-        else:
-            values[key] = getattr(config, parts[-1])
-    for user in config.users:
-        for name in _USER_KEYS:
-            values[f"users.user[{user.name}].{name}"] = getattr(user, name)
-        values[f"users.user[{user.name}].password_hash"] = "<set>"  # never print hashes
-    return values
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return " ".join(map(str, value)) or "<unset>"
-    return "<unset>" if value is None else str(value)
-
-
-def validate_main(path: str, out: TextIO, err: TextIO) -> int:
-    """``fallback config validate FILE``: print effective settings and return 0, or print every
-    problem as ``FILE:LINE: message`` and return 2. Warnings (``FILE:LINE: warning: ...``,
-    on ``err``) keep 0: ``serve`` starts with them, and prints them too."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=err)
-        return 2
-    values = _effective(config)
-    for key, source in config.sources.items():
-        print(f"{key} = {_show(values[key])}   ({source})", file=out)
-    if config.shared_port:
-        print(f"note: HTTP and HTTPS share port {config.http_port} "
-              "(TLS is recognised per connection)", file=out)
-    if not config.users:
-        print("warning: no <user> in <users>: nobody can log in", file=out)
-    for warning in config.warnings:  # exit status stays 0: serve starts with them
-        print(warning, file=err)
-    return 0

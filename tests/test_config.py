@@ -20,8 +20,8 @@ from fallback.config import (
     UserConfig,
     embedded_defaults,
     load_config,
-    validate_main,
 )
+from fallback.configcheck import validate_main
 from fallback.tls import ensure_self_signed
 
 HASH = hash_password("alice's password")  # real: validate warns about placeholder hashes
