@@ -214,7 +214,16 @@ def _run_jobs(a: argparse.Namespace, jobs: list[Job], opts: Options) -> int:
         if len(jobs) > 1:
             logging.getLogger("fallback.client").info("source %d of %d: %s", k + 1, len(jobs),
                                                       redacted(job.src))
-        res, rc = _run_one(a, job, opts)
+        try:
+            res, rc = _run_one(a, job, opts)
+        except KeyboardInterrupt as exc:  # what every job did so far, for --json (main)
+            part = getattr(exc, "result", None)
+            if part is not None:
+                done.append((job, part))
+                merged = merge(done, time.monotonic() - t0)
+                merged.ok, merged.error = False, part.error
+                exc.result = merged  # type: ignore[attr-defined]
+            raise
         done.append((job, res))
         if rc != EXIT_OK:
             code = rc
@@ -575,8 +584,11 @@ def main(argv: list[str] | None = None) -> int:
         from fallback.result import TransferResult
 
         why = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        if wants_json:  # every key of the contract, not two of them (trial)
-            print(json.dumps(TransferResult(ok=False, error=why).to_json()))
+        if wants_json:  # every key of the contract, with what was done before the signal
+            part = getattr(exc, "result", None)
+            res = part if isinstance(part, TransferResult) else TransferResult()
+            res.ok, res.error = False, why
+            print(json.dumps(res.to_json()))
         if STDIO in args:  # spooled through a temporary folder, gone with the run
             print(f"{why}: standard input or output cannot be resumed; run it again",
                   file=sys.stderr)

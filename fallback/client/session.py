@@ -301,6 +301,14 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
     if callable(options) and not isinstance(options, Options):
         options, progress = None, progress or options
     opts = Options.from_keywords(options, keywords)
+    return await _transfer_into(TransferResult(), src, dst, opts, progress)
+
+
+async def _transfer_into(result: TransferResult, src: str | os.PathLike[str],
+                         dst: str | os.PathLike[str], opts: Options,
+                         progress: ProgressCallback | None) -> TransferResult:
+    """``transfer_async`` filling ``result`` as it goes: when a Ctrl-C or SIGTERM cancels
+    it, ``transfer`` still holds what was done (``Interrupted.result``)."""
     try:
         s, d = os.fspath(src), os.fspath(dst)
     except TypeError:
@@ -313,8 +321,8 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
     if opts.encrypt and is_url(s):
         raise UsageError("--encrypt applies to uploads; use --decrypt to download")
     url = parse_url(d if is_url(d) else s)
-    result = TransferResult(direction="upload" if is_url(d) else "download",
-                            dry_run=opts.dry_run)
+    result.direction = "upload" if is_url(d) else "download"
+    result.dry_run = opts.dry_run
     t0 = time.monotonic()
     executor = ThreadPoolExecutor(max(4, opts.streams + 2), "fb-client")
     retry = Retry(opts.retries, opts.retry_timeout)
@@ -365,6 +373,10 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
             raise
         result.error = os_message(exc, s if result.direction == "upload" else d)
         raise TransferError(result.error, result=result) from None
+    except asyncio.CancelledError:  # Ctrl-C, SIGTERM: what was done so far stays in result
+        result.sent_bytes += sent_before
+        result.ok = False
+        raise
     finally:
         result.seconds = time.monotonic() - t0
         executor.shutdown(wait=False)
@@ -467,6 +479,8 @@ async def _attempt(s: str, d: str, url: Url, opts: Options, executor: ThreadPool
             answer = await remote.close(error, timeout=connect_timeout + 1)
             if result.direction == "download" and answer and answer.get("udp") is not None:
                 _daemon_udp_figures(result, answer["udp"])
+            if answer and isinstance(session, UploadSession):
+                session.published(answer.get("published"))
 
 
 def transfer(src: str | os.PathLike[str], dst: str | os.PathLike[str],
@@ -476,10 +490,20 @@ def transfer(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     if callable(options) and not isinstance(options, Options):
         options, progress = None, progress or options
     opts = Options.from_keywords(options, keywords)  # a UsageError here, before any loop
-    from fallback.client.interrupt import run_interruptible
+    from fallback.client.interrupt import Interrupted, Terminated, run_interruptible
 
-    # Ctrl-C (SIGINT) ends it with KeyboardInterrupt, even where one cancellation is lost
-    return run_interruptible(lambda: transfer_async(src, dst, opts, progress))
+    # Ctrl-C (SIGINT) ends it with KeyboardInterrupt, even where one cancellation is lost;
+    # the exception carries what was done so far (``Interrupted.result``).
+    result = TransferResult()
+    try:
+        return run_interruptible(lambda: _transfer_into(result, src, dst, opts, progress))
+    except KeyboardInterrupt as exc:
+        result.ok = False
+        result.error = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        if isinstance(exc, Interrupted):
+            exc.result = result
+            raise
+        raise Interrupted(result) from None
 
 
 def _daemon_udp_figures(result: TransferResult, raw: Any) -> None:
