@@ -87,7 +87,9 @@ class ProgressPrinter:
         if self._task is None:
             self._task = self._bar.add_task("transfer", total=ev.bytes_total,
                                             completed=ev.bytes_done, **fields)
-        self._bar.update(self._task, completed=ev.bytes_done, **fields)
+        # every event's total: one sent before the transfer counted its bytes (a switch
+        # to UDP at the start) said 0, and the bar kept it ("4,194,304/0 bytes", trial)
+        self._bar.update(self._task, total=ev.bytes_total, completed=ev.bytes_done, **fields)
 
     def fields(self, ev: ProgressEvent) -> dict[str, str]:
         """The text fields of one line for ``ev`` (what the bar shows beside its numbers)."""

@@ -415,18 +415,23 @@ class _Reporter:
     def use(self, result: TransferResult, kind: str, reason: str) -> None:
         sw = result.use(kind, reason, time.monotonic() - self.t0)
         if sw is not None:
-            self.switched(sw)
+            self.switched(sw, result)
 
     def __call__(self, ev: ProgressEvent) -> None:
         self.last = ev
         if self.callback is not None:
             self.callback(ev)
 
-    def switched(self, sw: Switch) -> None:
+    def switched(self, sw: Switch, result: TransferResult | None = None) -> None:
         log.info("switched %s", sw)
         last = self.last
-        self(ProgressEvent(last.bytes_done if last else 0, last.bytes_total if last else 0,
-                           0.0, last.file if last else "", sw.to, switch=str(sw)))
+        if last is None:  # before the first event (UDP chosen at the start): the planned total
+            total, files = (result.bytes, result.files) if result is not None else (0, 0)
+            self(ProgressEvent(0, total, 0.0, "", sw.to, files_total=files, switch=str(sw)))
+            return
+        self(ProgressEvent(last.bytes_done, last.bytes_total, 0.0, last.file, sw.to,
+                           files_done=last.files_done, files_total=last.files_total,
+                           bytes_resumed=last.bytes_resumed, switch=str(sw)))
 
 
 async def _attempt(s: str, d: str, url: Url, opts: Options, executor: ThreadPoolExecutor,
