@@ -2,7 +2,8 @@
 
 Exit codes (a public contract, only ever added to): 0 success, 1 the transfer (or
 daemon) failed, 2 bad usage or bad config, 3 the daemon refused the credentials
-(HTTP 401) or the proxy its credentials (407), 130 interrupted by Ctrl-C. With ``--json`` the last line of standard
+(HTTP 401, or 429 for a login throttled after failed ones) or the proxy its credentials
+(407), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM. With ``--json`` the last line of standard
 output is one JSON object whose keys are only ever added to, never renamed; a
 usage error too prints one, ``{"ok": false, "error": ...}``.
 """
@@ -35,7 +36,7 @@ from fallback.clisources import STDIO, Job
 from fallback.errors import FallbackError, TransferError, UsageError
 from fallback.remote import is_url, redacted
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
-from transport.errors import BadPassphrase, TransportError
+from transport.errors import BadPassphrase, ErrorKind, TransportError
 
 if TYPE_CHECKING:
     from fallback.client.options import Options
@@ -284,7 +285,8 @@ def _run_one(a: argparse.Namespace, job: Job, opts: Options) -> tuple[TransferRe
                 print(f"error: {exc.message}", file=sys.stderr)
                 res = exc.result if isinstance(exc.result, TransferResult) else \
                     TransferResult(error=exc.message)
-                return res, EXIT_AUTH if exc.status in (401, 407) else EXIT_FAILED
+                refused = exc.status in (401, 407) or exc.kind is ErrorKind.UNAUTHORIZED  # throttled
+                return res, EXIT_AUTH if refused else EXIT_FAILED
             finally:
                 if printer:
                     printer.close()

@@ -41,7 +41,7 @@ from transport.blocks.sender import BlockSender
 from transport.blocks.share import share_controller
 from transport.blocks.sink import BlockSink
 from transport.blocks.statedir import STATE_DIR
-from transport.errors import ConnectionLost, ProtocolError, RemoteError, TransportError
+from transport.errors import ConnectionLost, ErrorKind, ProtocolError, RemoteError, TransportError
 from transport.http.governor import StreamGovernor
 from transport.http.pace import BURST
 
@@ -367,7 +367,10 @@ async def _transfer_into(result: TransferResult, src: str | os.PathLike[str],
             result.transports.clear()  # nothing moved (README: transports)
         result.error = _remote_message(exc, result, url.path)
         status = exc.peer_status if isinstance(exc, RemoteError) else None
-        raise TransferError(result.error, kind=exc.kind, status=status, result=result) from None
+        kind = exc.kind
+        if throttled_login(exc):  # the daemon refused the login: exit 3, as a wrong password
+            kind, result.error = ErrorKind.UNAUTHORIZED, _throttled_message(exc)
+        raise TransferError(result.error, kind=kind, status=status, result=result) from None
     except (OSError, UsageError) as exc:
         if isinstance(exc, UsageError):
             raise
@@ -527,6 +530,23 @@ def _daemon_udp_figures(result: TransferResult, raw: Any) -> None:
         result.rtt_ms = f.rtt_ms
     if f.datagram_size:
         result.datagram_size = f.datagram_size
+
+
+THROTTLED = "too many failed logins"
+"""How the daemon's 429 for a throttled login begins (``fallback.throttle.check_login``)."""
+
+
+def throttled_login(exc: TransportError) -> bool:
+    """The daemon refused the login because of earlier failed ones (429): a refusal of the
+    credentials (exit 3), not a failed transfer."""
+    return isinstance(exc, RemoteError) and exc.peer_status == 429 \
+        and exc.message.startswith(THROTTLED)
+
+
+def _throttled_message(exc: TransportError) -> str:
+    wait = getattr(exc, "retry_after", None)
+    after = f"retry in {wait:.0f} s" if wait is not None else "retry later"
+    return f"login throttled by the daemon: {THROTTLED}, {after}"
 
 
 def _remote_message(exc: TransportError, result: TransferResult, path: str) -> str:
