@@ -34,6 +34,7 @@ from fallback.cliargs import (
 )
 from fallback.clisources import STDIO, Job
 from fallback.errors import FallbackError, TransferError, UsageError
+from fallback.progress import printable
 from fallback.remote import is_url, redacted
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
 from transport.errors import BadPassphrase, ErrorKind, TransportError
@@ -85,8 +86,10 @@ def _setup_logging(verbosity: int, quiet: bool) -> None:
     class Stderr(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             try:
-                print(f"{record.levelname.lower()}: {self.format(record)}", file=sys.stderr,
-                      flush=True)
+                text = printable(record.getMessage())  # names from disk or daemon: escaped
+                if record.exc_info:
+                    text += "\n" + logging.Formatter().formatException(record.exc_info)
+                print(f"{record.levelname.lower()}: {text}", file=sys.stderr, flush=True)
             except Exception:  # noqa: BLE001 - logging must never break a transfer
                 self.handleError(record)
 
@@ -236,8 +239,8 @@ def _run_jobs(a: argparse.Namespace, jobs: list[Job], opts: Options) -> int:
     if code != EXIT_OK:
         if len(jobs) > 1:
             failed = [redacted(j.src) for j, r in done if not r.ok]
-            print(f"error: {len(failed)} of {len(jobs)} sources failed: {', '.join(failed)}",
-                  file=sys.stderr)
+            print(printable(f"error: {len(failed)} of {len(jobs)} sources failed: "
+                            f"{', '.join(failed)}"), file=sys.stderr)
         return code
     if not a.quiet and not a.json:
         out = sys.stderr if jobs[0].dst == STDIO else sys.stdout
@@ -282,7 +285,7 @@ def _run_one(a: argparse.Namespace, job: Job, opts: Options) -> tuple[TransferRe
                 if isinstance(cause, CertificateNotTrusted | CertificateChanged):
                     if not a.quiet and _offer_trust(cause, a) and attempt == 1:
                         continue  # remembered: once more, pinned by it
-                print(f"error: {exc.message}", file=sys.stderr)
+                print(f"error: {printable(exc.message)}", file=sys.stderr)
                 res = exc.result if isinstance(exc.result, TransferResult) else \
                     TransferResult(error=exc.message)
                 refused = exc.status in (401, 407) or exc.kind is ErrorKind.UNAUTHORIZED  # throttled
@@ -314,7 +317,8 @@ def _remove_sources(job: Job, result: TransferResult) -> None:
             os.unlink(path)
             result.removed.append(name)
         except OSError as exc:
-            print(f"warning: cannot remove {path}: {exc.strerror or exc}", file=sys.stderr)
+            print(printable(f"warning: cannot remove {path}: {exc.strerror or exc}"),
+                  file=sys.stderr)
 
 
 def summary(result: TransferResult) -> list[str]:
@@ -328,7 +332,7 @@ def summary(result: TransferResult) -> list[str]:
                  f"dry run: {plural(len(result.would_transfer), 'file')} would be fetched"]
         lines += [f"  {name}" for name in result.would_transfer]
         lines += [f"  not moved: {name} ({why})" for name, why in result.skipped_files.items()]
-        return lines
+        return [printable(line) for line in lines]
     head = (f"{result.direction} ok: {plural(result.files, 'file')}, {size(result.bytes)}")
     if result.sent_bytes:
         rate = result.sent_bytes / result.seconds / 1e6 if result.seconds > 0 else 0.0
@@ -359,7 +363,7 @@ def summary(result: TransferResult) -> list[str]:
         lines.append(f"verification sampled for {plural(n, 'file')}: the resume trusted blocks "
                      "kept from an earlier run without comparing them with the source "
                      "(--resume full compares every one)")
-    return lines
+    return [printable(line) for line in lines]  # names escaped; --json keeps them exact
 
 
 DEFAULT_CONFIGS = (Path("/etc/fallback/aspera.conf"),)
@@ -453,9 +457,9 @@ def cmd_checksum(a: argparse.Namespace) -> int:
     rc = 0
     for f in a.files:
         try:
-            print(f"{digest_path(f, bs)}  {f}")
+            print(f"{digest_path(f, bs)}  {printable(f)}")
         except OSError as exc:
-            print(f"error: {f}: {exc.strerror}", file=sys.stderr)
+            print(f"error: {printable(f)}: {exc.strerror}", file=sys.stderr)
             rc = 1
     return rc
 
@@ -557,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     def fail(message: str, code: int) -> int:
         if wants_json:
             print(json.dumps({"ok": False, "error": message}))
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {printable(message)}", file=sys.stderr)
         return code
 
     try:

@@ -121,6 +121,8 @@ class UploadSession(TransferSession):
         files = [i for i, e in enumerate(entries) if not e.is_dir]
         result.files = len(files)
         result.bytes = sum(entries[i].size for i in files)
+        result.note_block_sizes({shown(name, tree.entries[i].path): tree.entries[i].block_size
+                                 for i in files})
         opened = await self.control.open_upload(C.OpenUpload(
             path=url.path, into_dir=url.into_dir,
             name=name + (env.SUFFIX if opts.encrypt and not entries[0].is_dir else ""),
