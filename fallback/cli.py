@@ -2,7 +2,8 @@
 
 Exit codes (a public contract, only ever added to): 0 success, 1 the transfer (or
 daemon) failed, 2 bad usage or bad config, 3 the daemon refused the credentials
-(HTTP 401) or the proxy its credentials (407), 130 interrupted by Ctrl-C. With ``--json`` the last line of standard
+(HTTP 401, or 429 for a login throttled after failed ones) or the proxy its credentials
+(407), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM. With ``--json`` the last line of standard
 output is one JSON object whose keys are only ever added to, never renamed; a
 usage error too prints one, ``{"ok": false, "error": ...}``.
 """
@@ -33,9 +34,10 @@ from fallback.cliargs import (
 )
 from fallback.clisources import STDIO, Job
 from fallback.errors import FallbackError, TransferError, UsageError
+from fallback.progress import printable
 from fallback.remote import is_url, redacted
 from transport.blocks.layout import DEFAULT_BLOCK_SIZE
-from transport.errors import BadPassphrase, TransportError
+from transport.errors import BadPassphrase, ErrorKind, TransportError
 
 if TYPE_CHECKING:
     from fallback.client.options import Options
@@ -84,8 +86,10 @@ def _setup_logging(verbosity: int, quiet: bool) -> None:
     class Stderr(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             try:
-                print(f"{record.levelname.lower()}: {self.format(record)}", file=sys.stderr,
-                      flush=True)
+                text = printable(record.getMessage())  # names from disk or daemon: escaped
+                if record.exc_info:
+                    text += "\n" + logging.Formatter().formatException(record.exc_info)
+                print(f"{record.levelname.lower()}: {text}", file=sys.stderr, flush=True)
             except Exception:  # noqa: BLE001 - logging must never break a transfer
                 self.handleError(record)
 
@@ -218,7 +222,16 @@ def _run_jobs(a: argparse.Namespace, jobs: list[Job], opts: Options) -> int:
         if len(jobs) > 1:
             logging.getLogger("fallback.client").info("source %d of %d: %s", k + 1, len(jobs),
                                                       redacted(job.src))
-        res, rc = _run_one(a, job, opts)
+        try:
+            res, rc = _run_one(a, job, opts)
+        except KeyboardInterrupt as exc:  # what every job did so far, for --json (main)
+            part = getattr(exc, "result", None)
+            if part is not None:
+                done.append((job, part))
+                merged = merge(done, time.monotonic() - t0)
+                merged.ok, merged.error = False, part.error
+                exc.result = merged  # type: ignore[attr-defined]
+            raise
         done.append((job, res))
         if rc != EXIT_OK:
             code = rc
@@ -230,8 +243,8 @@ def _run_jobs(a: argparse.Namespace, jobs: list[Job], opts: Options) -> int:
     if code != EXIT_OK:
         if len(jobs) > 1:
             failed = [redacted(j.src) for j, r in done if not r.ok]
-            print(f"error: {len(failed)} of {len(jobs)} sources failed: {', '.join(failed)}",
-                  file=sys.stderr)
+            print(printable(f"error: {len(failed)} of {len(jobs)} sources failed: "
+                            f"{', '.join(failed)}"), file=sys.stderr)
         return code
     if not a.quiet and not a.json:
         out = sys.stderr if jobs[0].dst == STDIO else sys.stdout
@@ -276,10 +289,11 @@ def _run_one(a: argparse.Namespace, job: Job, opts: Options) -> tuple[TransferRe
                 if isinstance(cause, CertificateNotTrusted | CertificateChanged):
                     if not a.quiet and _offer_trust(cause, a) and attempt == 1:
                         continue  # remembered: once more, pinned by it
-                print(f"error: {exc.message}", file=sys.stderr)
+                print(f"error: {printable(exc.message)}", file=sys.stderr)
                 res = exc.result if isinstance(exc.result, TransferResult) else \
                     TransferResult(error=exc.message)
-                return res, EXIT_AUTH if exc.status in (401, 407) else EXIT_FAILED
+                refused = exc.status in (401, 407) or exc.kind is ErrorKind.UNAUTHORIZED  # throttled
+                return res, EXIT_AUTH if refused else EXIT_FAILED
             finally:
                 if printer:
                     printer.close()
@@ -307,7 +321,8 @@ def _remove_sources(job: Job, result: TransferResult) -> None:
             os.unlink(path)
             result.removed.append(name)
         except OSError as exc:
-            print(f"warning: cannot remove {path}: {exc.strerror or exc}", file=sys.stderr)
+            print(printable(f"warning: cannot remove {path}: {exc.strerror or exc}"),
+                  file=sys.stderr)
 
 
 def summary(result: TransferResult) -> list[str]:
@@ -321,7 +336,7 @@ def summary(result: TransferResult) -> list[str]:
                  f"dry run: {plural(len(result.would_transfer), 'file')} would be fetched"]
         lines += [f"  {name}" for name in result.would_transfer]
         lines += [f"  not moved: {name} ({why})" for name, why in result.skipped_files.items()]
-        return lines
+        return [printable(line) for line in lines]
     head = (f"{result.direction} ok: {plural(result.files, 'file')}, {size(result.bytes)}")
     if result.sent_bytes:
         rate = result.sent_bytes / result.seconds / 1e6 if result.seconds > 0 else 0.0
@@ -352,7 +367,7 @@ def summary(result: TransferResult) -> list[str]:
         lines.append(f"verification sampled for {plural(n, 'file')}: the resume trusted blocks "
                      "kept from an earlier run without comparing them with the source "
                      "(--resume full compares every one)")
-    return lines
+    return [printable(line) for line in lines]  # names escaped; --json keeps them exact
 
 
 DEFAULT_CONFIGS = (Path("/etc/fallback/aspera.conf"),)
@@ -457,9 +472,9 @@ def cmd_checksum(a: argparse.Namespace) -> int:
         raise UsageError("a file name is empty ('')")
     for f in a.files:
         try:
-            print(f"{digest_path(f, bs)}  {f}")
+            print(f"{digest_path(f, bs)}  {printable(f)}")
         except OSError as exc:
-            print(f"error: {f}: {exc.strerror}", file=sys.stderr)
+            print(f"error: {printable(f)}: {exc.strerror}", file=sys.stderr)
             rc = 1
     return rc
 
@@ -584,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     def fail(message: str, code: int) -> int:
         if wants_json:
             print(json.dumps({"ok": False, "error": message}))
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {printable(message)}", file=sys.stderr)
         return code
 
     try:
@@ -613,8 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         from fallback.result import TransferResult
 
         why = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        if wants_json:  # every key of the contract, not two of them (trial)
-            print(json.dumps(TransferResult(ok=False, error=why).to_json()))
+        if wants_json:  # every key of the contract, with what was done before the signal
+            part = getattr(exc, "result", None)
+            res = part if isinstance(part, TransferResult) else TransferResult()
+            res.ok, res.error = False, why
+            print(json.dumps(res.to_json()))
         if STDIO in args:  # spooled through a temporary folder, gone with the run
             print(f"{why}: standard input or output cannot be resumed; run it again",
                   file=sys.stderr)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from fallback.errors import TransferError, UsageError
@@ -225,7 +225,7 @@ def write_all(fd: int, data: memoryview) -> None:
         data = data[n:]
 
 
-def _keyed(d: dict[str, str], prefix: str) -> dict[str, str]:
+def _keyed(d: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}/{k}" if prefix else k: v for k, v in d.items()}
 
 
@@ -262,6 +262,11 @@ def merge(parts: list[tuple[Job, TransferResult]], seconds: float) -> TransferRe
         out.would_transfer.extend(f"{job.prefix}/{k}" if job.prefix else k
                                   for k in r.would_transfer)
         out.removed.extend(f"{job.prefix}/{k}" if job.prefix else k for k in r.removed)
+        out.block_sizes.update(_keyed(r.block_sizes, job.prefix))
+        if r.block_size and not out.block_size:
+            out.block_size = r.block_size
+        elif r.block_size and r.block_size != out.block_size:  # this part's files differ
+            out.block_sizes.update({k: r.block_size for k in _keyed(r.checksums, job.prefix)})
         if r.error and out.error is None:
             out.error = r.error if _names(r.error, job.src) else f"{redacted(job.src)}: {r.error}"
     return out

@@ -115,7 +115,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.errno in RESOURCE_ERRNOS:
             return exhausted(request, from_os_error(exc, request.path))
         log.warning("%s %s %s: %s", request.remote, request.method, request.path, exc)
-        return error_response(500, f"server I/O error: {exc.strerror or exc}")
+        from fallback.paths import server_os_message
+
+        return error_response(500, server_os_message(exc, request.get("fb_docroot")))
     except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one request
         log.error("%s %s %s: internal error %s: %s", request.remote, request.method, request.path,
                   type(exc).__name__, exc)
@@ -214,6 +216,7 @@ def session_of(request: web.Request, direction: str | None, call: str) -> S.Sess
         S.check_access(s, st.config.user(s.user), direction, call)
     s.heard(scheme_of(request), peer_of(request))
     s.used = True
+    request["fb_docroot"] = s.docroot  # names its files in server-side errors
     return s
 
 

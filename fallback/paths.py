@@ -84,5 +84,30 @@ def relpath_in(docroot: Path, path: Path) -> str:
     return "/" if rel == "." else "/" + rel
 
 
+SERVER_FULL_NOTE = ("the partial stays on the server for a resume: free space there, then "
+                    "run again")
+"""Appended to a server-side "No space left on device" (or quota) error of a file being
+received: its partial is kept (it resumes once there is room), and says so."""
+
+
+def server_name(docroot: Path, path: Path) -> str:
+    """How the daemon names one of its own files in an error it sends a client:
+    ``server: x/b.bin`` (the path from the docroot's top), so that a server-side I/O error
+    never reads as the client's own. Its state folder's files are not named."""
+    rel = relpath_in(docroot, path).lstrip("/")
+    if not rel or rel.split("/")[0] == ".fallback":
+        return "server"
+    return f"server: {rel}"
+
+
+def server_os_message(exc: OSError, docroot: Path | None) -> str:
+    """One line for an ``OSError`` the daemon met in its file system (``server_name``)."""
+    why = exc.strerror or str(exc)
+    name = "server"
+    if exc.filename and docroot is not None:
+        name = server_name(docroot, Path(os.fsdecode(exc.filename)))
+    return f"{name}: {why}"
+
+
 def _show(docroot: Path, path: Path) -> str:
     return relpath_in(docroot, path) or "/"

@@ -87,7 +87,9 @@ class ProgressPrinter:
         if self._task is None:
             self._task = self._bar.add_task("transfer", total=ev.bytes_total,
                                             completed=ev.bytes_done, **fields)
-        self._bar.update(self._task, completed=ev.bytes_done, **fields)
+        # every event's total: one sent before the transfer counted its bytes (a switch
+        # to UDP at the start) said 0, and the bar kept it ("4,194,304/0 bytes", trial)
+        self._bar.update(self._task, total=ev.bytes_total, completed=ev.bytes_done, **fields)
 
     def fields(self, ev: ProgressEvent) -> dict[str, str]:
         """The text fields of one line for ``ev`` (what the bar shows beside its numbers)."""
@@ -104,9 +106,20 @@ class ProgressPrinter:
             self._bar = None
 
 
-def _printable(name: str) -> str:
-    """A file name for one terminal line: control characters and undecodable bytes escaped
-    (``\\n``, ``\\udcff``), so a name cannot move the cursor or break the bar."""
-    if name.isprintable():
-        return name
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+def printable(text: str) -> str:
+    """Text for a terminal line: C0 and C1 control characters, DEL, the Unicode line and
+    paragraph separators and undecodable bytes (surrogate escapes) written as Python
+    escapes (``\\n``, ``\\x1b``, ``\\x85``, ``\\udcff``), so that a file name can neither
+    break a line nor send escape codes to the terminal. A backslash stays as it is. JSON
+    output keeps the exact names."""
+    if not any(_unsafe(c) for c in text):
+        return text
+    return "".join(repr(c)[1:-1] if _unsafe(c) else c for c in text)
+
+
+def _unsafe(c: str) -> bool:
+    o = ord(c)
+    return o < 0x20 or 0x7F <= o <= 0x9F or o in (0x2028, 0x2029) or 0xD800 <= o <= 0xDFFF
+
+
+_printable = printable

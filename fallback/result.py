@@ -85,6 +85,25 @@ class TransferResult:
     proxy: str | None = None  # the proxy's http://host:port when one was used, no credentials
     retries: int = 0  # re-connections after every path was down
     udp_reason: str = ""  # why UDP is not carrying the blocks at the end ("" when it is or not tried)
+    block_size: int = 0
+    """The block size the whole-file digests in ``checksums`` were computed with (they
+    depend on it): ``fallback checksum --block-size N FILE`` prints the same digest. An
+    upload's is ``--block-size`` (4 MiB by default), a download's the daemon's; 0 when
+    no file was planned."""
+    block_sizes: dict[str, int] = field(default_factory=dict)
+    """Files whose digest used another block size than ``block_size`` (path -> bytes);
+    ``{}`` when every file used it."""
+
+    def note_block_sizes(self, sizes: dict[str, int]) -> None:
+        """Each planned file's block size (path -> bytes): the most common one becomes
+        ``block_size``, the others are listed in ``block_sizes``."""
+        if not sizes:
+            return
+        counts: dict[int, int] = {}
+        for n in sizes.values():
+            counts[n] = counts.get(n, 0) + 1
+        self.block_size = max(counts, key=lambda n: counts[n])
+        self.block_sizes = {k: n for k, n in sizes.items() if n != self.block_size}
 
     def use(self, kind: str, reason: str, at: float) -> Switch | None:
         """The transfer carries its blocks over ``kind`` (``"https"``, ``"http"``,
@@ -149,6 +168,8 @@ class TransferResult:
             "udp_reason": self.udp_reason,
             "proxy": self.proxy,
             "retries": self.retries,
+            "block_size": self.block_size,
+            "block_sizes": dict(self.block_sizes),
         }
 
 

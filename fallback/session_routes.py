@@ -32,7 +32,7 @@ from fallback.daemonctx import (
     state_of,
 )
 from fallback.errors import Busy
-from fallback.paths import confine, relpath_in, resolve
+from fallback.paths import confine, relpath_in, resolve, server_name
 from fallback.udpserver import udp_figures
 from transport.blocks.envelope import SUFFIX as ENVELOPE_SUFFIX
 from transport.blocks.manifest import MAX_ENTRIES, FileEntry, check_relpath
@@ -299,8 +299,8 @@ async def _commit(request: web.Request, session: S.Session, msg: control.CommitR
         except TransportError as exc:
             results[i] = A.CommitFailed(exc.message, http_status(exc))
         except OSError as exc:  # e.g. the partial cannot be read back
-            name = session.entries[i].path or session.root.name
-            results[i] = A.CommitFailed(f"{name}: {exc.strerror or exc}", 500)
+            results[i] = A.CommitFailed(
+                f"{server_name(session.docroot, session.target(i))}: {exc.strerror or exc}", 500)
     if not sink.receivers and not sink.inline:
         await run_io(request, S.finish_dirs, session)
     return web.json_response(A.CommitAnswer(results).to_json())
@@ -449,6 +449,11 @@ async def close_session(request: web.Request) -> web.Response:
     msg = await read_message(request, control.CloseRequest.from_json)
     await state_of(request).table.close(session, msg.error)
     answer: dict[str, Any] = {"closed": True}
+    sink = session.sink if session.direction == "upload" else None
+    if sink is not None and sink.inline_done:
+        # One-block files published with their bundles' groups before the close: a client
+        # cut off before its commit (Ctrl-C) reports their checksums all the same.
+        answer["published"] = {str(i): d.root for i, d in sink.inline_done.items()}
     if session.direction == "download":  # the daemon sent: its UDP figures (UdpFigures)
         figures = udp_figures(session)
         if figures is not None:

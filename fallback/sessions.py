@@ -29,7 +29,7 @@ from fallback import answers as A
 from fallback.config import FlowConfig, UserConfig
 from fallback.control import Flow, PlanItem
 from fallback.errors import Busy
-from fallback.paths import confine, relpath_in
+from fallback.paths import SERVER_FULL_NOTE, confine, relpath_in, server_name
 from fallback.targets import prepare_targets
 from transport.blocks.inline import InlineTarget, is_inline
 from transport.blocks.manifest import FileEntry
@@ -431,9 +431,11 @@ async def open_receivers(
         for rec in receivers.values():
             rec.close()
         raise
+    docroot = session.docroot
     session.sink = BlockSink(receivers, session.executor, inline=inline, state=session.state,
                              fsync=session.fsync, replace=session.overwrite != "never",
-                             serial_groups=True)
+                             serial_groups=True, full_note=SERVER_FULL_NOTE,
+                             name_of=lambda target, _rel: server_name(docroot, target))
     session.sink.track_acks()  # the client polls them (POST .../acks)
     if any(r.unverified for r in receivers.values()):
         session.verifier = asyncio.ensure_future(_verify_in_background(session))

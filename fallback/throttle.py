@@ -266,7 +266,7 @@ async def check_login(checker: PasswordChecker, throttle: LoginThrottle, remote:
     """
     known = throttle.known(remote, user)
     if wait := throttle.retry_after(remote, user, known=known):
-        raise LoginRefused(429, "too many failed logins, retry later", wait)
+        raise LoginRefused(429, f"too many failed logins, retry in {wait} s", wait)
     try:
         ok = await checker.check(user, password, encoded, source=throttle.address_key(remote),
                                  priority=known)

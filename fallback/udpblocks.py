@@ -45,12 +45,19 @@ from transport.blocks.scheduler import Lease, PathTiming
 from transport.blocks.sender import BlockSender
 from transport.blocks.sink import BlockSink
 from transport.blocks.sparse import Hole
-from transport.errors import ConnectionLost, ProtocolError, TransportError, from_os_error
+from transport.errors import (
+    ConnectionLost,
+    ErrorKind,
+    ProtocolError,
+    TransportError,
+    from_os_error,
+)
 from transport.udp.aio import UdpEndpoint
 from transport.udp.codec import VERSION_HOLES
 from transport.udp.connection import UdpConnection
 from transport.udp.events import (
     CLOSE_ABORTED,
+    CLOSE_FAILED,
     Closed,
     Event,
     MtuRaised,
@@ -258,7 +265,9 @@ class UdpPump:
     def _on_closed(self, ev: Closed) -> None:
         self.closed = ev
         if ev.by_peer and ev.error and self.error is None:
-            self.error = ConnectionLost(f"UDP path closed by the peer: {ev.reason}")
+            # the peer failed for good (CLOSE_FAILED): its own error, not a lost path
+            self.error = TransportError(ev.reason) if ev.code == CLOSE_FAILED else \
+                ConnectionLost(f"UDP path closed by the peer: {ev.reason}")
         if self.sender is not None:
             self.sender.drop_path(self.path)
         self._held.clear()
@@ -498,12 +507,17 @@ class UdpPump:
             self.error = exc
             if self.on_fail is not None:
                 self.on_fail(exc)
-        self.close(exc.message, error=True)
+        # An error a new connection would meet again (this end's disk full or read-only):
+        # CLOSE_FAILED tells the peer not to retry (it used to re-connect for ever).
+        for_good = exc.kind in (ErrorKind.INTERNAL, ErrorKind.FORBIDDEN, ErrorKind.CONFLICT) \
+            and not isinstance(exc, ConnectionLost)
+        self.close(exc.message, error=True, code=CLOSE_FAILED if for_good else CLOSE_ABORTED)
 
-    def close(self, reason: str = "", *, error: bool = False) -> None:
+    def close(self, reason: str = "", *, error: bool = False, code: int | None = None) -> None:
         """Send CLOSE (or ERROR) and give back every lease; idempotent."""
         if not self.conn.closed:
-            self.conn.close(time.perf_counter(), CLOSE_ABORTED if error else 0,
+            self.conn.close(time.perf_counter(),
+                            code if code is not None else CLOSE_ABORTED if error else 0,
                             reason[:200], error=error)
             self.endpoint.wake()
         for t in list(self._reads):

@@ -55,27 +55,65 @@ def test_download_to_a_full_disk_fails_at_once_naming_the_file(daemon_factory, s
     assert not (small_disk / "big.bin").exists()  # nothing under the real name
 
 
+@pytest.mark.parametrize("transport", ["https", "udp"])
 def test_upload_to_a_full_disk_fails_at_once_and_the_daemon_goes_on(daemon_factory,
                                                                     small_disk: Path,
-                                                                    tmp_path: Path) -> None:
-    d = daemon_factory(start=False)
+                                                                    tmp_path: Path,
+                                                                    transport: str) -> None:
+    """The error says the disk is the server's, names the remote path and what became of
+    the partial. Before: ``error: big.bin: No space left on device``, which read as the
+    client's own disk (trial)."""
+    d = daemon_factory(start=False, udp=transport == "udp")
     root = d.docroots["alice"]
     root.parent.mkdir(parents=True, exist_ok=True)
     root.symlink_to(small_disk)
     d.start()
     src = make_file(tmp_path / "big.bin", 40 * MB, seed=8)
     t0 = time.monotonic()
-    rc, res, err = d.transfer(str(src), d.url("/"), "--transport", "https", check=False,
+    rc, res, err = d.transfer(str(src), d.url("/x/"), "--transport", transport, check=False,
                               timeout=120)
     assert time.monotonic() - t0 < 30, err
     assert rc == 1, err
+    want = ("server: x/big.bin: No space left on device (the partial stays on the server for "
+            "a resume: free space there, then run again)")
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "big.bin: No space left on device" in lines[0], err
+    assert lines == [f"error: {want}"], err
     assert "Traceback" not in err and str(small_disk) not in err  # the daemon's own folders
-    assert res["ok"] is False and res["retries"] == 0, res
-    assert not (small_disk / "big.bin").exists()
+    assert res["ok"] is False and res["error"] == want and res["retries"] == 0, res
+    assert not (small_disk / "x" / "big.bin").exists()
     # the daemon serves on: bob's docroot is on another file system
     small = make_file(tmp_path / "small.bin", 1000, seed=9)
     rc, res, err = d.transfer(str(small), d.url("/", user="bob"), user="bob", check=False)
     assert rc == 0, err
+    assert "Traceback" not in d.log()
+
+
+@pytest.mark.parametrize("transport", ["https", "udp"])
+def test_a_read_only_server_disk_is_named_as_the_servers(daemon_factory, small_disk: Path,
+                                                         tmp_path: Path, transport: str) -> None:
+    """Before: ``error: ow.txt: Read-only file system`` at the docroot's top (read as local)
+    and ``error: server I/O error: Read-only file system`` in a subfolder (no path)."""
+    d = daemon_factory(start=False, udp=transport == "udp")
+    root = d.docroots["alice"]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.symlink_to(small_disk)
+    d.start()
+    # the daemon's state folder first (as on a disk that was writable once), then read-only
+    d.transfer(str(make_file(tmp_path / "first.txt", 10, seed=1)), d.url("/"))
+    p = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot remount read-only: {p.stderr.strip()}")
+    src = make_file(tmp_path / "ow.txt", 1000, seed=2)
+    rc, res, err = d.transfer(str(src), d.url("/"), "--transport", transport, check=False,
+                              timeout=60)
+    assert rc == 1, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == \
+        ["error: server: ow.txt: Read-only file system"], err
+    assert res["error"] == "server: ow.txt: Read-only file system"
+    rc, res, err = d.transfer(str(src), d.url("/sub/"), "--transport", transport, check=False,
+                              timeout=60)
+    assert rc == 1, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == \
+        ["error: server: sub: Read-only file system"], err
     assert "Traceback" not in d.log()

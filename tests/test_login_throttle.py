@@ -589,3 +589,23 @@ async def test_checker_frees_a_queued_slot_when_its_request_goes_away() -> None:
 def test_bad_parameters(kwargs: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValueError):
         LoginThrottle(**kwargs)
+
+
+def test_cli_exits_3_on_a_throttled_login_and_says_when_to_retry(daemon_factory,
+                                                                   tmp_path) -> None:
+    """Before: ``error: too many failed logins, retry later`` and exit 1; exit 3 is the
+    daemon refusing the user name or password, which a throttled login is."""
+    d = daemon_factory()
+    src = make_file(tmp_path / "t.bin", 1000, seed=1)
+    seen = []
+    for _ in range(10):
+        rc, res, err = d.transfer(str(src), d.url("/"), password="wrong-guess", check=False,
+                                  timeout=60)
+        seen.append((rc, res.get("error")))
+        if "throttled" in (res.get("error") or ""):
+            break
+    assert all(rc == 3 for rc, _ in seen), seen
+    assert seen[0][1] == "wrong user name or password", seen
+    assert re.fullmatch(r"login throttled by the daemon: too many failed logins, "
+                        r"retry in \d+ s", seen[-1][1] or ""), seen
+    assert err.strip() == f"error: {seen[-1][1]}", err

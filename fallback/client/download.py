@@ -135,6 +135,8 @@ class DownloadSession(TransferSession):
                             "of a destination is reserved); choose another destination or name")
         result.files = len(files)
         result.bytes = sum(entries[i].size for i in files)
+        result.note_block_sizes({shown(name, entries[i].path): entries[i].block_size
+                                 for i in files})
         progress = Progress(result.bytes, self.remote.scheme, self.progress_cb,
                             {shown(name, entries[i].path): entries[i].size for i in files})
         self.progress = progress  # its transport follows each switch

@@ -25,10 +25,21 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["RECANCEL", "Terminated", "handle_terminate", "run_interruptible"]
+__all__ = ["RECANCEL", "Interrupted", "Terminated", "handle_terminate", "run_interruptible"]
 
 
-class Terminated(KeyboardInterrupt):
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C ended the transfer. ``result``: what it had done by then (a
+    ``TransferResult`` with ``ok`` false: direction, files and bytes planned, bytes sent,
+    seconds, transports used, checksums of the files verified and published before the
+    interrupt), set by ``fallback.client.session.transfer``; None elsewhere."""
+
+    def __init__(self, result: Any = None) -> None:
+        super().__init__()
+        self.result = result
+
+
+class Terminated(Interrupted):
     """A SIGTERM ended the transfer (``handle_terminate``): handled as Ctrl-C is (the
     session closed, partials kept), told apart by the CLI's exit code (143)."""
 
@@ -119,4 +130,4 @@ def _quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, 
 
 
 def _interrupt(sig: signal.Signals) -> KeyboardInterrupt:
-    return Terminated() if sig == signal.SIGTERM else KeyboardInterrupt()
+    return Terminated() if sig == signal.SIGTERM else Interrupted()

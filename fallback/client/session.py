@@ -299,6 +299,14 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
     ``sent_bytes`` then counts what every attempt carried.
     """
     s, d, opts, progress = _arguments(src, dst, options, progress, keywords)
+    return await _transfer_into(TransferResult(), s, d, opts, progress)
+
+
+async def _transfer_into(result: TransferResult, s: str, d: str, opts: Options,
+                         progress: ProgressCallback | None) -> TransferResult:
+    """``transfer_async`` filling ``result`` as it goes: when a Ctrl-C or SIGTERM cancels
+    it, ``transfer`` still holds what was done (``Interrupted.result``). ``s`` and ``d``
+    are checked already (``_arguments``)."""
     if is_url(s) and is_url(d):
         raise UsageError("both ends are URLs: one end must be a local path")
     if not is_url(s) and not is_url(d):
@@ -306,8 +314,8 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
     if opts.encrypt and is_url(s):
         raise UsageError("--encrypt applies to uploads; use --decrypt to download")
     url = parse_url(d if is_url(d) else s)
-    result = TransferResult(direction="upload" if is_url(d) else "download",
-                            dry_run=opts.dry_run)
+    result.direction = "upload" if is_url(d) else "download"
+    result.dry_run = opts.dry_run
     t0 = time.monotonic()
     executor = ThreadPoolExecutor(max(4, opts.streams + 2), "fb-client")
     retry = Retry(opts.retries, opts.retry_timeout)
@@ -353,12 +361,18 @@ async def transfer_async(src: str | os.PathLike[str], dst: str | os.PathLike[str
         result.error = _remote_message(exc, result, url.path)
         status = exc.peer_status if isinstance(exc, RemoteError) else None
         kind = STATUS_KIND.get(status, exc.kind) if status is not None else exc.kind
+        if throttled_login(exc):  # the daemon refused the login: exit 3, as a wrong password
+            kind, result.error = ErrorKind.UNAUTHORIZED, _throttled_message(exc)
         raise TransferError(result.error, kind=kind, status=status, result=result) from None
     except (OSError, UsageError) as exc:
         if isinstance(exc, UsageError):
             raise
         result.error = os_message(exc, s if result.direction == "upload" else d)
         raise TransferError(result.error, result=result) from None
+    except asyncio.CancelledError:  # Ctrl-C, SIGTERM: what was done so far stays in result
+        result.sent_bytes += sent_before
+        result.ok = False
+        raise
     finally:
         result.seconds = time.monotonic() - t0
         executor.shutdown(wait=False)
@@ -407,18 +421,23 @@ class _Reporter:
     def use(self, result: TransferResult, kind: str, reason: str) -> None:
         sw = result.use(kind, reason, time.monotonic() - self.t0)
         if sw is not None:
-            self.switched(sw)
+            self.switched(sw, result)
 
     def __call__(self, ev: ProgressEvent) -> None:
         self.last = ev
         if self.callback is not None:
             self.callback(ev)
 
-    def switched(self, sw: Switch) -> None:
+    def switched(self, sw: Switch, result: TransferResult | None = None) -> None:
         log.info("switched %s", sw)
         last = self.last
-        self(ProgressEvent(last.bytes_done if last else 0, last.bytes_total if last else 0,
-                           0.0, last.file if last else "", sw.to, switch=str(sw)))
+        if last is None:  # before the first event (UDP chosen at the start): the planned total
+            total, files = (result.bytes, result.files) if result is not None else (0, 0)
+            self(ProgressEvent(0, total, 0.0, "", sw.to, files_total=files, switch=str(sw)))
+            return
+        self(ProgressEvent(last.bytes_done, last.bytes_total, 0.0, last.file, sw.to,
+                           files_done=last.files_done, files_total=last.files_total,
+                           bytes_resumed=last.bytes_resumed, switch=str(sw)))
 
 
 async def _attempt(s: str, d: str, url: Url, opts: Options, executor: ThreadPoolExecutor,
@@ -471,6 +490,8 @@ async def _attempt(s: str, d: str, url: Url, opts: Options, executor: ThreadPool
             answer = await remote.close(error, timeout=connect_timeout + 1)
             if result.direction == "download" and answer and answer.get("udp") is not None:
                 _daemon_udp_figures(result, answer["udp"])
+            if answer and isinstance(session, UploadSession):
+                session.published(answer.get("published"))
 
 
 def transfer(src: str | os.PathLike[str], dst: str | os.PathLike[str],
@@ -486,10 +507,20 @@ def transfer(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         raise UsageError("transfer() cannot run inside a running event loop: "
                          "use 'await transfer_async(...)' there")
     s, d, opts, progress = _arguments(src, dst, options, progress, keywords)  # before any loop
-    from fallback.client.interrupt import run_interruptible
+    from fallback.client.interrupt import Interrupted, Terminated, run_interruptible
 
-    # Ctrl-C (SIGINT) ends it with KeyboardInterrupt, even where one cancellation is lost
-    return run_interruptible(lambda: transfer_async(s, d, opts, progress))
+    # Ctrl-C (SIGINT) ends it with KeyboardInterrupt, even where one cancellation is lost;
+    # the exception carries what was done so far (``Interrupted.result``).
+    result = TransferResult()
+    try:
+        return run_interruptible(lambda: _transfer_into(result, s, d, opts, progress))
+    except KeyboardInterrupt as exc:
+        result.ok = False
+        result.error = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        if isinstance(exc, Interrupted):
+            exc.result = result
+            raise
+        raise Interrupted(result) from None
 
 
 def _arguments(src: Any, dst: Any, options: Any, progress: Any,
@@ -531,6 +562,23 @@ def _daemon_udp_figures(result: TransferResult, raw: Any) -> None:
         result.rtt_ms = f.rtt_ms
     if f.datagram_size:
         result.datagram_size = f.datagram_size
+
+
+THROTTLED = "too many failed logins"
+"""How the daemon's 429 for a throttled login begins (``fallback.throttle.check_login``)."""
+
+
+def throttled_login(exc: TransportError) -> bool:
+    """The daemon refused the login because of earlier failed ones (429): a refusal of the
+    credentials (exit 3), not a failed transfer."""
+    return isinstance(exc, RemoteError) and exc.peer_status == 429 \
+        and exc.message.startswith(THROTTLED)
+
+
+def _throttled_message(exc: TransportError) -> str:
+    wait = getattr(exc, "retry_after", None)
+    after = f"retry in {wait:.0f} s" if wait is not None else "retry later"
+    return f"login throttled by the daemon: {THROTTLED}, {after}"
 
 
 def _remote_message(exc: TransportError, result: TransferResult, path: str) -> str:

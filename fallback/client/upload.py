@@ -99,6 +99,7 @@ class UploadSession(TransferSession):
     """One upload of a local file or folder to the daemon."""
 
     ring: EnvelopeKeyring | None = None  # --encrypt: one keyring (one Argon2id) per transfer
+    tree_names: list[str] | None = None  # entry index -> display name (checksums' keys)
 
     async def run(self, src: Path, url: Url) -> None:
         opts, result = self.opts, self.result
@@ -107,6 +108,7 @@ class UploadSession(TransferSession):
             links_within=src if opts.symbolic_links == "follow" else None))
         name = local_name(src)  # dir/link lands as "link", not as its target's name
         self.name = name
+        self.tree_names = [shown(name, e.path) for e in tree.entries]
         for why in tree.skipped:  # special files, unreadable folders: reported, the rest goes on
             rel, _, reason = why.partition(": ")
             result.skipped_files[shown(name, rel)] = reason
@@ -119,6 +121,8 @@ class UploadSession(TransferSession):
         files = [i for i, e in enumerate(entries) if not e.is_dir]
         result.files = len(files)
         result.bytes = sum(entries[i].size for i in files)
+        result.note_block_sizes({shown(name, tree.entries[i].path): tree.entries[i].block_size
+                                 for i in files})
         opened = await self.control.open_upload(C.OpenUpload(
             path=url.path, into_dir=url.into_dir,
             name=name + (env.SUFFIX if opts.encrypt and not entries[0].is_dir else ""),
@@ -272,6 +276,22 @@ class UploadSession(TransferSession):
                 await asyncio.wait(running)
             for s in sources.values():
                 s.close()
+
+    def published(self, raw: Any) -> None:
+        """The daemon's close answer named the one-block files it published with their
+        bundles (``{index: root}``): those not committed yet (a Ctrl-C before the commit)
+        join ``checksums``, verified by the daemon against the digest this client sent."""
+        if not isinstance(raw, dict) or self.opts.encrypt or self.tree_names is None:
+            return
+        for key, root in raw.items():
+            try:
+                file = self.tree_names[int(key)]
+            except (ValueError, IndexError):
+                continue
+            if isinstance(root, str) and file not in self.result.checksums \
+                    and file not in self.result.skipped_files:
+                self.result.checksums[file] = root
+                self.result.mark_verified(file, "full")
 
     async def _dry_run(self, entries: list[FileEntry], states: list[TargetState],
                        files: list[int], named: list[FileEntry], paths: list[Path]) -> None:

@@ -41,7 +41,7 @@ import errno
 import fcntl
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,13 +91,19 @@ class GroupResult:
     errors: dict[int, TransportError] = field(default_factory=dict)
 
 
+def _manifest_name(target: Path, rel: str) -> str:
+    return rel or target.name
+
+
 def commit_group(items: Sequence[tuple[int, InlineTarget, Buffer, bytes]], state: StateDir, *,
-                 fsync: bool, replace: bool) -> GroupResult:
+                 fsync: bool, replace: bool,
+                 name_of: Callable[[Path, str], str] | None = None) -> GroupResult:
     """Verify, write and publish ``(file, target, stored bytes, digest)`` items as one group
     (see the module docstring). Runs in a worker thread; raises only ``OSError`` from the
     state folder itself (per-file failures are in the result). Paths are handled as
     strings and partials opened relative to the state folder's descriptor: at 10,000
     files, ``pathlib`` alone cost more than the file system."""
+    named = name_of or _manifest_name  # how an error names a file (``BlockSink``'s name_of)
     out = GroupResult()
     written: list[tuple[int, InlineTarget, str, InlineDone]] = []
     state.ensure()
@@ -107,10 +113,10 @@ def commit_group(items: Sequence[tuple[int, InlineTarget, Buffer, bytes]], state
     parts_fd = os.open(parts, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(parts_fd, fcntl.LOCK_SH)  # the sweep leaves lone partials alone meanwhile
-        _write_group(items, state, root, parts, parts_fd, sync_each, out, written)
+        _write_group(items, state, root, parts, parts_fd, sync_each, out, written, named)
         if fsync and written and _SYNCFS is not None:
             _syncfs(parts_fd)
-        _publish_group(state, written, fsync=fsync, replace=replace, out=out)
+        _publish_group(state, written, fsync=fsync, replace=replace, out=out, named=named)
     finally:
         os.close(parts_fd)  # drops the lock
     return out
@@ -118,7 +124,8 @@ def commit_group(items: Sequence[tuple[int, InlineTarget, Buffer, bytes]], state
 
 def _write_group(items: Sequence[tuple[int, InlineTarget, Buffer, bytes]], state: StateDir,
                  root: bytes, parts: str, parts_fd: int, sync_each: bool, out: GroupResult,
-                 written: list[tuple[int, InlineTarget, str, InlineDone]]) -> None:
+                 written: list[tuple[int, InlineTarget, str, InlineDone]],
+                 named: Callable[[Path, str], str]) -> None:
     """Verify and write each item to its partial (``commit_group`` steps 1 and 2)."""
     for file, t, data, digest in items:
         entry = t.entry
@@ -152,7 +159,7 @@ def _write_group(items: Sequence[tuple[int, InlineTarget, Buffer, bytes]], state
             finally:
                 os.close(fd)
         except OSError as exc:
-            out.errors[file] = ConflictError(f"{entry.path or t.target.name}: "
+            out.errors[file] = ConflictError(f"{named(t.target, entry.path)}: "
                                              f"{exc.strerror or exc}")
             continue
         root_digest = file_digest(entry.block_size, entry.size, [bytes(digest)])
@@ -161,7 +168,8 @@ def _write_group(items: Sequence[tuple[int, InlineTarget, Buffer, bytes]], state
 
 
 def _publish_group(state: StateDir, written: list[tuple[int, InlineTarget, str, InlineDone]], *,
-                   fsync: bool, replace: bool, out: GroupResult) -> None:
+                   fsync: bool, replace: bool, out: GroupResult,
+                   named: Callable[[Path, str], str] = _manifest_name) -> None:
     """Rename each written partial to its target, then sync their folders (step 4)."""
     parents: set[str] = set()
     for file, t, partial, done in written:
@@ -173,7 +181,7 @@ def _publish_group(state: StateDir, written: list[tuple[int, InlineTarget, str, 
             _unlink(partial)
             continue
         except OSError as exc:
-            out.errors[file] = ConflictError(f"{t.entry.path or t.target.name}: "
+            out.errors[file] = ConflictError(f"{named(t.target, t.entry.path)}: "
                                              f"{exc.strerror or exc}")
             _unlink(partial)
             continue

@@ -30,6 +30,7 @@ loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -114,8 +115,12 @@ class BlockSink:
                  clock: Callable[[], float] = time.monotonic,
                  inline: dict[int, InlineTarget] | None = None, state: StateDir | None = None,
                  fsync: bool = True, replace: bool = True, serial_groups: bool = False,
-                 name_of: Callable[[Path, str], str] | None = None) -> None:
+                 name_of: Callable[[Path, str], str] | None = None,
+                 full_note: str = "") -> None:
         self.receivers = receivers
+        self._full_note = full_note
+        """Appended to a receiver's "No space left on device" (or quota) error: what
+        happens to its partial (the daemon keeps it for a resume and says so)."""
         self._name_of = name_of or (lambda target, rel: rel or target.name)
         """How a file is named in an error: ``(target, its manifest path)`` to text. The
         default, the manifest path, is what a daemon may say to its client (never its own
@@ -272,7 +277,8 @@ class BlockSink:
         result = GroupResult()
         try:
             result = commit_group(claimed, self._state or StateDir(Path(".")),
-                                  fsync=self._fsync, replace=self._replace)
+                                  fsync=self._fsync, replace=self._replace,
+                                  name_of=self._name_of)
         finally:
             with self._lock:
                 handled = {d.file for d in result.done} | set(result.errors)
@@ -333,7 +339,11 @@ class BlockSink:
         try:
             await asyncio.shield(fut)
         except OSError as exc:
-            raise from_os_error(exc, self._name(file)) from exc
+            err = from_os_error(exc, self._name(file))
+            if self._full_note and exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                    and file in self.receivers:
+                err.args = (f"{err.message} ({self._full_note})",)
+            raise err from exc
         return counted[0] if counted else 0
 
     def _name(self, file: int | None) -> str:

@@ -35,6 +35,10 @@ CLOSE_DONE = 0
 CLOSE_ABORTED = 1
 CLOSE_PN_EXHAUSTED = 2
 CLOSE_IDLE = 3
+CLOSE_FAILED = 4
+"""The sender of the CLOSE failed for good (its disk full or read-only, a refused
+file): a new connection would meet the same error. A peer that does not know the code
+takes it as ``CLOSE_ABORTED``."""
 
 
 @dataclass(frozen=True, slots=True)
