@@ -325,6 +325,12 @@ def _remove_sources(job: Job, result: TransferResult) -> None:
                   file=sys.stderr)
 
 
+SKIPPED_LISTED = 10
+"""Skipped files named per reason in the summary; the rest are counted (``--json`` names
+all). rsync says nothing of unchanged files; a list of thousands hid the lines that
+mattered (trial: a re-sync of 5,000 unchanged files printed 5,000 lines)."""
+
+
 def summary(result: TransferResult) -> list[str]:
     """The lines a finished transfer prints: counts with plurals, sizes and rate in MB and
     MB/s (decimal, as the progress bar); no rate when nothing moved."""
@@ -351,8 +357,14 @@ def summary(result: TransferResult) -> list[str]:
     else:
         moved = f" already there, nothing sent ({result.seconds:.2f} s)"
     lines = [head + moved]
+    by_reason: dict[str, list[str]] = {}
     for name, why in result.skipped_files.items():
-        lines.append(f"skipped {name}: {why}")
+        by_reason.setdefault(why, []).append(name)
+    for why, names in by_reason.items():  # re-syncing 5,000 unchanged files printed 5,000 lines
+        lines += [f"skipped {name}: {why}" for name in names[:SKIPPED_LISTED]]
+        if len(names) > SKIPPED_LISTED:
+            lines.append(f"skipped {len(names) - SKIPPED_LISTED} more: {why} "
+                         "(--json lists every one)")
     for name, stored in result.stored_as.items():
         lines.append(f"stored {name} encrypted as {stored}")
     if result.stdio == "stdin":

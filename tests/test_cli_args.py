@@ -489,3 +489,20 @@ def test_a_download_of_the_docroot_goes_by_the_users_name(tmp_path: Path) -> Non
         assert b"srv-secret-rw" not in p.stdout + p.stderr
     finally:
         d.stop()
+
+
+def test_summary_counts_skips_beyond_ten_per_reason() -> None:
+    """Before: a re-sync of 5,000 unchanged files printed 5,000 "skipped" lines (trial)."""
+    from fallback.cli import SKIPPED_LISTED, summary
+    from fallback.result import TransferResult
+    skipped = {f"d/f{i:04d}": "unchanged" for i in range(5000)}
+    skipped["d/link"] = "symbolic link leading outside the source folder"
+    res = TransferResult(ok=True, direction="upload", files=5001, bytes=5000,
+                         skipped_bytes=5000, seconds=0.5, skipped_files=skipped,
+                         checksums=dict.fromkeys(skipped, "b3:x"))
+    lines = summary(res)
+    assert lines[1:SKIPPED_LISTED + 1] == [f"skipped d/f{i:04d}: unchanged"
+                                           for i in range(SKIPPED_LISTED)]
+    assert lines[SKIPPED_LISTED + 1] == "skipped 4990 more: unchanged (--json lists every one)"
+    assert "skipped d/link: symbolic link leading outside the source folder" in lines
+    assert len(lines) == SKIPPED_LISTED + 3
