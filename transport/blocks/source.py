@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -114,7 +115,7 @@ class FileSource:
         self._encode = encode
         self.layout = entry.layout()
         self._window = window if window is not None else _SHARED_WINDOW
-        self._where = f" {where}" if where else ""
+        self._where = sys.intern(f" {where}") if where else ""  # one str, not one a file
         self._size = entry.size if encode is not None else self.layout.stored_size
         self._lock = threading.Lock()
         self._fd = -1
