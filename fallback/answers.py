@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fallback.control import MAX_ERROR_TEXT, MAX_ROOT_TEXT, Flow
+from fallback.jsonbody import Items
 from fallback.paths import confine
 from transport.blocks.manifest import FileEntry, check_name, check_tree
 from transport.blocks.plan import TargetState
@@ -59,10 +60,14 @@ class DownloadOpened:
     token: str = ""
     flow: Flow | None = None  # the bandwidth that applies (the server's caps won)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, lazy: bool = False) -> dict[str, Any]:
+        """``lazy``: the entries as ``jsonbody.Items`` (the daemon's answer, encoded a slice
+        at a time: ``fallback.jsonbody``)."""
+        entries: Any = Items(self.entries, FileEntry.to_json) if lazy \
+            else [e.to_json() for e in self.entries]
         d: dict[str, Any] = {
             "id": self.id, "token": self.token, "name": self.name,
-            "entries": [e.to_json() for e in self.entries], "skipped": list(self.skipped),
+            "entries": entries, "skipped": list(self.skipped),
             "streams_max": self.streams_max}
         if self.flow is not None:
             d["flow"] = self.flow.to_json()
@@ -130,9 +135,12 @@ class UploadOpened:
     policy: dict[str, Any] = field(default_factory=dict)  # rules the client applies itself
     flow: Flow | None = None  # the bandwidth that applies (the server's caps won)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, lazy: bool = False) -> dict[str, Any]:
+        """``lazy``: as ``DownloadOpened.to_json``."""
+        states: Any = Items(self.states, TargetState.to_json) if lazy \
+            else [s.to_json() for s in self.states]
         d: dict[str, Any] = {
-            "id": self.id, "token": self.token, "states": [s.to_json() for s in self.states],
+            "id": self.id, "token": self.token, "states": states,
             "root": self.root, "streams_max": self.streams_max, "policy": dict(self.policy)}
         if self.flow is not None:
             d["flow"] = self.flow.to_json()
@@ -177,16 +185,20 @@ class PlanAnswer:
 def planned_missing(planned: Any, counts: dict[int, int]) -> dict[int, RangeSet]:
     """The ``missing`` of a ``/plan`` answer: file -> block ranges, each file one we plan
     to send (``counts``: its block count) and each range inside that file. Kept as
-    ranges (``RangeSet``): a hostile answer costs what its text costs, never more."""
+    ranges (``RangeSet``): a hostile answer costs what its text costs, never more. Files
+    missing the same one range share one set (100,000 one-block files: one set, not 30 MB
+    of them; issue 11): the sets are to read, not to change."""
     raw = planned.get("missing") if isinstance(planned, dict) else None
     if not isinstance(raw, dict):
         raise ProtocolError("refused the daemon's plan: no 'missing' object")
     out: dict[int, RangeSet] = {}
+    shared: dict[tuple[int, int], RangeSet] = {}
     for k, ranges in raw.items():
         i = _int(k, "file")
         if i not in counts:
             raise ProtocolError(f"refused the daemon's plan: file {k!r}")
-        out[i] = _ranges(ranges, counts[i], f"refused the daemon's plan: file {i}")
+        got = _ranges(ranges, counts[i], f"refused the daemon's plan: file {i}")
+        out[i] = shared.setdefault(next(iter(got)), got) if len(got) == 1 else got
     return out
 
 

@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from fallback.jsonbody import Items
 from transport.blocks.manifest import MAX_ENTRIES, MAX_PATH_BYTES, FileEntry, entries_from_json
 from transport.blocks.plan import OVERWRITE_MODES
 from transport.errors import ProtocolError
@@ -193,9 +194,13 @@ class OpenUpload:
     strong_pass: bool
     flow: Flow | None = None  # the rate the client asks for (``--target-rate``)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, lazy: bool = False) -> dict[str, Any]:
+        """``lazy``: the entries as ``jsonbody.Items`` (the client's body, encoded a slice at
+        a time: ``fallback.jsonbody``)."""
+        entries: Any = Items(self.entries, FileEntry.to_json) if lazy \
+            else [e.to_json() for e in self.entries]
         d = {"direction": "upload", "path": self.path, "into_dir": self.into_dir,
-             "name": self.name, "entries": [e.to_json() for e in self.entries],
+             "name": self.name, "entries": entries,
              "overwrite": self.overwrite, "encrypt": self.encrypt,
              "strong_pass": self.strong_pass}
         if self.flow is not None:
@@ -307,7 +312,10 @@ class PlanRequest:
 
     files: tuple[PlanItem, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, lazy: bool = False) -> dict[str, Any]:
+        """``lazy``: as ``OpenUpload.to_json``."""
+        if lazy:
+            return {"files": Items(self.files, PlanItem.to_json)}
         return {"files": [i.to_json() for i in self.files]}
 
     @classmethod
@@ -345,7 +353,10 @@ class CommitRequest:
 
     files: tuple[CommitItem, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, lazy: bool = False) -> dict[str, Any]:
+        """``lazy``: as ``OpenUpload.to_json``."""
+        if lazy:
+            return {"files": Items(self.files, CommitItem.to_json)}
         return {"files": [i.to_json() for i in self.files]}
 
     @classmethod

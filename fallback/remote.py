@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 
-from fallback import known_hosts
+from fallback import jsonbody, known_hosts
 from fallback.clienttls import PumpedConnector
 from fallback.errors import UdpUnavailable, UsageError
 from fallback.known_hosts import CertificateChanged, CertificateNotTrusted, KnownHost
@@ -380,8 +380,10 @@ class Remote:
     async def call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
         self.last_call = time.monotonic()
         try:
-            async with self.http.request(method, url, json=body or {}, headers=self._headers(),
-                                         ssl=self.ssl, allow_redirects=False) as resp:
+            data = jsonbody.encode(body or {})  # long lists a slice at a time (``Items``)
+            async with self.http.request(method, url, data=data, headers={
+                    **self._headers(), "Content-Type": "application/json"},
+                    ssl=self.ssl, allow_redirects=False) as resp:
                 if resp.status == 407:  # a forwarding proxy refused (HTTP; CONNECT raises)
                     raise proxy_refused(self.proxy)
                 refuse_redirect(resp, self.base)

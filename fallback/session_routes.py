@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from fallback import answers as A
-from fallback import control, sources
+from fallback import control, jsonbody, sources
 from fallback import sessions as S
 from fallback import targets as T
 from fallback.config import Config, UserConfig
@@ -130,9 +130,14 @@ async def _open_upload(request: web.Request, st: DaemonState, user: UserConfig,
         raise
     log.info("session %s opened: user=%s peer=%s upload to %s (%d entries)", session.id[:8],
              user.name, request.remote, relpath_in(Path(user.docroot), root), len(entries))
-    return web.json_response(A.UploadOpened(
+    return _answer(A.UploadOpened(
         session.id, session.token, states, relpath_in(Path(user.docroot), root),
-        st.config.streams_max, _policy(st.config), flow).to_json())
+        st.config.streams_max, _policy(st.config), flow).to_json(lazy=True))
+
+
+def _answer(body: dict[str, Any]) -> web.Response:
+    """``web.json_response``, its long lists encoded a slice at a time (``fallback.jsonbody``)."""
+    return web.Response(body=jsonbody.encode(body), content_type="application/json")
 
 
 def _policy(c: Config) -> dict[str, Any]:
@@ -171,9 +176,9 @@ async def _open_download(request: web.Request, st: DaemonState, user: UserConfig
     # The docroot itself goes by the user's name, never by the server's folder name (a
     # download of / showed "rw/...": the daemon's own layout, trial).
     name = user.name if src == docroot.resolve() or src == docroot else src.name
-    return web.json_response(A.DownloadOpened(
+    return _answer(A.DownloadOpened(
         name, list(tree.entries), list(tree.skipped), st.config.streams_max,
-        session.id, session.token, flow).to_json())
+        session.id, session.token, flow).to_json(lazy=True))
 
 
 async def plan(request: web.Request) -> web.Response:

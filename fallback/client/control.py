@@ -39,7 +39,7 @@ class ControlClient:
     # -- opening ----------------------------------------------------------------------
     async def open_upload(self, msg: C.OpenUpload) -> A.UploadOpened:
         self.calls += 1
-        raw = await self.remote.open(msg.to_json())
+        raw = await self.remote.open(msg.to_json(lazy=True))
         return A.UploadOpened.from_json(raw, len(msg.entries))
 
     async def open_download(self, msg: C.OpenDownload) -> A.DownloadOpened:
@@ -49,10 +49,10 @@ class ControlClient:
     # -- upload -----------------------------------------------------------------------
     async def plan(self, msg: C.PlanRequest, counts: dict[int, int]) -> A.PlanAnswer:
         """``counts``: block count of each file we plan to send (the answer's bounds)."""
-        return A.PlanAnswer.from_json(await self._post("/plan", msg.to_json()), counts)
+        return A.PlanAnswer.from_json(await self._post("/plan", msg.to_json(lazy=True)), counts)
 
     async def commit(self, msg: C.CommitRequest, counts: dict[int, int]) -> A.CommitAnswer:
-        return A.CommitAnswer.from_json(await self._post("/commit", msg.to_json()), counts)
+        return A.CommitAnswer.from_json(await self._post("/commit", msg.to_json(lazy=True)), counts)
 
     # -- download ---------------------------------------------------------------------
     async def digests(self, msg: C.DigestsRequest) -> A.DigestsAnswer:

@@ -140,5 +140,4 @@ def filter_tree(tree: SourceTree, rules: Sequence[tuple[str, str]]) -> dict[str,
     if gone:
         keep = [k for k, e in enumerate(tree.entries) if not hidden(gone, e.path)]
         tree.entries[:] = [tree.entries[k] for k in keep]
-        tree.paths[:] = [tree.paths[k] for k in keep]
     return gone

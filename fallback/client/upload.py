@@ -14,6 +14,7 @@ import asyncio
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,10 @@ log = logging.getLogger("fallback.client")
 
 PLAN_BATCH = 256
 """Files planned per executor job (reading their sources' state, encrypting headers)."""
+
+COMMIT_BATCH = 8192
+"""Files one ``/commit`` call names: the answer for 100,000 files, parsed whole, was the
+upload client's peak (issue 11: ~60 MB per 30,000 files above its steady state)."""
 
 MAX_RESENDS = 5
 """Times the daemon may report one block missing at commit before the upload fails:
@@ -153,6 +158,7 @@ class UploadSession(TransferSession):
                         progress.skip(skip, shown(name, entries[item.file].path))
             counts = {i: s.layout.count for i, s in sources.items()}
             planned = await self.control.plan(C.PlanRequest(tuple(plan.values())), counts)
+            plan.clear()  # (issue 11: per-file state not needed any more is let go)
             missing = dict(planned.missing)
             for k, why in planned.refused.items():
                 # The server's overwrite=deny kept an existing target: skipped, with its reason.
@@ -170,22 +176,26 @@ class UploadSession(TransferSession):
                     progress.skip(plain_bytes(entries[i], have), shown(name, entries[i].path))
                 for a, b in blocks:
                     sender.sched.want(i, [(a, b)])
-            digests: dict[int, dict[int, bytes]] = {i: dict(states[i].have) for i in sources}
-            # (a dict per file: the whole-file digest needs every block's, read or kept)
+            # Block digests, read or kept, for the whole-file digest: one dict keyed by (file,
+            # block), not a dict per file (232 bytes each: 23 MB at 100,000 files; issue 11).
+            digests: dict[tuple[int, int], bytes] = {
+                (i, b): d for i in sources for b, d in states[i].have.items()}
             for i, blocks in missing.items():
                 # The daemon may hold blocks it had not journaled yet when it reported its state
                 # (the last records of a session it took over): digest those from the source,
                 # or the whole-file digest at commit misses them and the partial is thrown away.
                 have = blocks.complement(0, sources[i].layout.count)
-                unseen = [b for b in have.members() if b not in digests[i]]
+                unseen = [b for b in have.members() if (i, b) not in digests]
                 for b in unseen:
-                    digests[i][b] = (await self.io(sources[i].read_wire, b))[1]
+                    digests[i, b] = (await self.io(sources[i].read_wire, b))[1]
                 if unseen and i in trusted:
                     trusted[i] -= set(unseen)
+            del planned, missing, counts
+            states.clear()  # the daemon's states (``opened.states``): their digests were copied
 
             def read(f: int, b: int, digest: bytes) -> None:
                 # A block read from the source is no longer one trusted from the journal.
-                digests[f][b] = digest
+                digests[f, b] = digest
                 held = trusted.get(f)
                 if held:
                     held.discard(b)
@@ -221,41 +231,47 @@ class UploadSession(TransferSession):
                 if sender.pending:
                     await self.move(paths, work)
                 self.check_acks()
-                roots = {i: file_digest(entries[i].block_size, entries[i].size,
-                                        (digests[i].get(b, b"")
-                                         for b in range(sources[i].layout.count)))
-                         for i in sources}
                 for s in sources.values():
                     s.check_unchanged()
-                committed = await self.control.commit(C.CommitRequest(tuple(
-                    C.CommitItem(i, roots[i]) for i in sources if i not in plain_roots)),
-                    {i: s.layout.count for i, s in sources.items()})
                 again: list[tuple[int, int, int]] = []
                 verifying = False
-                for i, r in committed.results.items():
-                    if isinstance(r, A.CommitFailed):
-                        raise RemoteError(r.error, peer_status=r.status)
-                    if isinstance(r, A.Committed):
-                        plain_roots[i] = r.root
-                        file = shown(name, tree.entries[i].path)
-                        fsrc = sources[i]
-                        if not opts.encrypt:
-                            result.checksums[file] = r.root
-                        elif len(fsrc.plain_digests) == fsrc.layout.count:  # all read: no I/O
-                            result.checksums[file] = fsrc.plain_root()
+                failed: RemoteError | None = None
+                todo = [i for i in sources if i not in plain_roots]
+                for k in range(0, len(todo), COMMIT_BATCH):  # bounded answers (issue 11)
+                    batch = todo[k:k + COMMIT_BATCH]
+                    committed = await self.control.commit(C.CommitRequest(tuple(
+                        C.CommitItem(i, file_digest(entries[i].block_size, entries[i].size,
+                                                    (digests.get((i, b), b"") for b in
+                                                     range(sources[i].layout.count))))
+                        for i in batch)), {i: sources[i].layout.count for i in batch})
+                    for i, r in committed.results.items():
+                        if isinstance(r, A.CommitFailed):
+                            failed = failed or RemoteError(r.error, peer_status=r.status)
+                        elif isinstance(r, A.Committed):
+                            plain_roots[i] = r.root
+                            file = shown(name, tree.entries[i].path)
+                            fsrc = sources[i]
+                            if not opts.encrypt:
+                                result.checksums[file] = r.root
+                            elif len(fsrc.plain_digests) == fsrc.layout.count:  # all read
+                                result.checksums[file] = fsrc.plain_root()
+                            else:
+                                result.checksums[file] = await self.io(fsrc.plain_root)
+                            if opts.encrypt:  # the name the daemon stored the envelope under
+                                result.stored_as[file] = shown(name + env.SUFFIX, "") \
+                                    if not entries[i].path else shown(name, entries[i].path)
+                            result.mark_verified(file, "sampled" if trusted.get(i) else "full")
+                        elif isinstance(r, A.CommitVerifying):
+                            verifying = True  # the daemon is still re-reading its partial
                         else:
-                            result.checksums[file] = await self.io(fsrc.plain_root)
-                        if opts.encrypt:  # the name the daemon stored the envelope under
-                            result.stored_as[file] = shown(name + env.SUFFIX, "") \
-                                if not entries[i].path else shown(name, entries[i].path)
-                        result.mark_verified(file, "sampled" if trusted.get(i) else "full")
-                    elif isinstance(r, A.CommitVerifying):
-                        verifying = True  # the daemon is still re-reading its partial: ask again
-                    else:
-                        again.extend((i, a, b) for a, b in r.missing)
-                        for b in [b for b in kept.get(i, set()) if b in r.missing]:
-                            kept[i].discard(b)  # dropped at the daemon: carried after all
-                            progress.unskip(plain_len(entries[i], b), shown(name, entries[i].path))
+                            again.extend((i, a, b) for a, b in r.missing)
+                            for b in [b for b in kept.get(i, set()) if b in r.missing]:
+                                kept[i].discard(b)  # dropped at the daemon: carried after all
+                                progress.unskip(plain_len(entries[i], b),
+                                                shown(name, entries[i].path))
+                    del committed
+                if failed is not None:
+                    raise failed
                 if not again:
                     if verifying:
                         continue
@@ -294,7 +310,7 @@ class UploadSession(TransferSession):
                 self.result.mark_verified(file, "full")
 
     async def _dry_run(self, entries: list[FileEntry], states: list[TargetState],
-                       files: list[int], named: list[FileEntry], paths: list[Path]) -> None:
+                       files: list[int], named: list[FileEntry], paths: Sequence[Path]) -> None:
         """``--dry-run``: what the overwrite policy would do with each file, nothing moved.
         A file that ``diff`` compares is digested here as the real run would (the daemon's
         digest came with the open): an unchanged one is listed as skipped, not moving."""

@@ -37,6 +37,7 @@ import heapq
 from collections import deque
 from collections.abc import Iterable, Mapping
 
+from transport.blocks.filesets import FileSets
 from transport.blocks.layout import BlockLayout
 from transport.blocks.leases import (
     DEFAULT_TIMING,
@@ -97,9 +98,10 @@ class Scheduler:
         self._default_timing = default_timing
         self._block_ack_timeout = block_ack_timeout
         self._timing: dict[str, PathTiming] = {}
-        self._wanted: dict[int, RangeSet] = {f: RangeSet() for f in self._files}
-        self._acked: dict[int, RangeSet] = {f: RangeSet() for f in self._files}
-        self._fresh: dict[int, RangeSet] = {f: RangeSet() for f in self._files}
+        # Per file: blocks wanted, acked, and wanted but not started (compact: see FileSets).
+        self._wanted = FileSets()
+        self._acked = FileSets()
+        self._fresh = FileSets()
         self._fresh_files: list[int] = []  # heap of files that may have fresh blocks
         self._blocks: dict[tuple[int, int], _Block] = {}
         self._ready: deque[_Block] = deque()  # started blocks with bytes queued
@@ -136,11 +138,11 @@ class Scheduler:
 
         Blocks already wanted or acked are not added again."""
         new = self._checked(file, ranges)
-        new.difference_update(self._wanted[file])
-        self._wanted[file].update(new)
-        new.difference_update(self._acked[file])
+        new.difference_update(self._wanted.view(file))
+        self._wanted.update(file, new)
+        new.difference_update(self._acked.view(file))
         if new:
-            self._fresh[file].update(new)
+            self._fresh.update(file, new)
             heapq.heappush(self._fresh_files, file)
             self._outstanding += new.count
         return new.count
@@ -167,16 +169,16 @@ class Scheduler:
         every started block 10,000 times."""
         again = self._checked(file, ranges)
         not_acked = again.copy()
-        not_acked.difference_update(self._acked[file])
+        not_acked.difference_update(self._acked.view(file))
         back = again.copy()
         back.difference_update(not_acked)  # the acked part of ``again``
         n = 0
         if back:
-            self._acked[file].difference_update(back)
+            self._acked.difference_update(file, back)
             wanted = back.copy()
-            wanted.difference_update(self._wanted[file])
-            self._wanted[file].update(back)
-            self._fresh[file].update(back)
+            wanted.difference_update(self._wanted.view(file))
+            self._wanted.update(file, back)
+            self._fresh.update(file, back)
             heapq.heappush(self._fresh_files, file)
             self._outstanding += back.count
             self._n_acked -= back.count - wanted.count
@@ -206,7 +208,7 @@ class Scheduler:
             return False
         heap = self._fresh_files
         while heap:
-            if self._fresh[heap[0]]:
+            if self._fresh.nonempty(heap[0]):
                 return True
             heapq.heappop(heap)
         return False
@@ -321,11 +323,10 @@ class Scheduler:
         Returns True if it was outstanding. A block acked before it was wanted
         is remembered, so it is never leased later."""
         self._length(file, block)
-        acked = self._acked[file]
-        if block in acked:
+        if self._acked.contains(file, block):
             self._stale += 1
             return False
-        acked.add(block)
+        self._acked.add(file, block)
         blk = self._blocks.pop((file, block), None)
         if blk is not None:
             for rec in list(blk.leases.values()):
@@ -333,8 +334,8 @@ class Scheduler:
                 rec.state = TRANSITIONS[rec.state, Event.ACK]
             blk.todo = RangeSet()
             self._open.discard((file, block))
-        self._fresh[file].discard(block)
-        if block in self._wanted[file]:
+        self._fresh.discard(file, block)
+        if self._wanted.contains(file, block):
             self._outstanding -= 1
             self._n_acked += 1
             return True
@@ -429,11 +430,11 @@ class Scheduler:
         ``DELIVERED`` (every byte delivered or received, awaiting the ack), ``ACKED``;
         None when not wanted."""
         self._length(file, block)
-        if block in self._acked[file]:
+        if self._acked.contains(file, block):
             return State.ACKED
         blk = self._blocks.get((file, block))
         if blk is None:
-            return State.QUEUED if block in self._fresh[file] else None
+            return State.QUEUED if self._fresh.contains(file, block) else None
         if blk.todo.covers(0, blk.length):
             return State.QUEUED
         return State.LEASED if blk.todo or blk.undelivered else State.DELIVERED
@@ -444,7 +445,7 @@ class Scheduler:
         blk = self._blocks.get((file, block))
         if blk is not None:
             return blk.todo.copy()
-        return RangeSet([(0, length)]) if block in self._fresh[file] else RangeSet()
+        return RangeSet([(0, length)]) if self._fresh.contains(file, block) else RangeSet()
 
     def undelivered_elsewhere(self, path: str) -> bool:
         """Whether a path other than ``path`` holds a lease it has not delivered yet
@@ -482,7 +483,7 @@ class Scheduler:
                 raise AssertionError(f"block {b} of file {f}: bytes lost or doubled "
                                      f"(todo {blk.todo}, received {blk.received}, "
                                      f"leases {[r.lease for r in blk.leases.values()]})")
-            if b in self._acked[f]:
+            if self._acked.contains(f, b):
                 raise AssertionError(f"block {b} of file {f} acked but still started")
             if blk.undelivered != sum(r.state is State.LEASED for r in blk.leases.values()):
                 raise AssertionError(f"block {b} of file {f}: undelivered count")
@@ -518,8 +519,7 @@ class Scheduler:
         heap = self._fresh_files
         while heap:
             f = heap[0]
-            fresh = self._fresh[f]
-            got = fresh.pop_first()
+            got = self._fresh.pop_first(f)
             if got is None:
                 heapq.heappop(heap)
                 continue

@@ -19,8 +19,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from transport.blocks.manifest import FileEntry, check_relpath
 from transport.blocks.source import entry_for
@@ -32,13 +34,43 @@ from transport.errors import ErrorKind, PathError, TransportError, from_os_error
 class SourceTree:
     """Entries in a stable order (parents before children) and their local paths."""
 
+    root: Path = field(default_factory=Path)
     entries: list[FileEntry] = field(default_factory=list)
-    paths: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
-    def add(self, entry: FileEntry, path: Path) -> None:
+    def add(self, entry: FileEntry) -> None:
         self.entries.append(entry)
-        self.paths.append(path)
+
+    @property
+    def paths(self) -> TreePaths:
+        """The local path of each entry, made when asked for (``TreePaths``)."""
+        return TreePaths(self)
+
+
+class TreePaths(Sequence[Path]):
+    """``root / entry.path`` for each entry of a tree (``root`` for ``""``): a walk finds
+    each entry at that path, so none is kept (a ``Path`` per file was ~600 bytes with
+    its parts and string, 60 MB at 100,000 files: issue 11)."""
+
+    __slots__ = ("_tree",)
+
+    def __init__(self, tree: SourceTree) -> None:
+        self._tree = tree
+
+    def __len__(self) -> int:
+        return len(self._tree.entries)
+
+    @overload
+    def __getitem__(self, k: int) -> Path: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[Path]: ...
+
+    def __getitem__(self, k: int | slice) -> Path | list[Path]:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        rel = self._tree.entries[k].path
+        return self._tree.root / rel if rel else self._tree.root
 
 
 def _inside(real: str, within: str | None) -> bool:
@@ -77,7 +109,7 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None,
         st = os.stat(root)
     except (FileNotFoundError, NotADirectoryError):
         raise PathError(f"{root.name or root}: no such file or folder", kind=ErrorKind.NOT_FOUND) from None
-    tree = SourceTree()
+    tree = SourceTree(root)
     if not _inside(os.path.realpath(root), limit):
         raise PathError(f"{root.name}: refused, it leads outside the docroot")
     if in_state_dir(root) or _in_top_state(os.path.realpath(root), limit):
@@ -85,9 +117,9 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None,
     if not stat.S_ISDIR(st.st_mode):
         if not stat.S_ISREG(st.st_mode):
             raise PathError(f"{root.name}: not a regular file", kind=ErrorKind.BAD_REQUEST)
-        tree.add(entry_for(root, "", block_size, st), root)
+        tree.add(entry_for(root, "", block_size, st))
         return tree
-    tree.add(entry_for(root, "", block_size, st), root)
+    tree.add(entry_for(root, "", block_size, st))
     stack = [(root, "")]
     while stack:
         folder, rel = stack.pop()
@@ -136,10 +168,10 @@ def walk_source(root: Path, block_size: int, *, within: Path | None = None,
                 if is_link:
                     tree.skipped.append(f"{relname}: symlinked folder not followed")
                     continue
-                tree.add(entry_for(path, relname, block_size, lst), path)
+                tree.add(entry_for(path, relname, block_size, lst))
                 subdirs.append((path, relname))
             elif stat.S_ISREG(lst.st_mode):
-                tree.add(entry_for(path, relname, block_size, lst), path)
+                tree.add(entry_for(path, relname, block_size, lst))
             else:
                 tree.skipped.append(f"{relname}: not a regular file")
         stack.extend(reversed(subdirs))
