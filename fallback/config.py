@@ -432,9 +432,10 @@ class _Loader:
 
     def _listen_check(self, get: Callable[[str], Any], lines: dict[str, int]) -> None:
         """The ports ``serve`` listens on, bound (and closed) now with the configured
-        address: a port it may not use (below 1024 without the privilege) is a problem; a
-        port in use is a warning only (the daemon itself holds it while running, e.g.
-        when validating before a SIGHUP reload)."""
+        address: a port it may not use (below 1024 without the privilege, an address not
+        of this host) is a problem. A port in use is no problem of the file: the running
+        daemon itself holds it (validating before a SIGHUP reload), and ``serve`` names a
+        port it cannot bind when it starts."""
         host = get("http_server.bind_address")
         ports = []
         if get("http_server.enable_http"):
@@ -449,10 +450,7 @@ class _Loader:
             if exc is None:
                 continue
             why = exc.strerror or str(exc)
-            if exc.errno == errno.EADDRINUSE:
-                self.warning(line, f"{key.split('.')[1]}: port {port} on {host} is in use now: "
-                             "serve cannot start until it is free")
-            else:
+            if exc.errno != errno.EADDRINUSE:
                 self.problem(line, f"{key.split('.')[1]}: cannot listen on {host}:{port}: {why}"
                              + (" (ports below 1024 need privileges)"
                                 if exc.errno == errno.EACCES else ""))
@@ -467,9 +465,9 @@ class _Loader:
 
         cert, key = get("http_server.cert_file"), get("http_server.key_file")
         if cert is not None and key is not None:
-            try:
-                server_ssl_context(cert, key)
+            try:  # the certificate alone first: "Unable to load PEM file" beats "[SSL] PEM lib"
                 fingerprint(cert)
+                server_ssl_context(cert, key)
             except (ValueError, OSError) as exc:
                 why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
                 self.problem(lines["http_server.cert_file"], f"cert_file: cannot use {cert} "

@@ -212,9 +212,8 @@ def _reload(state: DaemonState) -> None:
         for p in exc.problems:
             log.error("reload refused: %s", p)
         return
-    for warning in new.warnings:  # its own ports are in use: that is no news on a reload
-        if "is in use now" not in warning.message:
-            log.warning("reload: %s", warning)
+    for warning in new.warnings:
+        log.warning("reload: %s", warning)
     state.config = new
     if (new.http_port, new.https_port, new.enable_http, new.enable_https, new.bind_address) != (
         old.http_port, old.https_port, old.enable_http, old.enable_https, old.bind_address
