@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -245,6 +245,8 @@ def merge(parts: list[tuple[Job, TransferResult]], seconds: float) -> TransferRe
         return parts[0][1]
     out = TransferResult(ok=all(r.ok for _, r in parts), direction=parts[0][1].direction,
                          seconds=seconds, dry_run=parts[0][1].dry_run)
+    offset = 0.0  # each part's switches, on the merged run's clock (parts run one by one)
+    resolved = 0.0
     for job, r in parts:
         for t in r.transports:
             if t not in out.transports:
@@ -253,6 +255,21 @@ def merge(parts: list[tuple[Job, TransferResult]], seconds: float) -> TransferRe
         out.bytes += r.bytes
         out.sent_bytes += r.sent_bytes
         out.skipped_bytes += r.skipped_bytes
+        # The UDP and path figures (every one was lost beyond the first source, trial):
+        out.hole_bytes += r.hole_bytes
+        out.retransmitted_bytes += r.retransmitted_bytes
+        out.retries += r.retries
+        if r.sent_bytes and r.loss_pct:  # weighted by the bytes each part carried
+            out.loss_pct = (out.loss_pct * resolved + r.loss_pct * r.sent_bytes) / (
+                resolved + r.sent_bytes)
+            resolved += r.sent_bytes
+        out.rtt_ms = r.rtt_ms or out.rtt_ms
+        out.datagram_size = r.datagram_size or out.datagram_size
+        out.transport_reason = out.transport_reason or r.transport_reason
+        out.udp_reason = r.udp_reason or out.udp_reason
+        out.proxy = out.proxy or r.proxy
+        out.switches.extend(replace(sw, at=sw.at + offset) for sw in r.switches)
+        offset += r.seconds
         out.checksums.update(_keyed(r.checksums, job.prefix))
         out.skipped_files.update(_keyed(r.skipped_files, job.prefix))
         out.content.update(_keyed(r.content, job.prefix))

@@ -506,3 +506,25 @@ def test_summary_counts_skips_beyond_ten_per_reason() -> None:
     assert lines[SKIPPED_LISTED + 1] == "skipped 4990 more: unchanged (--json lists every one)"
     assert "skipped d/link: symbolic link leading outside the source folder" in lines
     assert len(lines) == SKIPPED_LISTED + 3
+
+
+def test_several_sources_keep_the_udp_and_path_figures() -> None:
+    """Before: the merged result of several sources summed only counts and maps: rtt_ms,
+    datagram_size, hole_bytes, switches, transport_reason came out 0 or empty (trial)."""
+    from fallback.clisources import Job, merge
+    from fallback.result import Switch, TransferResult
+    a = TransferResult(ok=True, direction="upload", transports=["https", "udp"], files=1,
+                       bytes=100, sent_bytes=100, hole_bytes=4096, seconds=2.0,
+                       retransmitted_bytes=3, loss_pct=1.0, rtt_ms=20.0, datagram_size=65000,
+                       transport_reason="the URL says https://",
+                       switches=[Switch(0.2, "https", "udp", "UDP probe answered in 1 ms")])
+    b = TransferResult(ok=True, direction="upload", transports=["https", "udp"], files=1,
+                       bytes=300, sent_bytes=300, seconds=1.0, retransmitted_bytes=5,
+                       loss_pct=3.0, rtt_ms=30.0, datagram_size=1452, retries=1,
+                       transport_reason="the URL says https://",
+                       switches=[Switch(0.5, "https", "udp", "UDP probe answered in 1 ms")])
+    out = merge([(Job("a", "u"), a), (Job("b", "u"), b)], 3.5)
+    assert (out.hole_bytes, out.retransmitted_bytes, out.retries) == (4096, 8, 1)
+    assert out.loss_pct == 2.5 and out.rtt_ms == 30.0 and out.datagram_size == 1452
+    assert out.transport_reason == "the URL says https://"
+    assert [(s.at, s.to) for s in out.switches] == [(0.2, "udp"), (2.5, "udp")]
