@@ -29,8 +29,9 @@ def summary(result: TransferResult) -> list[str]:
     head = (f"{result.direction} ok: {plural(result.files, 'file')}, {size(result.bytes)}")
     if result.sent_bytes:
         rate = result.sent_bytes / result.seconds / 1e6 if result.seconds > 0 else 0.0
+        holes = f", {size(result.hole_bytes)} in holes" if result.hole_bytes else ""
         moved = (f" ({size(result.sent_bytes)} sent, {size(result.skipped_bytes)} already "
-                 f"there) in {result.seconds:.2f} s, {rate:.1f} MB/s over "
+                 f"there{holes}) in {result.seconds:.2f} s, {rate:.1f} MB/s over "
                  f"{','.join(result.transports)}")
     elif not result.bytes:  # empty files: nothing to send, nothing was "already there"
         moved = f", nothing to send ({result.seconds:.2f} s)"

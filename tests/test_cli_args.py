@@ -528,3 +528,15 @@ def test_several_sources_keep_the_udp_and_path_figures() -> None:
     assert out.loss_pct == 2.5 and out.rtt_ms == 30.0 and out.datagram_size == 1452
     assert out.transport_reason == "the URL says https://"
     assert [(s.at, s.to) for s in out.switches] == [(0.2, "udp"), (2.5, "udp")]
+
+
+def test_summary_accounts_for_holes() -> None:
+    """Before: "1 file, 1.1 GB (12.6 MB sent, 0 B already there)": the holes' 1.06 GB
+    went unaccounted for (trial)."""
+    from fallback.cli import summary
+    from fallback.result import TransferResult
+    res = TransferResult(ok=True, direction="upload", transports=["https", "udp"], files=1,
+                         bytes=1_073_741_824, sent_bytes=12_582_912,
+                         hole_bytes=1_061_158_912, seconds=2.0)
+    assert summary(res)[0].startswith("upload ok: 1 file, 1.1 GB (12.6 MB sent, 0 B already "
+                                      "there, 1.1 GB in holes) in 2.00 s")
