@@ -180,6 +180,18 @@ table inet {TABLE} {{
                           *match.split(), "numgen", "random", "mod", "100", "<", str(pct),
                           "drop"))
 
+    def drop_udp_larger(self, port: int, size: int) -> None:
+        """Drop the client's UDP datagrams to the daemon's ``port`` whose UDP payload is
+        over ``size`` bytes: a link with a smaller MTU further on whose ICMP never comes
+        back (a black hole for large datagrams). Gone with the namespace. nftables sees
+        a UDP GSO batch whole (before it is cut into datagrams), so the rule drops every
+        batch too: use it where only single datagrams matter (probes)."""
+        if not (0 < port < 65536 and 0 < size < 65536):
+            raise ValueError(f"bad port {port} or size {size}")
+        run(self.exec("client", "nft", "insert", "rule", "inet", TABLE, "output", "ip", "daddr",
+                      DAEMON_IP, "udp", "dport", str(port), "udp", "length", ">", str(size + 8),
+                      "drop"))
+
     def blocked(self, name: str) -> list[int]:
         """Ports in one of the sets (``tcp_drop``, ``tcp_reject``, ``udp_drop``)."""
         import json

@@ -127,6 +127,36 @@ def test_udp_blocked_before_start_https_at_once(net: netns.Net, nsd: NsDaemon,
 
 
 @pytest.mark.netns
+def test_path_mtu_discovery_over_a_veth(net: netns.Net, nsd: NsDaemon, tmp_path: Path) -> None:
+    """Over the 1,500-byte veth, datagrams grow from 1,452 to 1,472 (IPv4) in both
+    directions. (A black hole for large datagrams is tested on the sans-IO core,
+    ``test_udp_core``: nftables sees a UDP GSO batch whole, before segmentation, so a
+    size rule here would drop every batch of small datagrams too.)"""
+    src = make_file(tmp_path / "a.bin", 6 * MB)
+    res = finish(start(net, nsd, str(src), nsd.url("/"), transport="udp"))
+    assert res["datagram_size"] == 1472 and res["transports"] == ["https", "udp"], res
+    back = tmp_path / "back.bin"
+    res = finish(start(net, nsd, nsd.url("/a.bin"), str(back), transport="udp"))
+    assert res["datagram_size"] == 1472 and sha256(back) == sha256(src), res
+
+
+@pytest.mark.netns
+def test_a_smaller_mtu_further_on_says_so(net: netns.Net, nsd: NsDaemon, tmp_path: Path) -> None:
+    """A tunnel further on that drops datagrams over 1,300 bytes (ICMP filtered): the
+    probes of 1,452 go unanswered while small datagrams pass. Before: "a firewall, or
+    nothing on that port", though answers came back (trial); now the error says what the
+    path does and suggests -Z."""
+    src = make_file(tmp_path / "a.bin", 2 * MB)
+    net.drop_udp_larger(UDP, 1300)
+    p = start(net, nsd, str(src), nsd.url("/"), transport="udp")
+    out, err = p.communicate(timeout=60)
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["ok"] is False, res
+    assert "answered small datagrams but no 1452-byte probe" in res["error"], res["error"]
+    assert "try -Z 1200" in res["error"], res["error"]
+
+
+@pytest.mark.netns
 def test_no_udp_daemon_and_closed_port_say_why(net: netns.Net, tmp_path: Path) -> None:
     """A daemon that offers no UDP: ``refused by server config``; a UDP port where nothing
     listens: ``unreachable`` (ICMP port unreachable), at once."""

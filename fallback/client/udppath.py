@@ -187,6 +187,11 @@ class UdpPath:
             if refused:
                 raise ConnectError(f"UDP: unreachable: {host}:{port} answered ICMP port "
                                    "unreachable (nothing listens there)")
+            if conn.authenticated:  # its answers to small datagrams came: the size is the matter
+                raise ConnectError(f"UDP: timeout: {host}:{port} answered small datagrams but "
+                                   f"no {conn.size}-byte probe within {self.probe_timeout:g} s: "
+                                   "the path carries less (a tunnel or VPN with a smaller MTU "
+                                   f"that drops larger packets); try -Z 1200 ({seen})")
             raise ConnectError(f"UDP: timeout: no answer from {host}:{port} within "
                                f"{self.probe_timeout:g} s (a firewall, or nothing on that port; "
                                f"{seen})")
