@@ -218,3 +218,12 @@ def test_aiohttp_mapping_orders_subclasses_first() -> None:
         < keys.index(aiohttp.ClientConnectorError)
     assert AIOHTTP_ERRORS[aiohttp.ClientConnectorCertificateError] is ConnectionLost
     assert describe(TimeoutError()) == "timed out"
+
+
+def test_a_reset_connection_is_described_without_aiohttp_class_names() -> None:
+    """Before: "upload stream lost: ClientOSError: [Errno 104] Connection reset by peer"
+    reached the user (trial): a library's class name is no message."""
+    import errno
+    exc = aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset by peer")
+    assert describe(exc) == "connection reset by peer"
+    assert describe(aiohttp.ClientOSError()) == "ClientOSError"  # nothing better to say

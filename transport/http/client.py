@@ -282,5 +282,7 @@ def describe(exc: BaseException) -> str:
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, aiohttp.ClientOSError) and exc.strerror:  # "ClientOSError: [Errno 104]"
+        return exc.strerror[0].lower() + exc.strerror[1:]  # "connection reset by peer"
     text = str(exc).split("\n")[0]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
