@@ -189,13 +189,20 @@ def test_encryption_releases_the_gil() -> None:
     def holds_gil_op() -> partial[int]:
         return partial(plain.count, b"\x00\x01\x02\x03")
 
-    released = starvation(encrypt_op, 1.0)["gil_wait_share"]
     held = starvation(holds_gil_op, 1.0)["gil_wait_share"]
-    assert not math.isnan(released) and not math.isnan(held)
+    assert not math.isnan(held)
     assert held > 0.15, f"the control did not starve the loop ({held:.0%}): metric broken"
-    # Quiet: 2-4 % against the control's 60 %. A loaded CI machine read 12 % (a thread
-    # descheduled while it holds the GIL to return still blocks the loop): a third of the
-    # control's share still tells "released" from "held" apart.
-    assert released < min(0.25, held / 3), \
-        f"loop blocked on the GIL {released:.0%} of the time (control {held:.0%})"
+    # Quiet: 2-5 % against the control's 45-65 %. On a busy machine a worker descheduled
+    # while it holds the GIL (to return from a call) blocks the loop too: 12 % and 28 %
+    # were read beside a CI run. The best of three tries is what the code allows; a
+    # call that held the GIL would block the loop in every try.
+    bound = min(0.25, held / 3)
+    tries = []
+    for _ in range(3):
+        tries.append(starvation(encrypt_op, 1.0)["gil_wait_share"])
+        assert not math.isnan(tries[-1])
+        if tries[-1] < bound:
+            break
+    assert min(tries) < bound, \
+        f"loop blocked on the GIL {min(tries):.0%} of the time at best (control {held:.0%})"
 
