@@ -761,13 +761,17 @@ def test_weak_argon2_hash_is_a_warning(site: Path) -> None:
     from argon2 import PasswordHasher
 
     weak = PasswordHasher(memory_cost=8, time_cost=1, parallelism=1).hash("pw")
-    path = _user_conf(site, weak)
+    _warns_once(site, weak, "weak password_hash: Argon2id m=8,t=1,p=1 is below the "
+                "recommended minimum m=65536 KiB, t=3 (RFC 9106's second option, "
+                "m=65536,t=3,p=4, is what `fallback hash-password` makes): make a new one with it")
+
+
+def _warns_once(site: Path, password_hash: str, warning: str) -> None:
+    """Validating a file whose user alice has ``password_hash``: exit 0, one warning."""
+    path = _user_conf(site, password_hash)
     rc, _, err = _validate(path)
     assert rc == 0
-    assert err.splitlines() == [
-        f'{path}:7: warning: user "alice": weak password_hash: Argon2id m=8,t=1,p=1 is below '
-        "the recommended minimum m=65536 KiB, t=3 (RFC 9106's second option, m=65536,t=3,p=4, "
-        "is what `fallback hash-password` makes): make a new one with it"]
+    assert err.splitlines() == [f'{path}:7: warning: user "alice": {warning}']
 
 
 def test_weak_scrypt_hash_is_a_warning(site: Path) -> None:
@@ -788,10 +792,6 @@ def test_docs_example_hashes_are_reported_as_placeholders(site: Path) -> None:
     hashes = re.findall(r"<password_hash>([^<]+)</password_hash>", doc)
     assert hashes
     for placeholder in hashes:
-        path = _user_conf(site, placeholder)
-        rc, _, err = _validate(path)
-        assert rc == 0
-        assert err.splitlines() == [
-            f'{path}:7: warning: user "alice": password_hash is a placeholder, not a hash of a '
-            "password: nobody can log in with it; replace it with the output of "
-            "`fallback hash-password`"]
+        _warns_once(site, placeholder, "password_hash is a placeholder, not a hash of a "
+                    "password: nobody can log in with it; replace it with the output of "
+                    "`fallback hash-password`")
