@@ -243,6 +243,59 @@ def test_pieces_of_a_file_published_by_bundle_are_late_duplicates(tmp_path: Path
     asyncio.run(run())
 
 
+def test_pieces_of_a_file_whose_bundle_is_being_committed_are_dropped(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """Before: while a bundle's group was committing its one-block file (out of the sink's
+    inline files, not yet published), a piece of that file over UDP or HTTPS was "unknown
+    file index 0": the UDP path closed, the HTTPS stream was refused, and a 1 MB upload
+    failed (test_auto_chooses_udp, once in a run of the UDP tests). If the group then
+    fails, the file is back and its pieces are taken."""
+    from transport.blocks import sink as sink_mod
+    root = tmp_path / "root"
+    root.mkdir()
+    data = os.urandom(1234)
+    digest = block_digest(data)
+    real = sink_mod.commit_group
+    during: list[int] = []
+
+    async def run() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            sink = BlockSink({}, pool, inline={0: InlineTarget(root / "f", _entry("f", data))},
+                             state=StateDir(root), fsync=False)
+            loop = asyncio.get_running_loop()
+
+            def committing(*args: Any, **kw: Any) -> Any:  # a piece arrives meanwhile
+                fut = asyncio.run_coroutine_threadsafe(sink.piece(0, 0, 0, data[:600], digest),
+                                                       loop)
+                during.append(fut.result(10))
+                return real(*args, **kw)
+
+            monkeypatch.setattr(sink_mod, "commit_group", committing)
+            assert await sink.bundle([(0, data, digest)]) == len(data)
+            assert during == [0] and sink.duplicates == 1
+            assert (root / "f").read_bytes() == data
+
+            # A group that fails (a bad digest) puts the file back, after the assembler
+            # was built without it (by another file's piece meanwhile): its pieces are taken.
+            other = os.urandom(99)
+            sink2 = BlockSink({}, pool, inline={0: InlineTarget(root / "g", _entry("g", data)),
+                                                1: InlineTarget(root / "h", _entry("h", other))},
+                              state=StateDir(root), fsync=False)
+
+            def failing(*args: Any, **kw: Any) -> Any:
+                fut = asyncio.run_coroutine_threadsafe(
+                    sink2.piece(1, 0, 0, other, block_digest(other)), loop)
+                during.append(fut.result(10))
+                return real(*args, **kw)
+
+            monkeypatch.setattr(sink_mod, "commit_group", failing)
+            assert await sink2.bundle([(0, data, bytes(32))]) == 0  # its digest fails
+            assert await sink2.piece(0, 0, 0, data[:10], digest) == 0
+            assert await sink2.piece(0, 0, 10, data[10:]) == len(data)  # taken and verified
+
+    asyncio.run(run())
+
+
 def test_a_group_published_while_its_stream_is_cut_is_still_counted(tmp_path: Path) -> None:
     """Before: a download stream cancelled (the switch to UDP) while its bundle's group
     was being written left the files published but never counted: "1.2 kB already

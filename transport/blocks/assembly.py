@@ -450,6 +450,13 @@ class BlockAssembler:
                 return (done,)
         return _NO_EVENTS
 
+    def add(self, file: int, layout: BlockLayout) -> None:
+        """Take ``file`` (``layout``) on: a file the assembler was built without (a
+        one-block file whose bundle failed after it was built). No-op when known."""
+        if file not in self._layouts:
+            self._layouts[file] = layout
+            self._verified[file] = RangeSet()
+
     def knows(self, file: int) -> bool:
         """``file`` is one of this assembler's files (committed ones included)."""
         return file in self._layouts

@@ -133,6 +133,10 @@ class BlockSink:
         """One-block files published this session."""
         self.inline_errors: dict[int, TransportError] = {}
         """One-block files that could not be published (a folder in the way, ...)."""
+        self._claimed: set[int] = set()
+        """One-block files whose bundle's group is being committed (out of ``inline``,
+        not yet in ``inline_done``): their pieces meanwhile are dropped as late
+        duplicates; a group that fails puts its files back in ``inline``."""
         self._gone = RangeSet()
         """File indices whose receiver left (committed): with ``inline_done`` and
         ``inline_errors``, what a piece may still name as a late duplicate when the
@@ -268,6 +272,7 @@ class BlockSink:
                     self._max_block = max(self._max_block, len(data))
                     claimed.append((file, t, data, digest))
                     seen.add(file)
+                    self._claimed.add(file)
                 elif file in self.inline_done or file in self.inline_errors or file in seen:
                     self.duplicates += 1
                 elif file in self.receivers:
@@ -283,6 +288,7 @@ class BlockSink:
             with self._lock:
                 handled = {d.file for d in result.done} | set(result.errors)
                 for file, t, _, _ in claimed:
+                    self._claimed.discard(file)
                     if file not in handled:
                         self.inline[file] = t  # failed digest, or the group raised: missing
                 self._conclude_bundle(result)
@@ -458,13 +464,17 @@ class BlockSink:
         with self._lock:
             asm = self._assembler or self._build()
             rec = self.receivers.get(file)  # None once committed: the assembler knows
-            if rec is None and not asm.knows(file) and self._finished(file):
-                # Published before the assembler was built (a one-block file's bundle on
-                # an HTTP stream, then its pieces over UDP): a late duplicate, not an
-                # unknown index ("UDP path closed: unknown file index 0", one small
-                # upload in 15-25 under --no-fallback, trial).
-                self.duplicates += count_late
-                return []
+            if rec is None and file not in self.inline:
+                if self._finished(file):
+                    # Published, or being published by a bundle's group, with its pieces
+                    # still coming (a one-block file's bundle on an HTTP stream, then its
+                    # pieces over UDP): a late duplicate, not an unknown index ("UDP path
+                    # closed: unknown file index 0", then the HTTPS stream refused too
+                    # and a 1 MB upload failed; one small upload in 15-25, trial).
+                    self.duplicates += count_late
+                    return []
+            elif rec is None and not asm.knows(file):  # back from a group that failed
+                asm.add(file, self.inline[file].entry.layout())
             if whole and rec is not None and 0 <= block < rec.layout.count \
                     and len(data) != rec.layout.stored_range(block)[1]:
                 raise ProtocolError(f"{rec.entry.path or rec.target.name}: block {block} has "
@@ -529,7 +539,8 @@ class BlockSink:
 
     def _finished(self, file: int) -> bool:
         """``file`` was published (or failed for good) this session: it has left."""
-        return file in self.inline_done or file in self.inline_errors or file in self._gone
+        return (file in self.inline_done or file in self.inline_errors or file in self._gone
+                or file in self._claimed)
 
     def committed(self, file: int) -> None:
         """File ``file`` is published: its receiver leaves; later pieces are late duplicates."""
