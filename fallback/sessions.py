@@ -542,8 +542,8 @@ def commit_file(session: Session, index: int, root: str | None) -> A.CommitMissi
     return A.Committed(digest)
 
 
-def inline_result(session: Session, index: int,
-                  root: str | None) -> A.Committed | A.CommitMissing | None:
+def inline_result(session: Session, index: int, root: str | None
+                  ) -> A.Committed | A.CommitMissing | A.CommitVerifying | None:
     """The commit answer for a one-block file (published with its bundle's group, or not
     received yet); None for a file with a receiver. Raises the ``TransportError`` of a file
     that could not be published, and ``IntegrityError`` for a ``root`` other than the one
@@ -564,6 +564,8 @@ def inline_result(session: Session, index: int,
         raise err
     if index in sink.inline:
         return A.CommitMissing(RangeSet([(0, 1)]))
+    if sink.publishing(index):  # its group is committing now: ask again (it answered
+        return A.CommitVerifying(1)  # "unknown file index 0" and the upload failed)
     return None
 
 

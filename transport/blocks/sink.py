@@ -537,6 +537,10 @@ class BlockSink:
             if self._assembler is not None:
                 self._assembler.forget(file, blocks)
 
+    def publishing(self, file: int) -> bool:
+        """``file``'s bundle group is being committed now (it is neither inline nor done)."""
+        return file in self._claimed
+
     def _finished(self, file: int) -> bool:
         """``file`` was published (or failed for good) this session: it has left."""
         return (file in self.inline_done or file in self.inline_errors or file in self._gone
